@@ -1,0 +1,1 @@
+"""tfadam: TensorFlow\x27s Adam, bit for bit, on PyTorch tensors."""
