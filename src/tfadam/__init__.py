@@ -15,9 +15,23 @@ Example:
     >>> opt.step()
 """
 
+from .errors import (
+    CorruptCheckpointError,
+    EpsilonUnderflowWarning,
+    NonFiniteGradientError,
+    StateDictError,
+)
 from .optimizer import Adam
 from .sparse import IndexedSlices
 from .tf1 import AdamOptimizer
 
-__all__ = ["Adam", "AdamOptimizer", "IndexedSlices"]
+__all__ = [
+    "Adam",
+    "AdamOptimizer",
+    "CorruptCheckpointError",
+    "EpsilonUnderflowWarning",
+    "IndexedSlices",
+    "NonFiniteGradientError",
+    "StateDictError",
+]
 __version__ = "0.1.0"

@@ -29,11 +29,12 @@ from typing import Literal
 
 import torch
 
-from . import kernels, rule
+from . import guard, kernels, rule
 from .hyper import Resolution, resolve_all
 from .sparse import IndexedSlices, check_indices
 
 SparseMode = Literal["dense", "lazy"]
+Nonfinite = Literal["propagate", "raise"]
 Gradient = torch.Tensor | IndexedSlices
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -50,18 +51,27 @@ class Options:
         nesterov: TF's ``use_nesterov`` kernel option.
         sparse: ``"dense"`` (TF1: every row decays) or ``"lazy"`` (touched rows only).
         numerics: ``"eager"`` or ``"graph"`` (Grappler's rounding of the sparse ``v``).
+        nonfinite: ``"propagate"`` (TF: NaN/Inf gradients are applied) or
+            ``"raise"`` (:func:`prepare` scans every gradient and raises
+            :class:`tfadam.NonFiniteGradientError`, naming call and variable).
     """
 
     amsgrad: bool = False
     nesterov: bool = False
     sparse: SparseMode = "dense"
     numerics: rule.Numerics = "eager"
+    nonfinite: Nonfinite = "propagate"
 
     def __post_init__(self) -> None:
         if self.sparse not in ("dense", "lazy"):
             raise ValueError(f"sparse={self.sparse!r}: choose 'dense' (TF1) or 'lazy'.")
         if self.numerics not in ("eager", "graph"):
             raise ValueError(f"numerics={self.numerics!r}: choose 'eager' or 'graph'.")
+        if self.nonfinite not in ("propagate", "raise"):
+            raise ValueError(
+                f"nonfinite={self.nonfinite!r}: choose 'propagate' (TF: apply NaN/Inf "
+                "gradients) or 'raise' (check every gradient, raise before updating)."
+            )
         if self.amsgrad and self.sparse == "lazy":
             raise ValueError("amsgrad=True has no lazy sparse form; use sparse='dense'.")
 
@@ -106,11 +116,14 @@ class Plan:
     sparse: list[Update] = field(default_factory=list)
 
 
-def prepare(updates: Sequence[Update], hyper: Resolution, options: Options) -> Plan:
+def prepare(
+    updates: Sequence[Update], hyper: Resolution, options: Options, *, when: str = "apply call"
+) -> Plan:
     """Check every update; raise ``TypeError``/``ValueError`` naming the culprit.
 
     Sparse gradients (torch COO or :class:`IndexedSlices`) are normalised to
-    :class:`IndexedSlices`; nothing else is copied or modified.
+    :class:`IndexedSlices`; nothing else is copied or modified. ``when`` names
+    the call in the error of ``nonfinite="raise"`` (e.g. ``"step() #12"``).
     """
     plan = Plan([], hyper, options)
     for update in updates:
@@ -121,6 +134,8 @@ def prepare(updates: Sequence[Update], hyper: Resolution, options: Options) -> P
         else:
             key = (update.param.device, update.param.dtype)
             plan.dense.setdefault(key, []).append(update)
+    if options.nonfinite == "raise":
+        guard.check_finite(((u.grad, u.name) for u in plan.updates), when)
     return plan
 
 
@@ -217,8 +232,17 @@ def _checked(update: Update, options: Options) -> Update:
             f"{name} ({_describe(param)}) is not a leaf tensor, so an in-place update would "
             "not reach the variable it came from. Pass the nn.Parameter (or leaf tensor) itself."
         )
+    problem = guard.unwritable(param)
+    if problem:
+        raise ValueError(f"{name} ({_describe(param)}) {problem}")
     for slot, tensor in update.state.items():
         if not isinstance(tensor, torch.Tensor):
+            if slot in options.slot_names:
+                # The kernels would fail on it only after earlier variables moved.
+                raise TypeError(
+                    f"{name}: its optimizer slot {slot!r} is a {type(tensor).__name__}, not a "
+                    "tensor (an edited optimizer state?)."
+                )
             continue
         if (
             tensor.shape != param.shape
@@ -296,6 +320,11 @@ def _checked_slices(g: IndexedSlices, param: torch.Tensor, name: str) -> Indexed
             f"sparse gradient of {name}: values have shape {tuple(values.shape)}, expected "
             f"{expected} ({indices.shape[0]} indices, rows of the variable's shape "
             f"{tuple(param.shape[1:])})."
+        )
+    if indices.is_meta and not param.is_meta:
+        raise ValueError(
+            f"sparse gradient of {name}: indices are on the meta device (no values); pass "
+            f"real indices on {param.device}."
         )
     indices = indices.to(param.device)
     check_indices(indices, param.shape[0], name)

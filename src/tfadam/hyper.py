@@ -53,6 +53,11 @@ def resolve(value: Hyper, name: str) -> Resolved:
                 f"hyperparameter {name} must be a scalar (0-dim tensor); got a tensor of "
                 f"shape {tuple(value.shape)}. Pass e.g. tensor.reshape(()) or a float."
             )
+        if value.is_meta or value.is_complex():
+            raise TypeError(
+                f"hyperparameter {name} is a {value.dtype} tensor on {value.device}; it must "
+                "hold a real value (a float, or a real 0-dim tensor on a device with data)."
+            )
         if value.dtype not in _FLOATING:
             value = value.to(torch.float32)
         return value.detach().to("cpu")

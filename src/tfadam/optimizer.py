@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from . import engine
+from . import engine, guard
+from .errors import StateDictError
 from .hyper import Hyper
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
@@ -41,6 +42,11 @@ class Adam(torch.optim.Optimizer):
         sparse: ``"dense"`` (TF1: sparse gradients decay every row) or ``"lazy"``.
         numerics: ``"eager"`` or ``"graph"`` (TF1 graph-mode rounding of sparse
             updates; use it to resume a TF1 ``Session`` run).
+        nonfinite: ``"propagate"`` (TF: NaN/Inf gradients are applied) or
+            ``"raise"``: scan every gradient first and raise
+            :class:`tfadam.NonFiniteGradientError` naming the step and the
+            parameter, leaving everything unchanged. A setting of this
+            optimizer object, not of its groups: ``load_state_dict`` keeps it.
 
     A group whose parameters all have ``grad is None`` is skipped, accumulators
     included. Sparse COO gradients (``nn.Embedding(sparse=True)``) are accepted.
@@ -66,8 +72,9 @@ class Adam(torch.optim.Optimizer):
         nesterov: bool = False,
         sparse: engine.SparseMode = "dense",
         numerics: str = "eager",
+        nonfinite: engine.Nonfinite = "propagate",
     ) -> None:
-        engine.Options(amsgrad, nesterov, sparse, numerics)  # type: ignore[arg-type]
+        engine.Options(amsgrad, nesterov, sparse, numerics, nonfinite)  # type: ignore[arg-type]
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -78,6 +85,51 @@ class Adam(torch.optim.Optimizer):
             numerics=numerics,
         )
         super().__init__(params, defaults)
+        self._nonfinite = nonfinite
+        self._calls = 0  # step() calls that applied, to name the step in errors
+
+    def __getstate__(self) -> dict[str, Any]:
+        # So that a pickled or deep-copied optimizer keeps its nonfinite policy.
+        return {**super().__getstate__(), "_nonfinite": self._nonfinite, "_calls": self._calls}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch's load_state_dict (after its own checks and casts) and
+        # unpickling both end here, before anything is replaced: the one place
+        # to refuse a state that does not fit the parameters.
+        guard.check_torch_state(state["state"], state["param_groups"], _slot_names)
+        super().__setstate__(state)
+        self.__dict__.setdefault("_nonfinite", "propagate")
+        self.__dict__.setdefault("_calls", 0)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, all or nothing.
+
+        Raises :class:`tfadam.StateDictError` (a ``ValueError``), leaving the
+        optimizer unchanged, when the state does not fit: other group count or
+        sizes, slots of another shape, missing or foreign slots, accumulators
+        that are not float32 scalars in [0, 1), invalid hyperparameters.
+
+        Example:
+            >>> import torch, tfadam
+            >>> opt = tfadam.Adam([torch.nn.Parameter(torch.ones(2))])
+            >>> state = opt.state_dict()
+            >>> state["param_groups"][0]["betas"] = (1.5, 0.999)
+            >>> opt.load_state_dict(state)
+            Traceback (most recent call last):
+            ...
+            tfadam.errors.StateDictError: param_groups[0]: hyperparameter param_groups[0] \
+beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
+        """
+        try:
+            super().load_state_dict(state_dict)
+        except StateDictError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise StateDictError(
+                f"cannot load this state_dict into tfadam.Adam ({_layout(self.param_groups)}; "
+                f"the state_dict has {_saved_layout(state_dict)}): {type(error).__name__}: "
+                f"{error}. Load the state_dict of an optimizer over the same parameters."
+            ) from error
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -87,6 +139,7 @@ class Adam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plans = []
+        when = f"step() #{self._calls + 1}"
         for index, group in enumerate(self.param_groups):
             updates = self._updates(index, group)
             if not updates:
@@ -97,14 +150,22 @@ class Adam(torch.optim.Optimizer):
                 raise ValueError(f"{where}betas must be a pair (beta1, beta2); got {betas!r}.")
             hyper = engine.resolve_all(group["lr"], betas[0], betas[1], group["eps"], where)
             options = engine.Options(
-                group["amsgrad"], group["nesterov"], group["sparse"], group["numerics"]
+                group["amsgrad"],
+                group["nesterov"],
+                group["sparse"],
+                group["numerics"],
+                self._nonfinite,  # type: ignore[arg-type]
             )
             accumulators = _accumulators_of(group, where)
-            plans.append((group, engine.prepare(updates, hyper, options), accumulators))
+            plan = engine.prepare(updates, hyper, options, when=when)
+            guard.warn_epsilon_underflow(self, plan)
+            plans.append((group, plan, accumulators))
         for group, plan, accumulators in plans:
             accumulators = engine.execute(plan, accumulators)
             group["beta1_power"] = accumulators.beta1_power
             group["beta2_power"] = accumulators.beta2_power
+        if plans:
+            self._calls += 1
         return loss
 
     def _updates(self, index: int, group: dict[str, Any]) -> list[engine.Update]:
@@ -125,14 +186,25 @@ def _accumulators_of(group: dict[str, Any], where: str) -> engine.Accumulators |
     if powers[0] is None and powers[1] is None:
         return None
     for key, power in zip(("beta1_power", "beta2_power"), powers, strict=False):
-        if (
-            not isinstance(power, torch.Tensor)
-            or power.dtype != torch.float32
-            or power.numel() != 1
-        ):
+        problem = guard.accumulator_problem(power)
+        if problem:
             raise ValueError(
-                f"{where}{key} must be a float32 scalar tensor (TF keeps the beta-power "
-                f"accumulators in float32); got {power!r}. Was the state_dict edited or "
-                "saved by another optimizer?"
+                f"{where}{key} {problem}; TF keeps the beta-power accumulators as float32 "
+                "scalars in [0, 1). Was the state edited or saved by another optimizer?"
             )
     return engine.Accumulators(*powers)
+
+
+def _slot_names(group: dict[str, Any]) -> list[str]:
+    return engine.Options(amsgrad=bool(group.get("amsgrad", False))).slot_names
+
+
+def _layout(groups: list[dict[str, Any]]) -> str:
+    return f"{len(groups)} group(s) of sizes {[len(g['params']) for g in groups]}"
+
+
+def _saved_layout(state_dict: Any) -> str:
+    try:
+        return _layout(list(state_dict["param_groups"]))
+    except Exception:
+        return f"no readable param_groups ({type(state_dict).__name__})"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import engine
+from . import engine, guard
 from .hyper import Hyper
 from .sparse import IndexedSlices
 
@@ -30,11 +30,16 @@ class AdamOptimizer:
         learning_rate, beta1, beta2, epsilon: numbers, 0-dim tensors or
             zero-argument callables (evaluated once per apply call).
         use_locking: serialise concurrent ``apply_gradients`` calls, so the
-            result equals some serial order of them.
+            result equals the serial order of them given by the sequence
+            numbers ``apply_gradients`` returns. Without it, concurrent calls
+            race (see docs/reliability.md).
         name: the optimizer's name (used in slot names, as TF does).
         numerics: ``"eager"`` (TF2 eager) or ``"graph"`` (a TF1 ``Session``).
         amsgrad, nesterov, sparse: TF kernel options beyond TF1's optimizer,
             see :class:`tfadam.Adam`.
+        nonfinite: ``"propagate"`` (TF) or ``"raise"``: scan every gradient
+            first and raise :class:`tfadam.NonFiniteGradientError` naming the
+            call (and ``global_step``) and the variable, changing nothing.
 
     Example:
         >>> import torch, tfadam
@@ -42,6 +47,7 @@ class AdamOptimizer:
         >>> step = torch.tensor(0)
         >>> opt = tfadam.AdamOptimizer(learning_rate=0.1)
         >>> opt.apply_gradients([(torch.tensor([1.0, 0.0, -1.0]), w)], global_step=step)
+        0
         >>> w, int(step)
         (tensor([0.9000, 1.0000, 1.1000]), 1)
         >>> opt.get_slot(w, "m")
@@ -61,19 +67,21 @@ class AdamOptimizer:
         amsgrad: bool = False,
         nesterov: bool = False,
         sparse: engine.SparseMode = "dense",
+        nonfinite: engine.Nonfinite = "propagate",
     ) -> None:
         if not name:
             raise ValueError("Must specify the optimizer name")
         self._hyper: dict[str, Hyper] = dict(
             lr=learning_rate, beta1=beta1, beta2=beta2, epsilon=epsilon
         )
-        self._options = engine.Options(amsgrad, nesterov, sparse, numerics)  # type: ignore[arg-type]
+        self._options = engine.Options(amsgrad, nesterov, sparse, numerics, nonfinite)  # type: ignore[arg-type]
         self._use_locking = use_locking
         self._name = name
         self._lock = threading.Lock()
         # Keyed by the variable tensor itself (torch hashes tensors by identity).
         self._slots: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         self._accumulators: engine.Accumulators | None = None
+        self._applied = 0  # apply calls that took effect: the next call's sequence number
 
     def get_name(self) -> str:
         return self._name
@@ -87,13 +95,18 @@ class AdamOptimizer:
         grads_and_vars: Iterable[GradAndVar],
         global_step: torch.Tensor | None = None,
         name: str | None = None,
-    ) -> None:
+    ) -> int:
         """Apply one Adam step to each variable whose gradient is not None.
 
         ``grads_and_vars`` pairs (gradient, variable); a gradient is a dense
         tensor, a torch sparse COO tensor, an :class:`IndexedSlices` or None.
         ``global_step`` (an integer 0-dim tensor) is incremented by one.
         Everything is validated before anything is modified.
+
+        Returns the call's sequence number: 0 for the first call that took
+        effect, then 1, 2, ... (a call that raises takes none). With
+        ``use_locking=True`` it is assigned under the lock, so replaying the
+        calls serially in this order reproduces the state bit for bit.
         """
         pairs = list(grads_and_vars)
         if not pairs:
@@ -122,12 +135,19 @@ class AdamOptimizer:
             for update in updates:
                 update.state = self._slots.get(update.param, {})
             hyper = engine.resolve_all(**self._hyper, where="")
-            plan = engine.prepare(updates, hyper, self._options)
+            when = f"apply_gradients #{self._applied}"
+            if global_step is not None:
+                when += f" (global_step {int(global_step)})"
+            plan = engine.prepare(updates, hyper, self._options, when=when)
+            guard.warn_epsilon_underflow(self, plan)
             self._accumulators = engine.execute(plan, self._accumulators)
             for update in plan.updates:
                 self._slots[update.param] = update.state  # type: ignore[assignment]
             if global_step is not None:
                 global_step.add_(1)
+            sequence = self._applied
+            self._applied += 1
+        return sequence
 
     def compute_gradients(
         self,
@@ -179,15 +199,15 @@ class AdamOptimizer:
         grad_loss: torch.Tensor | None = None,
         name: str | None = None,
         **_unused: Any,
-    ) -> None:
-        """``compute_gradients`` then ``apply_gradients``, as TF1's ``minimize``."""
+    ) -> int:
+        """``compute_gradients`` then ``apply_gradients``; returns its sequence number."""
         grads_and_vars = self.compute_gradients(loss, var_list=var_list, grad_loss=grad_loss)
         if all(grad is None for grad, _ in grads_and_vars):
             raise ValueError(
                 "No gradients provided for any variable, check your graph for ops that do not "
                 "support gradients, between the variables and the loss."
             )
-        self.apply_gradients(grads_and_vars, global_step=global_step, name=name)
+        return self.apply_gradients(grads_and_vars, global_step=global_step, name=name)
 
     def get_slot_names(self) -> list[str]:
         """``["m", "v"]`` (plus ``"vhat"`` with amsgrad)."""
@@ -246,12 +266,17 @@ def _check_global_step(global_step: Any) -> None:
         not isinstance(global_step, torch.Tensor)
         or global_step.dim() != 0
         or global_step.dtype.is_floating_point
+        or global_step.dtype.is_complex
         or global_step.dtype == torch.bool
+        or global_step.is_meta
     ):
         raise TypeError(
             f"global_step must be an integer 0-dim tensor (e.g. torch.tensor(0)); got "
             f"{global_step!r}."
         )
+    problem = guard.unwritable(global_step)
+    if problem:
+        raise ValueError(f"global_step {problem}")
 
 
 def _check_distinct(updates: Sequence[engine.Update]) -> None:
