@@ -255,7 +255,10 @@ def _checked(update: Update, options: Options) -> Update:
                 "(a mismatched state_dict or checkpoint?)."
             )
     if isinstance(grad, torch.Tensor) and grad.layout == torch.sparse_coo:
-        grad = IndexedSlices.from_coo(grad)
+        try:
+            grad = IndexedSlices.from_coo(grad)
+        except ValueError as error:
+            raise ValueError(f"gradient of {name}: {error}") from error
     if isinstance(grad, IndexedSlices):
         grad = _checked_slices(grad, param, name)
     elif isinstance(grad, torch.Tensor):

@@ -162,6 +162,8 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
             plans.append((group, plan, accumulators))
         for group, plan, accumulators in plans:
             accumulators = engine.execute(plan, accumulators)
+            for update in plan.updates:
+                self.state[update.param] = update.state  # type: ignore[assignment]
             group["beta1_power"] = accumulators.beta1_power
             group["beta2_power"] = accumulators.beta2_power
         if plans:
@@ -177,7 +179,9 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
             label = f"param_groups[{index}]['params'][{position}]"
             if names is not None:
                 label += f" ({names[position]!r})"
-            updates.append(engine.Update(param, param.grad, self.state[param], label))
+            # .get: indexing torch's defaultdict would add an entry before validation.
+            state = self.state.get(param, {})
+            updates.append(engine.Update(param, param.grad, state, label))
         return updates
 
 

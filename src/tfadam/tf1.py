@@ -133,7 +133,9 @@ class AdamOptimizer:
         with self._lock if self._use_locking else nullcontext():
             _check_distinct(updates)
             for update in updates:
-                update.state = self._slots.get(update.param, {})
+                # A non-tensor may be unhashable; prepare() names it properly.
+                if isinstance(update.param, torch.Tensor):
+                    update.state = self._slots.get(update.param, {})
             hyper = engine.resolve_all(**self._hyper, where="")
             when = f"apply_gradients #{self._applied}"
             if global_step is not None:

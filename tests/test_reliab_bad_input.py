@@ -1,0 +1,637 @@
+"""Bad input, face by face: the right error, naming the culprit, and nothing changed.
+
+Every case builds a warm optimizer (one step taken: slots and accumulators
+exist, gradients are set), introduces one bad input — placed after good ones,
+so a half-done call would show — snapshots the raw bytes of every tensor
+(params, grads, slots, accumulators, global_step, group settings, counters),
+makes the call, and checks the exception's exact type, its message, and that
+no byte changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from reliab_support import differences, tf1_face_tensors, torch_face_tensors
+
+import tfadam
+from tfadam import IndexedSlices, NonFiniteGradientError, StateDictError
+
+nan, inf = math.nan, math.inf
+
+# -- worlds --------------------------------------------------------------------------------------
+
+
+def torch_world(**options: Any) -> SimpleNamespace:
+    """tfadam.Adam over an embedding (sparse grads, group 0) and a linear layer (group 1)."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(6, 3, sparse=True)
+    lin = torch.nn.Linear(3, 2)
+    opt = tfadam.Adam(
+        [{"params": list(emb.parameters())}, {"params": list(lin.parameters()), "lr": 0.01}],
+        lr=0.1,
+        **options,
+    )
+
+    def backward() -> None:
+        opt.zero_grad(set_to_none=True)
+        lin(emb(torch.tensor([0, 2, 2, 5]))).square().sum().backward()
+
+    backward()
+    opt.step()
+    backward()
+    world = SimpleNamespace(emb=emb, lin=lin, opt=opt, others={})
+    world.snapshot = lambda: {
+        **torch_face_tensors(opt),
+        **{k: v for name, o in world.others.items() for k, v in _prefixed(name, o).items()},
+    }
+    return world
+
+
+def _prefixed(name: str, obj: Any) -> dict[str, Any]:
+    from reliab_support import bits
+
+    return {f"{name}.{k}": v for k, v in bits({"x": obj}).items()}
+
+
+def tf1_world(**options: Any) -> SimpleNamespace:
+    """tfadam.AdamOptimizer over a (4, 3), a (3,) and a (6, 2) variable (sparse grads)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b, e = (torch.randn(s, generator=gen) for s in ((4, 3), (3,), (6, 2)))
+    ga, gb = torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)
+    ge = IndexedSlices(torch.randn(3, 2, generator=gen), torch.tensor([0, 2, 2]), (6, 2))
+    step = torch.tensor(0)
+    opt = tfadam.AdamOptimizer(0.1, **options)
+    pairs = [(ga, a), (gb, b), (ge, e)]
+    opt.apply_gradients(pairs, global_step=step)
+    world = SimpleNamespace(opt=opt, pairs=pairs, a=a, b=b, e=e, step=step, others={}, extra={})
+
+    def snapshot() -> dict[str, Any]:
+        extra = {
+            "a": a, "b": b, "e": e, "ga": ga, "gb": gb,
+            "ge": (ge.values, ge.indices), "global_step": step, **world.extra,
+        }  # fmt: skip
+        found = tf1_face_tensors(opt, extra)
+        for name, other in world.others.items():
+            found.update({f"{name}.{k}": v for k, v in tf1_face_tensors(other, {}).items()})
+        return found
+
+    world.snapshot = snapshot
+    world.apply = lambda bad: opt.apply_gradients(pairs + bad, global_step=step)
+    return world
+
+
+WORLDS = {"torch": torch_world, "tf1": tf1_world}
+CASES: list[Any] = []
+
+
+def case(face: str, error: type[Exception], pattern: str, **options: Any) -> Callable:
+    """Register ``setup(world) -> call``: ``call()`` must raise exactly ``error``."""
+
+    def register(setup: Callable) -> Callable:
+        name = setup.__name__.removeprefix(f"{face}_")
+        CASES.append(pytest.param(face, setup, error, pattern, options, id=f"{face}-{name}"))
+        return setup
+
+    return register
+
+
+# -- torch face: gradients -----------------------------------------------------------------------
+
+G1W = r"param_groups\[1\]\['params'\]\[0\]"  # lin.weight
+
+
+@case("torch", NonFiniteGradientError, rf"step\(\) #2: the gradient .* of {G1W} .*1 NaN.*\(1, 2\)",
+      nonfinite="raise")  # fmt: skip
+def torch_nan_gradient_raises(w):
+    w.lin.weight.grad[1, 2] = nan
+    return w.opt.step
+
+
+@case("torch", NonFiniteGradientError, r"param_groups\[1\]\['params'\]\[1\] .*0 NaN, 1 Inf",
+      nonfinite="raise")  # fmt: skip
+def torch_inf_gradient_raises(w):
+    w.lin.bias.grad[0] = -inf
+    return w.opt.step
+
+
+@case("torch", NonFiniteGradientError, r"sparse gradient .* of param_groups\[0\].*index \(5, 1\)",
+      nonfinite="raise")  # fmt: skip
+def torch_nan_sparse_gradient_raises(w):
+    values = torch.ones(2, 3)
+    values[1, 1] = nan
+    w.emb.weight.grad = torch.sparse_coo_tensor(
+        torch.tensor([[1, 5]]), values, (6, 3), check_invariants=True
+    )
+    return w.opt.step
+
+
+def _coo(indices: list[int], rows: int = 6) -> torch.Tensor:
+    return torch.sparse_coo_tensor(
+        torch.tensor([indices]), torch.ones(len(indices), 3), (rows, 3), check_invariants=False
+    )
+
+
+@case("torch", ValueError, r"param_groups\[0\].*index 6 is out of range .* 6 rows")
+def torch_sparse_index_out_of_range(w):
+    w.emb.weight.grad = _coo([1, 6])
+    return w.opt.step
+
+
+@case("torch", ValueError, r"param_groups\[0\].*index -1 is out of range")
+def torch_sparse_index_negative(w):
+    w.emb.weight.grad = _coo([-1, 2])
+    return w.opt.step
+
+
+@case("torch", ValueError, r"gradient of param_groups\[0\].*2 sparse dims.*to_dense")
+def torch_sparse_two_sparse_dims(w):
+    w.emb.weight.grad = torch.ones(6, 3).to_sparse(2)
+    return w.opt.step
+
+
+@case("torch", ValueError, r"param_groups\[1\]\['params'\]\[2\].*not a leaf")
+def torch_non_leaf_parameter(w):
+    leaf = torch.ones(2, requires_grad=True)
+    non_leaf = leaf * 2
+    non_leaf.retain_grad()
+    non_leaf.sum().backward()
+    w.opt.param_groups[1]["params"].append(non_leaf)
+    w.others["non_leaf"] = non_leaf
+    return w.opt.step
+
+
+@case("torch", ValueError, r"param_groups\[1\]\['params'\]\[2\].*several elements in one memory")
+def torch_expanded_parameter(w):
+    shared = torch.zeros(1).expand(4)
+    shared.grad = torch.ones(4)
+    w.opt.param_groups[1]["params"].append(shared)
+    w.others["shared"] = shared
+    return w.opt.step
+
+
+# -- torch face: hyperparameters -----------------------------------------------------------------
+
+
+for _name, _key, _value, _pattern in [
+    ("lr_negative", "lr", -0.1, r"param_groups\[1\] lr=-0\.1.*>= 0"),
+    ("lr_nan", "lr", nan, r"param_groups\[1\] lr=nan"),
+    ("lr_inf", "lr", inf, r"param_groups\[1\] lr=inf"),
+    ("eps_negative", "eps", -1e-8, r"param_groups\[1\] epsilon=-9\.99.*e-09.*>= 0"),
+    ("eps_nan", "eps", nan, r"param_groups\[1\] epsilon=nan"),
+    ("beta1_one", "betas", (1.0, 0.999), r"param_groups\[1\] beta1=1\.0.*\[0, 1\)"),
+    ("beta1_rounds_to_one", "betas", (0.99999999, 0.999), r"beta1=1\.0.*\[0, 1\)"),
+    ("beta2_negative", "betas", (0.9, -0.5), r"param_groups\[1\] beta2=-0\.5"),
+    ("beta2_above_one", "betas", (0.9, 1.5), r"param_groups\[1\] beta2=1\.5"),
+    ("betas_not_a_pair", "betas", (0.9,), r"param_groups\[1\] betas must be a pair"),
+    ("lr_tensor_not_scalar", "lr", torch.ones(2), r"param_groups\[1\] lr must be a scalar"),
+    ("lr_on_meta_device", "lr", torch.tensor(0.1, device="meta"), r"lr is a .* on meta"),
+]:
+
+    def _setup(w, key=_key, value=_value):
+        w.opt.param_groups[1][key] = value
+        return w.opt.step
+
+    _setup.__name__ = _name
+    case("torch", TypeError if _name == "lr_on_meta_device" else ValueError, _pattern)(_setup)
+
+
+@case("torch", ValueError, r"param_groups\[1\] lr: its callable .* raised ZeroDivisionError")
+def torch_lr_callable_raises(w):
+    w.opt.param_groups[1]["lr"] = lambda: 1 / 0
+    return w.opt.step
+
+
+@case("torch", ValueError, r"param_groups\[1\] epsilon must be a scalar .*shape \(3,\)")
+def torch_eps_callable_returns_vector(w):
+    w.opt.param_groups[1]["eps"] = lambda: torch.full((3,), 1e-8)
+    return w.opt.step
+
+
+@case("torch", TypeError, r"param_groups\[1\] beta1 must be a number.*str")
+def torch_beta1_callable_returns_string(w):
+    w.opt.param_groups[1]["betas"] = (lambda: "0.9", 0.999)
+    return w.opt.step
+
+
+# -- torch face: state edited in place -----------------------------------------------------------
+
+
+@case("torch", ValueError, rf"{G1W} .*slot 'm' has shape \(3, 2\).*mismatched state_dict")
+def torch_state_slot_wrong_shape(w):
+    w.opt.state[w.lin.weight]["m"] = torch.zeros(3, 2)
+    return w.opt.step
+
+
+@case("torch", TypeError, rf"{G1W}: its optimizer slot 'v' is a list")
+def torch_state_slot_not_a_tensor(w):
+    w.opt.state[w.lin.weight]["v"] = [0.0] * 6
+    return w.opt.step
+
+
+@case("torch", ValueError, r"param_groups\[1\] beta1_power is a torch.float64 tensor")
+def torch_accumulator_float64(w):
+    w.opt.param_groups[1]["beta1_power"] = torch.tensor(0.81, dtype=torch.float64)
+    return w.opt.step
+
+
+@case("torch", ValueError, r"param_groups\[1\] beta2_power is on the meta device")
+def torch_accumulator_meta(w):
+    w.opt.param_groups[1]["beta2_power"] = torch.tensor(0.9, device="meta")
+    return w.opt.step
+
+
+@case("torch", ValueError, r"param_groups\[1\] beta1_power is nan")
+def torch_accumulator_nan(w):
+    w.opt.param_groups[1]["beta1_power"] = torch.tensor(nan)
+    return w.opt.step
+
+
+# -- torch face: load_state_dict -----------------------------------------------------------------
+
+
+def _load(w, edit: Callable[[dict], Any]) -> Callable[[], None]:
+    """Load a deep copy of the optimizer's own state_dict, after ``edit`` changed it in place."""
+    state = copy.deepcopy(w.opt.state_dict())
+    edit(state)
+    return lambda: w.opt.load_state_dict(state)
+
+
+@case("torch", StateDictError, rf"slot 'v' of {G1W} has shape \(2, 2\).*another model")
+def torch_load_slot_wrong_shape(w):
+    return _load(w, lambda s: s["state"][1].__setitem__("v", torch.zeros(2, 2)))
+
+
+@case("torch", StateDictError, rf"state of {G1W} has \['m'\] but lacks \['v'\]")
+def torch_load_slot_missing(w):
+    return _load(w, lambda s: s["state"][1].pop("v"))
+
+
+@case(
+    "torch", StateDictError, r"unknown slots \['exp_avg', 'exp_avg_sq', 'step'\].*torch.optim.Adam"
+)
+def torch_load_torch_adam_slots(w):
+    def edit(s):
+        s["state"][1] = {"exp_avg": torch.zeros(2, 3), "exp_avg_sq": torch.zeros(2, 3),
+                         "step": torch.tensor(1.0)}  # fmt: skip
+
+    return _load(w, edit)
+
+
+@case("torch", StateDictError, rf"slot 'm' of {G1W} is a str")
+def torch_load_slot_not_a_tensor(w):
+    return _load(w, lambda s: s["state"][1].__setitem__("m", "zeros"))
+
+
+@case("torch", StateDictError, r"state of param_groups\[1\]\['params'\]\[1\] is a list")
+def torch_load_state_entry_not_a_dict(w):
+    return _load(w, lambda s: s["state"].__setitem__(2, [1, 2]))
+
+
+@case("torch", StateDictError, r"param_groups\[1\] beta1_power is a torch.float64 tensor")
+def torch_load_accumulator_float64(w):
+    return _load(
+        w, lambda s: s["param_groups"][1].__setitem__("beta1_power", torch.tensor(0.81).double())
+    )
+
+
+@case("torch", StateDictError, rf"state of {G1W} has slots but its group has no beta1_power")
+def torch_load_accumulators_missing(w):
+    def edit(s):
+        del s["param_groups"][1]["beta1_power"], s["param_groups"][1]["beta2_power"]
+
+    return _load(w, edit)
+
+
+@case("torch", StateDictError, r"param_groups\[1\] beta2_power is 1\.5, outside \[0, 1\)")
+def torch_load_accumulator_out_of_range(w):
+    return _load(w, lambda s: s["param_groups"][1].__setitem__("beta2_power", torch.tensor(1.5)))
+
+
+@case("torch", StateDictError, r"\(2 group\(s\) of sizes \[1, 2\]; the state_dict has 1 group")
+def torch_load_group_count(w):
+    return _load(w, lambda s: s["param_groups"].pop())
+
+
+@case("torch", StateDictError, r"sizes \[1, 2\]; the state_dict has 2 group\(s\) of sizes \[1, 3\]")
+def torch_load_group_size(w):
+    return _load(w, lambda s: s["param_groups"][1]["params"].append(3))
+
+
+@case("torch", StateDictError, r"an entry for 7, which is not a parameter of this optimizer")
+def torch_load_state_for_unknown_parameter(w):
+    return _load(w, lambda s: s["state"].__setitem__(7, {"m": torch.zeros(1)}))
+
+
+@case("torch", StateDictError, r"param_groups\[1\].*lr=nan makes the Adam update undefined")
+def torch_load_lr_nan(w):
+    return _load(w, lambda s: s["param_groups"][1].__setitem__("lr", nan))
+
+
+@case("torch", StateDictError, r"param_groups\[0\]: sparse='sometimes'")
+def torch_load_bad_option(w):
+    return _load(w, lambda s: s["param_groups"][0].__setitem__("sparse", "sometimes"))
+
+
+@case("torch", StateDictError, r"param_groups\[0\] lacks \['nesterov', 'sparse', 'numerics'\]")
+def torch_load_other_optimizer(w):
+    other = torch.optim.Adam([{"params": [w.emb.weight]}, {"params": list(w.lin.parameters())}])
+    return lambda: w.opt.load_state_dict(other.state_dict())
+
+
+@case("torch", StateDictError, r"the state_dict has no readable param_groups \(list\)")
+def torch_load_not_a_mapping(w):
+    state = [copy.deepcopy(w.opt.state_dict())]
+    return lambda: w.opt.load_state_dict(state)
+
+
+# -- TF1 face ------------------------------------------------------------------------------------
+
+V3 = r"variable #3 \(shape \(4, 3\), torch.float32\)"
+
+
+@case("tf1", ValueError, r"No variables provided")
+def tf1_no_variables(w):
+    return lambda: w.opt.apply_gradients([])
+
+
+@case("tf1", ValueError, r"No gradients provided for any variable: variable #0 .*variable #2")
+def tf1_all_gradients_none(w):
+    return lambda: w.opt.apply_gradients([(None, v) for _, v in w.pairs], global_step=w.step)
+
+
+@case("tf1", TypeError, r"variable #3 \(ndarray\) is a ndarray, not a torch tensor")
+def tf1_variable_not_a_tensor(w):
+    return lambda: w.apply([(torch.ones(3), torch.ones(3).numpy())])
+
+
+@case("tf1", ValueError, r"variable #3 .* is not a leaf tensor.*nn.Parameter")
+def tf1_variable_not_a_leaf(w):
+    var = torch.ones(3, requires_grad=True) * 2
+    w.extra["var"] = var
+    return lambda: w.apply([(torch.ones(3), var)])
+
+
+@case("tf1", TypeError, r"variable #3 .*torch.int64.* is not a floating variable")
+def tf1_variable_integer(w):
+    var = torch.zeros(3, dtype=torch.int64)
+    w.extra["var"] = var
+    return lambda: w.apply([(torch.ones(3, dtype=torch.int64), var)])
+
+
+@case("tf1", ValueError, r"variable #3 .* several elements in one memory location.*clone")
+def tf1_variable_expanded(w):
+    var = torch.zeros(1).expand(4, 3)
+    w.extra["var"] = var
+    return lambda: w.apply([(torch.ones(4, 3), var)])
+
+
+@case("tf1", ValueError, r"variable #3 .* is an inference tensor")
+def tf1_variable_inference_tensor(w):
+    with torch.inference_mode():
+        var = torch.zeros(4, 3)
+    w.extra["var"] = var
+    return lambda: w.apply([(torch.ones(4, 3), var)])
+
+
+@case("tf1", ValueError, r"gradient of variable #3 .* is on cpu but the variable is on meta")
+def tf1_variable_on_meta_device(w):
+    return lambda: w.apply([(torch.ones(4, 3), torch.zeros(4, 3, device="meta"))])
+
+
+def _tf1_var(w) -> torch.Tensor:
+    var = torch.arange(12.0).reshape(4, 3)
+    w.extra["var"] = var
+    return var
+
+
+@case("tf1", ValueError, rf"gradient of {V3} has shape \(3, 4\).*Shapes must be equal")
+def tf1_gradient_wrong_shape(w):
+    var = _tf1_var(w)
+    return lambda: w.apply([(torch.ones(3, 4), var)])
+
+
+@case("tf1", TypeError, rf"gradient of {V3} is torch.float64 .*\.to\(torch.float32\)")
+def tf1_gradient_wrong_dtype(w):
+    var = _tf1_var(w)
+    return lambda: w.apply([(torch.ones(4, 3, dtype=torch.float64), var)])
+
+
+@case("tf1", ValueError, rf"gradient of {V3} is on meta but the variable is on cpu.*\.to\('cpu'\)")
+def tf1_gradient_on_meta_device(w):
+    var = _tf1_var(w)
+    return lambda: w.apply([(torch.ones(4, 3, device="meta"), var)])
+
+
+@case("tf1", TypeError, rf"gradient of {V3} is a list; expected a tensor")
+def tf1_gradient_not_a_tensor(w):
+    var = _tf1_var(w)
+    return lambda: w.apply([([[1.0] * 3] * 4, var)])
+
+
+@case("tf1", TypeError, rf"gradient of {V3} has layout torch.sparse_csr")
+def tf1_gradient_csr_layout(w):
+    var = _tf1_var(w)
+    return lambda: w.apply([(torch.ones(4, 3).to_sparse_csr(), var)])
+
+
+def _slices(values: torch.Tensor, indices: Any, shape: Any = (4, 3)) -> IndexedSlices:
+    return IndexedSlices(values, indices if isinstance(indices, torch.Tensor) else
+                         torch.tensor(indices), shape)  # fmt: skip
+
+
+@case("tf1", ValueError, rf"{V3}: sparse gradient index 4 is out of range .* 4 rows.*0\.\.3")
+def tf1_sparse_index_out_of_range(w):
+    var = _tf1_var(w)
+    return lambda: w.apply([(_slices(torch.ones(2, 3), [0, 4]), var)])
+
+
+@case("tf1", ValueError, rf"{V3}: sparse gradient index -2 is out of range")
+def tf1_sparse_index_negative(w):
+    var = _tf1_var(w)
+    return lambda: w.apply([(_slices(torch.ones(2, 3), [-2, 1]), var)])
+
+
+@case("tf1", TypeError, rf"sparse gradient of {V3}: indices are torch.float32.*integer")
+def tf1_sparse_indices_float(w):
+    var = _tf1_var(w)
+    return lambda: w.apply([(_slices(torch.ones(2, 3), torch.tensor([0.0, 1.0])), var)])
+
+
+@case("tf1", ValueError, rf"sparse gradient of {V3}: indices must be 1-D, got shape \(2, 1\)")
+def tf1_sparse_indices_2d(w):
+    var = _tf1_var(w)
+    return lambda: w.apply([(_slices(torch.ones(2, 3), [[0], [1]]), var)])
+
+
+@case("tf1", ValueError, rf"sparse gradient of {V3}: indices are on the meta device")
+def tf1_sparse_indices_on_meta(w):
+    indices = torch.tensor([0, 1], device="meta")
+    var = _tf1_var(w)
+    return lambda: w.apply([(_slices(torch.ones(2, 3), indices), var)])
+
+
+@case("tf1", ValueError, rf"sparse gradient of {V3} has dense_shape \(5, 3\) but the variable")
+def tf1_sparse_dense_shape_disagrees(w):
+    var = _tf1_var(w)
+    return lambda: w.apply([(_slices(torch.ones(2, 3), [0, 1], (5, 3)), var)])
+
+
+@case("tf1", ValueError, rf"sparse gradient of {V3}: values have shape \(2, 2\), expected \(2, 3\)")
+def tf1_sparse_values_wrong_shape(w):
+    var = _tf1_var(w)
+    return lambda: w.apply([(_slices(torch.ones(2, 2), [0, 1]), var)])
+
+
+@case("tf1", TypeError, rf"sparse gradient values of {V3} is torch.float16")
+def tf1_sparse_values_wrong_dtype(w):
+    var = _tf1_var(w)
+    return lambda: w.apply([(_slices(torch.ones(2, 3).half(), [0, 1]), var)])
+
+
+@case("tf1", ValueError, r"variable #3 \(shape \(\), .* is 0-dim; a sparse \(row\) gradient")
+def tf1_sparse_gradient_of_scalar(w):
+    var = torch.tensor(1.0)
+    w.extra["var"] = var
+    return lambda: w.apply([(_slices(torch.ones(1), [0], ()), var)])
+
+
+@case("tf1", NonFiniteGradientError,
+      rf"apply_gradients #1 \(global_step 1\): the gradient .* of {V3} has 2 non-finite.*1 Inf",
+      nonfinite="raise")  # fmt: skip
+def tf1_nan_gradient_raises(w):
+    grad = torch.ones(4, 3)
+    grad[2, 0], grad[3, 1] = nan, inf
+    var = _tf1_var(w)
+    return lambda: w.apply([(grad, var)])
+
+
+@case("tf1", NonFiniteGradientError, rf"sparse gradient .* of {V3} .*first at index \(3, 2\)",
+      nonfinite="raise")  # fmt: skip
+def tf1_inf_sparse_gradient_raises(w):
+    values = torch.ones(2, 3)
+    values[1, 2] = -inf
+    var = _tf1_var(w)
+    return lambda: w.apply([(_slices(values, [1, 3]), var)])
+
+
+@case("tf1", TypeError, r"global_step must be an integer 0-dim tensor.*got tensor\(1\.\)")
+def tf1_global_step_float(w):
+    return lambda: w.opt.apply_gradients(w.pairs, global_step=torch.tensor(1.0))
+
+
+@case("tf1", TypeError, r"global_step must be an integer 0-dim tensor")
+def tf1_global_step_not_scalar(w):
+    return lambda: w.opt.apply_gradients(w.pairs, global_step=torch.tensor([1]))
+
+
+@case("tf1", ValueError, r"global_step is an inference tensor")
+def tf1_global_step_inference_tensor(w):
+    with torch.inference_mode():
+        step = torch.tensor(5)
+    w.extra["step"] = step
+    return lambda: w.opt.apply_gradients(w.pairs, global_step=step)
+
+
+@case("tf1", ValueError, r"variable #3 .* appears twice in grads_and_vars \(also as variable #0")
+def tf1_same_variable_twice(w):
+    return lambda: w.apply([(torch.ones(4, 3), w.a)])
+
+
+@case("tf1", TypeError, r"grads_and_vars\[3\] must be a \(gradient, variable\) pair; got Tensor")
+def tf1_not_a_pair(w):
+    return lambda: w.apply([torch.ones(3)])
+
+
+def _other(w, **hyper: Any) -> tfadam.AdamOptimizer:
+    other = tfadam.AdamOptimizer(**hyper)
+    w.others["other"] = other
+    return other
+
+
+for _name, _hyper, _error, _pattern in [
+    ("beta2_one", {"beta2": 1.0}, ValueError, r"hyperparameter beta2=1\.0 .* in \[0, 1\)"),
+    ("beta1_negative", {"beta1": -0.1}, ValueError, r"hyperparameter beta1=-0\.1"),
+    ("lr_nan_tensor", {"learning_rate": torch.tensor(nan)}, ValueError, r"lr=nan"),
+    ("epsilon_negative", {"epsilon": -1.0}, ValueError, r"epsilon=-1\.0 .* >= 0"),
+    ("lr_string", {"learning_rate": "0.1"}, TypeError, r"lr must be a number.*str '0\.1'"),
+    ("lr_bool", {"learning_rate": True}, TypeError, r"lr must be a number.*bool True"),
+    ("lr_complex_tensor", {"learning_rate": torch.tensor(1j)}, TypeError, r"lr is a torch.complex"),
+    ("epsilon_callable_vector", {"epsilon": lambda: torch.ones(2)}, ValueError,
+     r"epsilon must be a scalar .*shape \(2,\)"),
+    ("beta1_callable_raises", {"beta1": lambda: {}["beta1"]}, ValueError,
+     r"beta1: its callable .* raised KeyError"),
+]:  # fmt: skip
+
+    def _setup(w, hyper=_hyper):
+        other = _other(w, **hyper)
+        return lambda: other.apply_gradients(w.pairs, global_step=w.step)
+
+    _setup.__name__ = _name
+    case("tf1", _error, _pattern)(_setup)
+
+
+@case(
+    "tf1",
+    ValueError,
+    r"variable #0 .*slot 'v' has shape \(3,\).*mismatched state_dict or checkpoint",
+)
+def tf1_restore_mismatched_slot(w):
+    slots = {w.a: {"m": torch.zeros(4, 3), "v": torch.zeros(3)}}
+    return lambda: w.opt.restore(0.5, 0.5, slots)
+
+
+# -- the test ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("face, setup, error, pattern, options", CASES)
+def test_bad_input_raises_and_changes_nothing(face, setup, error, pattern, options):
+    world = WORLDS[face](**options)
+    call = setup(world)
+    before = world.snapshot()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's sparse-invariant notice
+        with pytest.raises(error, match=pattern) as raised:
+            call()
+    assert type(raised.value) is error, f"{type(raised.value).__name__}: {raised.value}"
+    assert differences(before, world.snapshot()) == []
+
+
+def test_matrix_is_large_enough():
+    faces = [p.values[0] for p in CASES]
+    assert len(CASES) >= 30 and faces.count("torch") >= 10 and faces.count("tf1") >= 10
+
+
+def test_snapshot_sees_a_change():
+    """The comparison is able to fail: one flipped sign bit of one slot is seen."""
+    world = torch_world()
+    before = world.snapshot()
+    world.opt.state[world.lin.bias]["v"][0] *= -1.0  # v is 0 or positive: the sign bit flips
+    assert differences(before, world.snapshot()) == ["group1.param1.v"]
+
+
+@pytest.mark.parametrize("face", ["torch", "tf1"])
+def test_a_good_call_still_works_after_a_bad_one(face):
+    """A refused call leaves the optimizer usable: the next good call matches a clean twin."""
+    bad, clean = WORLDS[face](), WORLDS[face]()
+    if face == "torch":
+        bad.lin.weight.grad = bad.lin.weight.grad.clone()
+        saved, bad.opt.param_groups[1]["lr"] = bad.opt.param_groups[1]["lr"], nan
+        with pytest.raises(ValueError):
+            bad.opt.step()
+        bad.opt.param_groups[1]["lr"] = saved
+        bad.opt.step()
+        clean.opt.step()
+    else:
+        with pytest.raises(ValueError):
+            bad.apply([(torch.ones(2), torch.zeros(3))])
+        assert bad.opt.apply_gradients(bad.pairs, global_step=bad.step) == 1
+        clean.opt.apply_gradients(clean.pairs, global_step=clean.step)
+    assert differences(clean.snapshot(), bad.snapshot()) == []
