@@ -22,6 +22,7 @@ from .errors import (
     StateDictError,
 )
 from .optimizer import Adam
+from .persist import load_checkpoint, read_checkpoint, save_checkpoint
 from .sparse import IndexedSlices
 from .tf1 import AdamOptimizer
 
@@ -33,5 +34,8 @@ __all__ = [
     "IndexedSlices",
     "NonFiniteGradientError",
     "StateDictError",
+    "load_checkpoint",
+    "read_checkpoint",
+    "save_checkpoint",
 ]
 __version__ = "0.1.0"
