@@ -141,13 +141,13 @@ def run_tf_graph(s: Scenario, beta2_as_variable: bool = False) -> list[Snapshot]
     """Replay through a TF1 ``Session`` (graph mode, default Grappler rewriting).
 
     Hyperparameters must be numbers here (they become graph constants), unless
-    ``beta2_as_variable``, which passes β2 as a ``tf.Variable``.
+    ``beta2_as_variable``, which passes β2 as a placeholder (not foldable).
     """
     graph = tf.Graph()
     with graph.as_default():
         beta2: Any = s.beta2.values[0]
         if beta2_as_variable:
-            beta2 = tf.compat.v1.Variable(beta2, dtype=tf.float32, use_resource=True)
+            beta2 = tf.compat.v1.placeholder_with_default(tf.constant(beta2, tf.float32), ())
         opt = tf.compat.v1.train.AdamOptimizer(
             s.lr.values[0], s.beta1.values[0], beta2, s.epsilon.values[0]
         )
