@@ -153,7 +153,7 @@ def run_tf_graph(s: Scenario, beta2_as_variable: bool = False) -> list[Snapshot]
         )
         variables = [tf.compat.v1.Variable(x, use_resource=True) for x in s.variables]
         ops, feeds = {}, {}
-        for i, call in enumerate(s.calls):
+        for call in s.calls:
             key = tuple(
                 None if g is None else ("s", g.indices.shape[0]) if isinstance(g, Sparse) else "d"
                 for g in call

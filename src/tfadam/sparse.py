@@ -73,8 +73,9 @@ def deduplicate(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tens
     TF (``unsorted_segment_sum``) accumulates each unique index's rows from
     zero, in the order they occur, rounding every addition to the gradient's
     dtype (as :class:`~tfadam.rule.TFArithmetic` does) — for float16 and
-    bfloat16 that differs from summing in float32 (as ``index_add_`` does). So the sum is built in rounds: round ``r`` adds
-    every row's ``r``-th occurrence. The order of the returned rows is
+    bfloat16 that differs from summing in float32 (as ``index_add_`` does).
+    So the sum is built in rounds: round ``r`` adds every row's ``r``-th
+    occurrence. The order of the returned rows is
     irrelevant to the update (rows are independent); they come sorted.
     """
     arithmetic = TFArithmetic(values.dtype)
