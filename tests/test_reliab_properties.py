@@ -5,7 +5,8 @@ one applies; whatever they pick must give the bits of
 ``tfadam.kernels.reference`` on every dtype, size (vector tails included),
 memory layout, option and hyperparameter hypothesis generates. Invariants on
 the dispatched kernels: ``v >= 0``; lazy mode leaves untouched rows bitwise
-unchanged; ``lr = 0`` leaves θ unchanged.
+unchanged; ``lr = 0`` leaves θ unchanged (up to TF's flush of subnormals
+and the sign of a zero).
 
 Reproducible and bounded: derandomized, no example database, no deadline,
 ``max_examples`` fixed per test (1,250 examples in all).
@@ -318,7 +319,12 @@ def test_zero_learning_rate_leaves_theta_unchanged(sparse_and_case):
         before = build_dense(case)["theta"]
         pairs = list(zip(before, run_dense(kernels.dense_step, case)["theta"], strict=True))
     for old, new in pairs:
-        # θ - (+0 or -0): bit-identical, except that -0 - (-0) is +0 in IEEE
-        # arithmetic (TF gives the same); the value is unchanged either way.
+        # θ - (±0) keeps θ's bits, with two IEEE/TF exceptions that keep the
+        # value: -0 - (-0) is +0, and TF's CPU kernels flush a subnormal θ to
+        # zero (float32, float64, bfloat16; float16's subnormals are normal in
+        # the float32 it computes in).
+        may_change = old == 0
+        if case["dtype"] != torch.float16:
+            may_change |= old.abs() < torch.finfo(case["dtype"]).tiny
         moved = bits_of(new) != bits_of(old)
-        assert not (moved & ~((old == 0) & (new == 0))).any()
+        assert not (moved & ~(may_change & (new == 0))).any()

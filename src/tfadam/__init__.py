@@ -16,9 +16,11 @@ Example:
 """
 
 from .errors import (
+    BetaRoundsToOneWarning,
     CorruptCheckpointError,
     EpsilonUnderflowWarning,
     NonFiniteGradientError,
+    PrecisionWarning,
     StateDictError,
 )
 from .optimizer import Adam
@@ -29,10 +31,12 @@ from .tf1 import AdamOptimizer
 __all__ = [
     "Adam",
     "AdamOptimizer",
+    "BetaRoundsToOneWarning",
     "CorruptCheckpointError",
     "EpsilonUnderflowWarning",
     "IndexedSlices",
     "NonFiniteGradientError",
+    "PrecisionWarning",
     "StateDictError",
     "load_checkpoint",
     "read_checkpoint",

@@ -21,9 +21,11 @@ Example:
 from __future__ import annotations
 
 __all__ = [
+    "BetaRoundsToOneWarning",
     "CorruptCheckpointError",
     "EpsilonUnderflowWarning",
     "NonFiniteGradientError",
+    "PrecisionWarning",
     "StateDictError",
 ]
 
@@ -65,10 +67,28 @@ class CorruptCheckpointError(ValueError):
     """
 
 
-class EpsilonUnderflowWarning(RuntimeWarning):
+class PrecisionWarning(RuntimeWarning):
+    """A hyperparameter that the variable's dtype cannot hold changes the update's meaning.
+
+    tfadam computes what TF computes regardless; these warnings (once per
+    optimizer and kind) name the fix.
+    """
+
+
+class EpsilonUnderflowWarning(PrecisionWarning):
     """ε is non-zero but rounds to 0 in a variable's dtype (1e-8 in float16 does).
 
     With ε = 0 the update divides by ``sqrt(v)``, which is 0 wherever the
     gradient has been 0, giving NaN (TF computes the same). Warned once per
     optimizer.
+    """
+
+
+class BetaRoundsToOneWarning(PrecisionWarning):
+    """β1 or β2 is below 1 but rounds to 1 in a variable's dtype (0.999 in bfloat16 does).
+
+    With β2 = 1, ``1 - β2`` is 0: v never grows from 0, so each update
+    divides by ε alone (steps ~lr/ε). With β1 = 1, m never grows from 0 and
+    while ``1 - β1^t`` rounds to 0 too the update is 0 * inf = NaN. Warned once
+    per optimizer.
     """

@@ -3,7 +3,8 @@
 * :func:`check_finite` — the opt-in scan for NaN/Inf gradients
   (``nonfinite="raise"``); the engine runs it in :func:`tfadam.engine.prepare`.
 * :func:`unwritable` — variables an in-place update would fail on halfway.
-* :func:`warn_epsilon_underflow` — ε that rounds to 0 in a variable's dtype.
+* :func:`warn_numerics` — ε that rounds to 0, β that rounds to 1 in a
+  variable's dtype.
 * :func:`check_torch_state` — a ``tfadam.Adam`` state (from ``load_state_dict``)
   that does not fit its parameters.
 
@@ -20,6 +21,7 @@ has 1 non-finite element (0 NaN, 1 Inf), the first at index (1,); nothing was up
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,7 +30,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import hyper, rule
-from .errors import EpsilonUnderflowWarning, NonFiniteGradientError, StateDictError
+from .errors import (
+    BetaRoundsToOneWarning,
+    EpsilonUnderflowWarning,
+    NonFiniteGradientError,
+    StateDictError,
+)
 from .sparse import IndexedSlices
 
 if TYPE_CHECKING:
@@ -39,7 +46,7 @@ __all__ = [
     "check_finite",
     "check_torch_state",
     "unwritable",
-    "warn_epsilon_underflow",
+    "warn_numerics",
 ]
 
 
@@ -118,38 +125,76 @@ def unwritable(param: torch.Tensor) -> str | None:
     return None
 
 
-# Optimizers already warned; weak so that a warned optimizer can be collected.
-_warned_epsilon: weakref.WeakSet[Any] = weakref.WeakSet()
+# What each optimizer was already warned about; weak so that it can be collected.
+_warned: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
-def warn_epsilon_underflow(owner: object, plan: Plan) -> None:
-    """Warn once per ``owner`` if a non-zero ε rounds to 0 in a variable's dtype.
+def warn_numerics(owner: object, plan: Plan) -> None:
+    """Warn (once per ``owner`` and kind) about hyperparameters a dtype cannot hold.
 
-    TF rounds ε the same way, so the result stays TF's; the warning names the
+    * :class:`EpsilonUnderflowWarning`: a non-zero ε is 0 in the variable's
+      dtype (1e-8 in float16): where v is 0 the update is 0/0 = NaN.
+    * :class:`BetaRoundsToOneWarning`: a β < 1 is 1 in the dtype (0.999 in
+      bfloat16): with β2, v stays 0 and steps are ~lr/ε; with β1, m stays 0
+      (and the first steps are NaN).
+
+    TF rounds the same way, so the results stay TF's; the warning names the
     fix. An ε of exactly 0 is a choice, not an accident, and is not warned.
     """
-    if owner in _warned_epsilon:
-        return
-    epsilon = plan.hyper.epsilon
-    if float(epsilon) == 0.0:
-        return
+    warned = _warned.setdefault(owner, set())
     dtypes = sorted({u.param.dtype for u in plan.updates}, key=str)
-    lost = [dtype for dtype in dtypes if rule._scalar(epsilon, dtype).item() == 0.0]
-    if not lost:
-        return
-    _warned_epsilon.add(owner)
-    # The smallest subnormal: below half of it, a number rounds to 0.
-    smallest = ", ".join(
-        f"{torch.finfo(d).smallest_normal * torch.finfo(d).eps:.3g} in {d}" for d in lost
-    )
-    warnings.warn(
-        f"{type(owner).__name__}: epsilon={float(epsilon):.3g} rounds to 0 in "
-        f"{', '.join(str(d) for d in lost)}, so wherever v is 0 the update is 0/0 = NaN (TF "
-        f"computes the same). Use an epsilon the dtype can hold (the smallest above 0 is "
-        f"{smallest}; 1e-4 is common for float16), or keep float32 master weights.",
-        EpsilonUnderflowWarning,
-        stacklevel=3,
-    )
+    name = type(owner).__name__
+    epsilon = plan.hyper.epsilon
+    if "epsilon" not in warned and float(epsilon) != 0.0:
+        lost = [d for d in dtypes if rule._scalar(epsilon, d).item() == 0.0]
+        if lost:
+            warned.add("epsilon")
+            # TF flushes subnormals to zero, except float16's (normal in float32).
+            smallest = ", ".join(f"{_smallest_kept(d):.3g} in {d}" for d in lost)
+            _warn(
+                f"{name}: epsilon={float(epsilon):.3g} rounds to 0 in "
+                f"{', '.join(map(str, lost))}, so wherever v is 0 the update is 0/0 = NaN (TF "
+                f"computes the same). Use an epsilon the dtype can hold (the smallest above 0 is "
+                f"{smallest}; 1e-4 is common for float16), or keep float32 master weights.",
+                EpsilonUnderflowWarning,
+            )
+    for label, beta in (("beta1", plan.hyper.beta1), ("beta2", plan.hyper.beta2)):
+        if label in warned:
+            continue
+        ones = [d for d in dtypes if rule._scalar(beta, d).item() == 1.0]
+        if ones:
+            warned.add(label)
+            effect = (
+                "1 - beta2 is 0, so v never grows from 0 and each update divides by epsilon "
+                "alone: steps far larger than lr"
+                if label == "beta2"
+                else "1 - beta1 is 0, so m never grows from 0 and nothing trains; while "
+                "1 - beta1_power rounds to 0 too, the update is 0 * inf = NaN"
+            )
+            below = ", ".join(f"{1 - torch.finfo(d).eps / 2} in {d}" for d in ones)
+            _warn(
+                f"{name}: {label}={float(beta):.6g} rounds to 1.0 in "
+                f"{', '.join(map(str, ones))}: {effect} (TF computes the same). Keep float32 "
+                f"master weights, or use a {label} the dtype holds below 1 (at most {below}).",
+                BetaRoundsToOneWarning,
+            )
+
+
+def _smallest_kept(dtype: torch.dtype) -> float:
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps if dtype == torch.float16 else info.smallest_normal
+
+
+def _warn(message: str, category: type[Warning]) -> None:
+    warnings.warn(message, category, stacklevel=_first_caller_outside(("tfadam.", "torch.")))
+
+
+def _first_caller_outside(packages: tuple[str, ...]) -> int:
+    """The ``stacklevel`` of the user's line that led here (past torch's wrappers)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(packages):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def accumulator_problem(power: Any) -> str | None:

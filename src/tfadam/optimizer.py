@@ -158,7 +158,7 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
             )
             accumulators = _accumulators_of(group, where)
             plan = engine.prepare(updates, hyper, options, when=when)
-            guard.warn_epsilon_underflow(self, plan)
+            guard.warn_numerics(self, plan)
             plans.append((group, plan, accumulators))
         for group, plan, accumulators in plans:
             accumulators = engine.execute(plan, accumulators)

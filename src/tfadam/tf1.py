@@ -141,7 +141,7 @@ class AdamOptimizer:
             if global_step is not None:
                 when += f" (global_step {int(global_step)})"
             plan = engine.prepare(updates, hyper, self._options, when=when)
-            guard.warn_epsilon_underflow(self, plan)
+            guard.warn_numerics(self, plan)
             self._accumulators = engine.execute(plan, self._accumulators)
             for update in plan.updates:
                 self._slots[update.param] = update.state  # type: ignore[assignment]
