@@ -11,8 +11,8 @@ skipping corrupt ones. Progress goes to stdout, one line per event:
 ``STALLED-IN-STEP k``, ``DONE``.
 
 The stall options freeze the process at a precise point so that the parent
-can kill it there: ``--stall-in-save K`` after half of checkpoint K's bytes
-are written (the temporary file is torn, not yet renamed);
+can kill it there: ``--stall-in-save K`` in the middle of writing checkpoint
+K's first large piece (the temporary file is torn, not yet renamed);
 ``--stall-in-step K`` in step K after group 0 was updated and before group 1
 was (the model is half-stepped in memory).
 """
@@ -91,7 +91,7 @@ def main() -> None:
         real_write = os.write
 
         def torn_write(descriptor: int, data: bytes) -> int:
-            if saving[0] == args.stall_in_save:
+            if saving[0] == args.stall_in_save and len(memoryview(data).cast("B")) > 1024:
                 real_write(descriptor, bytes(memoryview(data)[: len(data) // 2]))
                 stall("STALLED-IN-SAVE", saving[0])
             return real_write(descriptor, data)

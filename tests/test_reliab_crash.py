@@ -79,6 +79,7 @@ def test_sigkill_in_save_and_in_step_then_resume_is_bitwise_equal(tmp_path):
     names = checkpoint_names(crashed)
     torn = [n for n in names if n.startswith(".ckpt-000008.tfadam.") and n.endswith(".tmp")]
     assert len(torn) == 1 and names == sorted(["ckpt-000004.tfadam", *torn])
+    assert (crashed / torn[0]).stat().st_size > 52  # torn after the header, mid-payload
     with pytest.raises(CorruptCheckpointError):  # the torn temporary would be refused too
         tfadam.read_checkpoint(crashed / torn[0])
 

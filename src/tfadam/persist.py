@@ -38,7 +38,7 @@ import io
 import os
 import secrets
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +74,9 @@ def save_checkpoint(
     containers of them so that :func:`load_checkpoint` can read it with
     ``weights_only=True``.
 
-    The state is serialized in memory first (so a failure there writes
-    nothing), then written as described in the module docstring. Temporary
+    The state is streamed into the temporary file (no in-memory copy of it)
+    and hashed on the way; the header is written last. A failure leaves the
+    previous checkpoint in place and removes the temporary file; temporary
     files of a saver that was killed are removed by the next save.
 
     Example:
@@ -90,12 +91,17 @@ def save_checkpoint(
         "optimizer": None if optimizer is None else _optimizer_state(optimizer, model),
         "extra": extra,
     }
-    buffer = io.BytesIO()
-    torch.save(content, buffer)
-    payload = buffer.getbuffer()
-    header = _HEADER.pack(MAGIC, VERSION, len(payload), hashlib.sha256(payload).digest())
     target = Path(path)
-    _write_atomically(target, [header, payload])
+
+    def write(descriptor: int) -> None:
+        _write_all(descriptor, bytes(_HEADER.size))  # the header's place, filled in last
+        payload = _HashingWriter(descriptor)
+        torch.save(content, payload)
+        os.lseek(descriptor, 0, os.SEEK_SET)
+        header = _HEADER.pack(MAGIC, VERSION, payload.length, payload.hash.digest())
+        _write_all(descriptor, header)
+
+    _write_atomically(target, write)
     _remove_stale_temporaries(target)
 
 
@@ -122,7 +128,8 @@ def read_checkpoint(
     with open(path, "rb") as f:
         data = f.read()
     payload = _verified_payload(memoryview(data), str(path))
-    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=weights_only)
+    # Read in place: wrapping the payload in a BytesIO would copy it.
+    return torch.load(_ReadOnlyView(payload), map_location=map_location, weights_only=weights_only)
 
 
 def load_checkpoint(
@@ -179,6 +186,11 @@ def _verified_payload(data: memoryview, where: str) -> memoryview:
             "header (a torn write?). Use an earlier checkpoint."
         )
     magic, version, length, digest = _HEADER.unpack_from(data)
+    if magic == bytes(len(MAGIC)):
+        raise CorruptCheckpointError(
+            f"{where}: the header was never written (an interrupted save). Use an earlier "
+            "checkpoint."
+        )
     if magic != MAGIC:
         raise CorruptCheckpointError(
             f"{where}: not a tfadam checkpoint (starts with {bytes(magic)!r}, not {MAGIC!r}). "
@@ -202,7 +214,8 @@ def _verified_payload(data: memoryview, where: str) -> memoryview:
     return payload
 
 
-def _write_atomically(target: Path, chunks: list[Any]) -> None:
+def _write_atomically(target: Path, write: Callable[[int], None]) -> None:
+    """Call ``write(descriptor)`` on a temporary file, then make it ``target`` atomically."""
     directory = target.parent
     # Same directory: a rename is atomic only within one file system.
     temporary = directory / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
@@ -210,11 +223,7 @@ def _write_atomically(target: Path, chunks: list[Any]) -> None:
     descriptor = os.open(temporary, flags, 0o666)
     try:
         try:
-            for chunk in chunks:
-                view = memoryview(chunk).cast("B")
-                while view:
-                    written = os.write(descriptor, view[:_CHUNK])
-                    view = view[written:]
+            write(descriptor)
             # The data must be on disk before the rename makes it the checkpoint;
             # otherwise a power loss can leave the new name on unwritten blocks.
             os.fsync(descriptor)
@@ -226,6 +235,63 @@ def _write_atomically(target: Path, chunks: list[Any]) -> None:
             os.unlink(temporary)
         raise
     _fsync_directory(directory)
+
+
+def _write_all(descriptor: int, data: Any) -> int:
+    view = memoryview(data).cast("B")
+    size = len(view)
+    while view:
+        # os.write may write less than asked (and large writes go in pieces).
+        written = os.write(descriptor, view[:_CHUNK])
+        view = view[written:]
+    return size
+
+
+class _HashingWriter:
+    """The file object torch.save writes to: hashes and counts on the way to the file."""
+
+    def __init__(self, descriptor: int) -> None:
+        self.descriptor = descriptor
+        self.hash = hashlib.sha256()
+        self.length = 0
+
+    def write(self, data: Any) -> int:
+        self.hash.update(data)
+        size = _write_all(self.descriptor, data)
+        self.length += size
+        return size
+
+    def flush(self) -> None:
+        pass
+
+
+class _ReadOnlyView(io.RawIOBase):
+    """A seekable binary file over a memoryview, for torch.load without a copy."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}
+        self._position = max(0, base[whence] + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._view[self._position : self._position + len(buffer)]
+        memoryview(buffer).cast("B")[: len(chunk)] = chunk
+        self._position += len(chunk)
+        return len(chunk)
 
 
 def _fsync_directory(directory: Path) -> None:
