@@ -55,22 +55,23 @@ def check_finite(gradients: Iterable[tuple[torch.Tensor | IndexedSlices, str]], 
 
     ``gradients`` pairs each gradient (dense, or :class:`IndexedSlices` whose
     values are scanned) with the name of its variable. The fast path sums each
-    gradient (a sum is NaN or Inf when any term is; one read, no temporary),
-    and only a non-finite sum — a real NaN/Inf, or an overflow — leads to the
-    element-wise scan that finds the culprit.
+    gradient in its own dtype — a sum is NaN or Inf whenever a term is; one
+    read, no temporary, a single sync per device — and only a gradient whose
+    sum is not finite is looked at again: ``(g * 0).sum()`` cannot overflow,
+    so it tells a real NaN/Inf from a sum that merely overflowed (common for
+    loss-scaled float16 gradients), before the element-wise scan that finds
+    the culprit.
     """
-    pairs = list(gradients)
+    pairs = [(grad.values if isinstance(grad, IndexedSlices) else grad, grad, name)
+             for grad, name in gradients]  # fmt: skip
     sums: dict[torch.device, list[torch.Tensor]] = {}
-    for grad, _ in pairs:
-        values = grad.values if isinstance(grad, IndexedSlices) else grad
-        # float16/bfloat16 sums are accumulated and kept in float32 so that a
-        # large but finite gradient does not overflow into a false alarm.
-        wide = torch.float32 if values.element_size() < 4 else values.dtype
-        sums.setdefault(values.device, []).append(values.sum(dtype=wide).float())
+    for values, _, _ in pairs:
+        sums.setdefault(values.device, []).append(values.sum().float())
     if all(bool(torch.stack(device_sums).isfinite().all()) for device_sums in sums.values()):
         return
-    for grad, name in pairs:
-        _locate_nonfinite(grad, name, when)
+    for values, grad, name in pairs:
+        if not bool(values.sum().isfinite()) and not bool((values * 0).sum().isfinite()):
+            _locate_nonfinite(grad, name, when)
 
 
 def _locate_nonfinite(grad: torch.Tensor | IndexedSlices, name: str, when: str) -> None:
