@@ -414,3 +414,44 @@ def test_doctests() -> None:
     for module in (tfadam.keras, rule):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, module.__name__
+
+
+def test_keras_inside_tf_function() -> None:
+    # model.fit compiles the step with tf.function (XLA is off on CPU-only
+    # machines by Keras' jit_compile="auto"); Grappler leaves Keras' Adam alone.
+    from keras_oracle import _keras_grad
+
+    config = dict(clipnorm=0.5, weight_decay=0.05, use_ema=True, gradient_accumulation_steps=2)
+    s = random_scenario(17, shapes=[(12, 3), (7,)], steps=30, sparse=0.5, config=config)
+    variables = [tf.Variable(x) for x in s.initial]
+    optimizer = keras.optimizers.Adam(**config)
+    optimizer.build(variables)
+
+    @tf.function
+    def step(grads):
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
+
+    for call in s.calls:
+        step([_keras_grad(g, x.shape) for g, x in zip(call, s.initial, strict=True)])
+    tfadam_vars, tfadam_state = run_tfadam(s)
+    assert differences([v.numpy() for v in variables], tfadam_vars) == []
+    assert differences([v.numpy() for v in optimizer.variables], tfadam_state) == []
+
+
+def test_exclude_from_weight_decay_by_list_and_by_name() -> None:
+    s = random_scenario(19, shapes=[(6, 2), (2,), (3,)], steps=20)
+    names = ["kernel", "bias", "gain"]
+    k_vars = [tf.Variable(x, name=n) for x, n in zip(s.initial, names, strict=True)]
+    t_vars = [to_torch(x) for x in s.initial]
+    k_opt = keras.optimizers.Adam(weight_decay=0.1, learning_rate=0.01)
+    t_opt = tfadam.keras.Adam(weight_decay=0.1, learning_rate=0.01)
+    k_opt.exclude_from_weight_decay(var_list=[k_vars[2]], var_names=["bias"])
+    names = [("dense.kernel", t_vars[0]), ("dense.bias", t_vars[1]), ("gain", t_vars[2])]
+    t_opt.exclude_from_weight_decay(var_list=[t_vars[2]], var_names=["bias"],
+                                    named_parameters=names)  # fmt: skip
+    for call in s.calls:
+        k_opt.apply_gradients(zip([tf.constant(g) for g in call], k_vars, strict=True))
+        t_opt.apply_gradients(zip([to_torch(g) for g in call], t_vars, strict=True))
+    assert differences([v.numpy() for v in k_vars], t_vars) == []
+    with pytest.raises(ValueError, match="named_parameters"):
+        t_opt.exclude_from_weight_decay(var_names=["bias"])

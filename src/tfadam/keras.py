@@ -302,7 +302,6 @@ class Adam:
         self._index: dict[int, int] = {}
         self._slots: list[dict[str, torch.Tensor]] = []
         self._exclude_ids: set[int] = set()
-        self._exclude_pattern: re.Pattern[str] | None = None
 
     # --- Keras' public surface ---------------------------------------------------------
 
@@ -408,16 +407,36 @@ class Adam:
         return loss
 
     def exclude_from_weight_decay(
-        self, var_list: Sequence[torch.Tensor] | None = None, var_names: Sequence[str] | None = None
+        self,
+        var_list: Sequence[torch.Tensor] | None = None,
+        var_names: Sequence[str] | None = None,
+        *,
+        named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
     ) -> None:
-        """Exempt variables from weight decay: by identity, or by a ``name`` attribute.
+        """Exempt variables from weight decay: by identity, or by name.
 
-        ``var_names`` are regular-expression fragments searched in each
-        variable's ``name`` attribute (torch tensors have none unless you set
-        one, e.g. ``p.name = "dense/bias"``); prefer ``var_list``.
+        ``var_names`` are regular-expression fragments searched in each name,
+        as Keras does with ``variable.name``; torch tensors carry no name, so
+        pass the names with ``named_parameters`` (e.g. ``model.named_parameters()``).
+
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = Adam(weight_decay=0.1)
+        >>> opt.exclude_from_weight_decay(var_names=["bias"],
+        ...                               named_parameters=model.named_parameters())
+        >>> opt._uses_weight_decay(model.bias), opt._uses_weight_decay(model.weight)
+        (False, True)
         """
-        self._exclude_ids = {id(v) for v in var_list} if var_list else set()
-        self._exclude_pattern = re.compile("|".join(set(var_names))) if var_names else None
+        excluded = {id(v) for v in var_list} if var_list else set()
+        if var_names:
+            if named_parameters is None:
+                raise ValueError(
+                    "exclude_from_weight_decay(var_names=...) needs the variables' names: torch "
+                    "tensors have none. Pass named_parameters=model.named_parameters(), or "
+                    "var_list=[...]."
+                )
+            pattern = re.compile("|".join(set(var_names)))
+            excluded |= {id(v) for name, v in named_parameters if pattern.search(name)}
+        self._exclude_ids = excluded
 
     def finalize_variable_values(self, var_list: Sequence[torch.Tensor]) -> None:
         """With ``use_ema``: copy the moving averages into the variables (end of training)."""
@@ -635,12 +654,7 @@ class Adam:
         return bool(self.global_clipnorm and self.global_clipnorm > 0) and self._is_update_step()
 
     def _uses_weight_decay(self, var: torch.Tensor) -> bool:
-        if id(var) in self._exclude_ids:
-            return False
-        name = getattr(var, "name", None)
-        if self._exclude_pattern is not None and isinstance(name, str):
-            return self._exclude_pattern.search(name) is None
-        return True
+        return id(var) not in self._exclude_ids
 
     def _learning_rates_for(self, plan: engine.Plan) -> list[Any]:
         """Keras reads ``self.learning_rate`` once per decayed variable, then once for the step.

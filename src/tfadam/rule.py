@@ -447,11 +447,13 @@ def tf_maximum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     >>> tf_maximum(torch.tensor([1.0]), nan).view(torch.int32) == nan.view(torch.int32)
     tensor([True])
     """
+    b = b.to(a.device)
     return torch.where(a.isnan(), a, torch.where(b.isnan() | ~(a > b), b, a))
 
 
 def tf_minimum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``tf.minimum`` on CPU: as :func:`tf_maximum`, taking the smaller value."""
+    b = b.to(a.device)
     return torch.where(a.isnan(), a, torch.where(b.isnan() | ~(a < b), b, a))
 
 
