@@ -15,6 +15,7 @@ Example:
     >>> opt.step()
 """
 
+from . import keras
 from .errors import (
     BetaRoundsToOneWarning,
     CorruptCheckpointError,
@@ -38,6 +39,7 @@ __all__ = [
     "NonFiniteGradientError",
     "PrecisionWarning",
     "StateDictError",
+    "keras",
     "load_checkpoint",
     "read_checkpoint",
     "save_checkpoint",
