@@ -88,7 +88,34 @@ def tf1_world(**options: Any) -> SimpleNamespace:
     return world
 
 
-WORLDS = {"torch": torch_world, "tf1": tf1_world}
+def keras_world(**options: Any) -> SimpleNamespace:
+    """tfadam.keras.Adam over a (4, 3), a (3,) and a (6, 2) variable (sparse grads), built."""
+    import tfadam.keras
+
+    gen = torch.Generator().manual_seed(0)
+    a, b, e = (torch.randn(s, generator=gen) for s in ((4, 3), (3,), (6, 2)))
+    ga, gb = torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)
+    ge = IndexedSlices(torch.randn(3, 2, generator=gen), torch.tensor([0, 2, 2]), (6, 2))
+    opt = tfadam.keras.Adam(learning_rate=0.1, **options)
+    opt.apply_gradients([(ga, a), (gb, b), (ge, e)])
+    world = SimpleNamespace(opt=opt, a=a, b=b, e=e, extra={})
+
+    def snapshot() -> dict[str, Any]:
+        from reliab_support import bits
+
+        state = {"a": a, "b": b, "e": e, "ga": ga, "gb": gb, "ge": (ge.values, ge.indices)}
+        # Callables in extra are read at snapshot time (another optimizer's state).
+        extra = {k: v() if callable(v) else v for k, v in world.extra.items()}
+        state.update(extra, built=opt.built, variables=opt.variables)
+        return {name: bits(value) for name, value in state.items()}
+
+    world.snapshot = snapshot
+    # The bad gradient goes to the last variable, after two good ones.
+    world.apply = lambda bad_e: opt.apply_gradients([(ga, a), (gb, b), (bad_e, e)])
+    return world
+
+
+WORLDS = {"torch": torch_world, "tf1": tf1_world, "keras": keras_world}
 CASES: list[Any] = []
 
 
@@ -588,6 +615,88 @@ def tf1_restore_mismatched_slot(w):
     return lambda: w.opt.restore(0.5, 0.5, slots)
 
 
+# -- Keras face ----------------------------------------------------------------------------------
+
+KV = r"variable #2 \(shape \(6, 2\), torch.float32\)"
+
+
+@case("keras", ValueError, rf"gradient of {KV} has shape \(2, 6\)")
+def keras_gradient_wrong_shape(w):
+    return lambda: w.apply(torch.ones(2, 6))
+
+
+@case("keras", TypeError, rf"gradient of {KV} is torch.float64")
+def keras_gradient_wrong_dtype(w):
+    return lambda: w.apply(torch.ones(6, 2, dtype=torch.float64))
+
+
+@case("keras", ValueError, rf"gradient of {KV} is on meta but the variable is on cpu")
+def keras_gradient_on_meta_device(w):
+    return lambda: w.apply(torch.ones(6, 2, device="meta"))
+
+
+@case("keras", ValueError, rf"{KV}: sparse gradient index 6 is out of range .* 6 rows")
+def keras_sparse_index_out_of_range(w):
+    return lambda: w.apply(_slices(torch.ones(2, 2), [0, 6], (6, 2)))
+
+
+@case("keras", ValueError, rf"{KV}: sparse gradient index -1 is out of range")
+def keras_sparse_index_negative(w):
+    return lambda: w.apply(_slices(torch.ones(2, 2), [-1, 0], (6, 2)))
+
+
+@case("keras", TypeError, rf"sparse gradient of {KV}: indices are torch.float64")
+def keras_sparse_indices_float(w):
+    return lambda: w.apply(_slices(torch.ones(2, 2), torch.tensor([0.0, 1.0]).double(), (6, 2)))
+
+
+@case("keras", ValueError, rf"sparse gradient of {KV} has dense_shape \(7, 2\)")
+def keras_sparse_dense_shape_disagrees(w):
+    return lambda: w.apply(_slices(torch.ones(2, 2), [0, 1], (7, 2)))
+
+
+@case("keras", ValueError, r"No gradients provided for any variable")
+def keras_all_gradients_none(w):
+    return lambda: w.opt.apply_gradients([(None, w.a), (None, w.b), (None, w.e)])
+
+
+@case("keras", ValueError, r"Unknown variable: variable #1 .*recreate a new optimizer")
+def keras_unknown_variable(w):
+    var = torch.zeros(2)
+    w.extra["var"] = var
+    return lambda: w.opt.apply_gradients([(torch.ones(3), w.b), (torch.ones(2), var)])
+
+
+@case("keras", TypeError, r"variable #1 \(ndarray\) is not a torch tensor")
+def keras_variable_not_a_tensor(w):
+    return lambda: w.opt.apply_gradients(
+        [(torch.ones(3), w.b), (torch.ones(3), torch.ones(3).numpy())]
+    )
+
+
+@case("keras", ValueError, r"Optimizer variable #2 has shape \(4, 3\) not compatible .* \(3, 4\)")
+def keras_set_weights_wrong_shape(w):
+    weights = [t.clone() for t in w.opt.variables]
+    weights[2] = torch.zeros(3, 4)
+    weights[1] = torch.tensor(0.5)  # would be written first if the check came late
+    return lambda: w.opt.set_weights(weights)
+
+
+@case("keras", ValueError, r"set_weights\(\) got 2 arrays for 8 optimizer variables")
+def keras_set_weights_wrong_count(w):
+    return lambda: w.opt.set_weights([torch.tensor(0), torch.tensor(0.5)])
+
+
+@case("keras", TypeError, r"global_clipnorm needs every gradient in one dtype")
+def keras_global_clipnorm_mixed_dtypes(w):
+    import tfadam.keras
+
+    other = tfadam.keras.Adam(global_clipnorm=1.0)
+    wide = torch.zeros(3, dtype=torch.float64)
+    w.extra.update(wide=wide, other=lambda: (other.built, other.variables))
+    return lambda: other.apply_gradients([(torch.ones(4, 3), w.a), (torch.ones(3).double(), wide)])
+
+
 # -- the test ------------------------------------------------------------------------------------
 
 
@@ -606,7 +715,7 @@ def test_bad_input_raises_and_changes_nothing(face, setup, error, pattern, optio
 
 def test_matrix_is_large_enough():
     faces = [p.values[0] for p in CASES]
-    assert len(CASES) >= 30 and faces.count("torch") >= 10 and faces.count("tf1") >= 10
+    assert len(CASES) >= 30 and all(faces.count(face) >= 10 for face in WORLDS)
 
 
 def test_snapshot_sees_a_change():
@@ -617,7 +726,7 @@ def test_snapshot_sees_a_change():
     assert differences(before, world.snapshot()) == ["group1.param1.v"]
 
 
-@pytest.mark.parametrize("face", ["torch", "tf1"])
+@pytest.mark.parametrize("face", ["torch", "tf1", "keras"])
 def test_a_good_call_still_works_after_a_bad_one(face):
     """A refused call leaves the optimizer usable: the next good call matches a clean twin."""
     bad, clean = WORLDS[face](), WORLDS[face]()
@@ -629,9 +738,14 @@ def test_a_good_call_still_works_after_a_bad_one(face):
         bad.opt.param_groups[1]["lr"] = saved
         bad.opt.step()
         clean.opt.step()
-    else:
+    elif face == "tf1":
         with pytest.raises(ValueError):
             bad.apply([(torch.ones(2), torch.zeros(3))])
         assert bad.opt.apply_gradients(bad.pairs, global_step=bad.step) == 1
         clean.opt.apply_gradients(clean.pairs, global_step=clean.step)
+    else:
+        with pytest.raises(ValueError):
+            bad.apply(torch.ones(2))
+        for world in (bad, clean):
+            world.apply(torch.ones(6, 2))
     assert differences(clean.snapshot(), bad.snapshot()) == []
