@@ -61,6 +61,14 @@ def check_finite(gradients: Iterable[tuple[torch.Tensor | IndexedSlices, str]], 
     so it tells a real NaN/Inf from a sum that merely overflowed (common for
     loss-scaled float16 gradients), before the element-wise scan that finds
     the culprit.
+
+    >>> big = torch.full((4,), 60000.0, dtype=torch.float16)  # its sum overflows
+    >>> check_finite([(big, "w")], "step() #3")
+    >>> try:
+    ...     check_finite([(big, "w"), (torch.tensor([0.0, float("nan")]), "b")], "step() #3")
+    ... except NonFiniteGradientError as error:
+    ...     print(error.parameter, error.nan, error.index)
+    b 1 (1,)
     """
     pairs = [(grad.values if isinstance(grad, IndexedSlices) else grad, grad, name)
              for grad, name in gradients]  # fmt: skip
@@ -109,6 +117,11 @@ def unwritable(param: torch.Tensor) -> str | None:
 
     Torch raises only when the kernel reaches the tensor — after the variables
     before it were updated — so these are checked up front.
+
+    >>> unwritable(torch.zeros(3)) is None
+    True
+    >>> unwritable(torch.zeros(1).expand(3))[:34]
+    'has several elements in one memory'
     """
     if any(
         stride == 0 and size > 1 for stride, size in zip(param.stride(), param.shape, strict=True)
@@ -141,6 +154,17 @@ def warn_numerics(owner: object, plan: Plan) -> None:
 
     TF rounds the same way, so the results stay TF's; the warning names the
     fix. An ε of exactly 0 is a choice, not an accident, and is not warned.
+
+    >>> import warnings, tfadam
+    >>> w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))
+    >>> opt = tfadam.Adam([w])  # eps=1e-8: 0 in float16
+    >>> w.grad = torch.ones(2, dtype=torch.float16)
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     opt.step()  # the face calls warn_numerics(self, plan)
+    ...     opt.step()
+    >>> [w.category.__name__ for w in caught]
+    ['EpsilonUnderflowWarning']
     """
     warned = _warned.setdefault(owner, set())
     dtypes = sorted({u.param.dtype for u in plan.updates}, key=str)
@@ -199,7 +223,13 @@ def _first_caller_outside(packages: tuple[str, ...]) -> int:
 
 
 def accumulator_problem(power: Any) -> str | None:
-    """What is wrong with a ``beta1_power``/``beta2_power`` value, or None."""
+    """What is wrong with a ``beta1_power``/``beta2_power`` value, or None.
+
+    >>> accumulator_problem(torch.tensor(0.81)) is None
+    True
+    >>> accumulator_problem(torch.tensor(0.81, dtype=torch.float64))
+    'is a torch.float64 tensor of shape (), not a float32 scalar'
+    """
     if not isinstance(power, torch.Tensor):
         return f"is a {type(power).__name__}, not a tensor"
     if power.dtype != torch.float32 or power.numel() != 1:
@@ -230,6 +260,16 @@ def check_torch_state(
     evaluate), options and accumulators, and every slot's type, shape, dtype
     and device, so a state that would fail or silently misbehave at the next
     step is refused before it replaces the current one.
+
+    >>> p = torch.nn.Parameter(torch.ones(2))
+    >>> group = {"params": [p], "lr": 0.1, "betas": (0.9, 0.999), "eps": 1e-8,
+    ...          "amsgrad": False, "nesterov": False, "sparse": "dense", "numerics": "eager"}
+    >>> check_torch_state({p: {"m": torch.zeros(3), "v": torch.zeros(3)}}, [group],
+    ...                   lambda g: ["m", "v"])
+    Traceback (most recent call last):
+    ...
+    tfadam.errors.StateDictError: state of param_groups[0]['params'][0] has slots but its \
+group has no beta1_power/beta2_power: ...
     """
     owner: dict[int, str] = {}
     for index, group in enumerate(param_groups):

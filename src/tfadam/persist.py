@@ -152,6 +152,22 @@ def load_checkpoint(
     Raises:
         CorruptCheckpointError: the file is torn, truncated or altered.
         StateDictError: the state does not fit ``model`` or ``optimizer``.
+
+    Example:
+        >>> import os, tempfile, torch, tfadam
+        >>> path = os.path.join(tempfile.mkdtemp(), "small.ckpt")
+        >>> save_checkpoint(path, model=torch.nn.Linear(2, 3), epoch=4)
+        >>> other = torch.nn.Linear(2, 2)  # another shape: refused, left untouched
+        >>> before = other.weight.detach().clone()
+        >>> load_checkpoint(path, model=other)
+        Traceback (most recent call last):
+        ...
+        tfadam.errors.StateDictError: ...: model entry 'bias' has shape (3,) in the checkpoint \
+but (2,) in the model. Load it into the model it was saved from.
+        >>> torch.equal(other.weight, before)
+        True
+        >>> load_checkpoint(path, model=torch.nn.Linear(2, 3))
+        {'epoch': 4}
     """
     content = read_checkpoint(path, map_location=map_location, weights_only=weights_only)
     where = str(path)

@@ -138,8 +138,8 @@ class AdamOptimizer:
                     update.state = self._slots.get(update.param, {})
             hyper = engine.resolve_all(**self._hyper, where="")
             when = f"apply_gradients #{self._applied}"
-            if global_step is not None:
-                when += f" (global_step {int(global_step)})"
+            if global_step is not None and self._options.nonfinite == "raise":
+                when += f" (global_step {int(global_step)})"  # a device sync: only if asked
             plan = engine.prepare(updates, hyper, self._options, when=when)
             guard.warn_numerics(self, plan)
             self._accumulators = engine.execute(plan, self._accumulators)
