@@ -125,7 +125,13 @@ class TFArithmetic:
         return self._result(1 / exact_sqrt(self.operand(a)))
 
     def maximum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self._result(torch.maximum(self.operand(a), self.operand(b)))
+        """Eigen's ``cwiseMax`` in TF's AMSGrad kernel: ``b if a < b else a``.
+
+        Measured on the oracle: a NaN ``b`` (a NaN gradient's ``v``) leaves
+        ``a`` (``vhat``) as it was, unlike ``torch.maximum``, which propagates it.
+        """
+        a, b = self.operand(a), self.operand(b)
+        return self._result(torch.where(a < b, b, a))
 
     def _flush(self, x: torch.Tensor) -> torch.Tensor:
         if not self.flushes:
