@@ -1,1 +1,23 @@
-"""tfadam: TensorFlow\x27s Adam, bit for bit, on PyTorch tensors."""
+"""tfadam: TensorFlow's Adam optimizer, bit for bit, on PyTorch tensors.
+
+Three faces over one engine (:mod:`tfadam.engine`), whose arithmetic is
+defined once in :mod:`tfadam.rule`:
+
+* :class:`tfadam.Adam` — a ``torch.optim.Optimizer``;
+* :class:`tfadam.AdamOptimizer` — TF1's calling convention;
+* ``tfadam.keras.Adam`` — Keras 3's (TF2) flavour.
+
+Example:
+    >>> import torch, tfadam
+    >>> model = torch.nn.Linear(4, 1)
+    >>> opt = tfadam.Adam(model.parameters(), lr=1e-3)
+    >>> model(torch.randn(8, 4)).square().mean().backward()
+    >>> opt.step()
+"""
+
+from .optimizer import Adam
+from .sparse import IndexedSlices
+from .tf1 import AdamOptimizer
+
+__all__ = ["Adam", "AdamOptimizer", "IndexedSlices"]
+__version__ = "0.1.0"

@@ -1,0 +1,302 @@
+"""The engine both faces call: validate, create state, resolve, dispatch.
+
+One apply call (TF1's ``apply_gradients``, or one param group of
+``tfadam.Adam.step``) runs in two phases, so that a call that raises leaves
+every variable, slot and accumulator bit-identical:
+
+1. :func:`prepare` checks every variable, gradient and existing slot and
+   evaluates the hyperparameters. It modifies nothing.
+2. :func:`execute` creates missing slots and accumulators, computes the
+   coefficients per dtype (:mod:`tfadam.rule`), runs the kernels
+   (:mod:`tfadam.kernels`) and advances the accumulators.
+
+Example:
+    >>> import torch
+    >>> theta = torch.zeros(3)
+    >>> state: dict = {}
+    >>> plan = prepare([Update(theta, torch.ones(3), state, "theta")],
+    ...                resolve_all(0.1, 0.9, 0.999, 1e-8, ""), Options())
+    >>> accumulators = execute(plan, None)
+    >>> theta, float(accumulators.beta1_power)
+    (tensor([-0.1000, -0.1000, -0.1000]), 0.809999942779541)
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from . import kernels, rule
+from .hyper import Resolution, resolve_all
+from .sparse import IndexedSlices, check_indices
+
+SparseMode = Literal["dense", "lazy"]
+Gradient = torch.Tensor | IndexedSlices
+
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+__all__ = ["Accumulators", "Options", "Update", "Plan", "prepare", "execute", "resolve_all"]
+
+
+@dataclass(frozen=True)
+class Options:
+    """Choices fixed for an optimizer (not per call).
+
+    Attributes:
+        amsgrad: keep ``vhat = max(vhat, v)`` (TF's ``ApplyAdamWithAmsgrad``).
+        nesterov: TF's ``use_nesterov`` kernel option.
+        sparse: ``"dense"`` (TF1: every row decays) or ``"lazy"`` (touched rows only).
+        numerics: ``"eager"`` or ``"graph"`` (Grappler's rounding of the sparse ``v``).
+    """
+
+    amsgrad: bool = False
+    nesterov: bool = False
+    sparse: SparseMode = "dense"
+    numerics: rule.Numerics = "eager"
+
+    def __post_init__(self) -> None:
+        if self.sparse not in ("dense", "lazy"):
+            raise ValueError(f"sparse={self.sparse!r}: choose 'dense' (TF1) or 'lazy'.")
+        if self.numerics not in ("eager", "graph"):
+            raise ValueError(f"numerics={self.numerics!r}: choose 'eager' or 'graph'.")
+        if self.amsgrad and self.sparse == "lazy":
+            raise ValueError("amsgrad=True has no lazy sparse form; use sparse='dense'.")
+
+    @property
+    def slot_names(self) -> list[str]:
+        return ["m", "v", "vhat"] if self.amsgrad else ["m", "v"]
+
+
+@dataclass
+class Accumulators:
+    """``beta1_power``, ``beta2_power``: float32 0-dim tensors shared by a group."""
+
+    beta1_power: torch.Tensor
+    beta2_power: torch.Tensor
+
+    @classmethod
+    def create(cls, beta1: float | torch.Tensor, beta2: float | torch.Tensor) -> Accumulators:
+        def start(beta: float | torch.Tensor) -> torch.Tensor:
+            return torch.as_tensor(beta).detach().to("cpu", torch.float32).clone().reshape(())
+
+        return cls(start(beta1), start(beta2))
+
+
+@dataclass
+class Update:
+    """One variable in one apply call: its gradient, its slots, its name for errors."""
+
+    param: torch.Tensor
+    grad: Gradient
+    state: MutableMapping[str, torch.Tensor]
+    name: str
+
+
+@dataclass
+class Plan:
+    """A validated apply call, ready to run; holds no mutation yet."""
+
+    updates: list[Update]
+    hyper: Resolution
+    options: Options
+    dense: dict[tuple[torch.device, torch.dtype], list[Update]] = field(default_factory=dict)
+    sparse: list[Update] = field(default_factory=list)
+
+
+def prepare(updates: Sequence[Update], hyper: Resolution, options: Options) -> Plan:
+    """Check every update; raise ``TypeError``/``ValueError`` naming the culprit.
+
+    Sparse gradients (torch COO or :class:`IndexedSlices`) are normalised to
+    :class:`IndexedSlices`; nothing else is copied or modified.
+    """
+    plan = Plan([], hyper, options)
+    for update in updates:
+        update = _checked(update, options)
+        plan.updates.append(update)
+        if isinstance(update.grad, IndexedSlices):
+            plan.sparse.append(update)
+        else:
+            key = (update.param.device, update.param.dtype)
+            plan.dense.setdefault(key, []).append(update)
+    return plan
+
+
+def execute(plan: Plan, accumulators: Accumulators | None) -> Accumulators:
+    """Run a prepared apply call; returns the (possibly new) accumulators."""
+    hyper, options = plan.hyper, plan.options
+    if accumulators is None:
+        accumulators = Accumulators.create(hyper.beta1, hyper.beta2)
+    for update in plan.updates:
+        for slot in options.slot_names:
+            if slot not in update.state:
+                update.state[slot] = torch.zeros_like(
+                    update.param, memory_format=torch.preserve_format
+                )
+
+    coefficients: dict[torch.dtype, rule.Coefficients] = {}
+
+    def coefficients_for(dtype: torch.dtype) -> rule.Coefficients:
+        if dtype not in coefficients:
+            coefficients[dtype] = rule.tf1_coefficients(
+                lr=hyper.lr,
+                beta1=hyper.beta1,
+                beta2=hyper.beta2,
+                epsilon=hyper.epsilon,
+                beta1_power=accumulators.beta1_power,
+                beta2_power=accumulators.beta2_power,
+                dtype=dtype,
+            )
+        return coefficients[dtype]
+
+    with torch.no_grad():
+        for (_, dtype), group in plan.dense.items():
+            kernels.dense_step(
+                [u.param for u in group],
+                [u.grad for u in group],  # type: ignore[misc]
+                [u.state["m"] for u in group],
+                [u.state["v"] for u in group],
+                [u.state["vhat"] for u in group] if options.amsgrad else None,
+                coefficients_for(dtype),
+                nesterov=options.nesterov,
+            )
+        for u in plan.sparse:
+            assert isinstance(u.grad, IndexedSlices)
+            if options.amsgrad:
+                _amsgrad_sparse(u, coefficients_for(u.param.dtype), options)
+                continue
+            kernels.sparse_step(
+                u.param,
+                u.state["m"],
+                u.state["v"],
+                u.grad.indices,
+                u.grad.values,
+                coefficients_for(u.param.dtype),
+                lazy=options.sparse == "lazy",
+                numerics=options.numerics,
+            )
+        rule.advance_accumulators(
+            accumulators.beta1_power, accumulators.beta2_power, hyper.beta1, hyper.beta2
+        )
+    return accumulators
+
+
+def _amsgrad_sparse(u: Update, c: rule.Coefficients, options: Options) -> None:
+    # TF has no sparse AMSGrad kernel: its optimizers densify such gradients,
+    # and so do we (an IndexedSlices applied as the dense gradient it stands for).
+    assert isinstance(u.grad, IndexedSlices)
+    dense = torch.zeros_like(u.param).index_add_(0, u.grad.indices, u.grad.values)
+    kernels.dense_step(
+        [u.param],
+        [dense],
+        [u.state["m"]],
+        [u.state["v"]],
+        [u.state["vhat"]],
+        c,
+        nesterov=options.nesterov,
+    )
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, {t.dtype}, on {t.device}"
+
+
+def _checked(update: Update, options: Options) -> Update:
+    param, grad, name = update.param, update.grad, update.name
+    if not isinstance(param, torch.Tensor):
+        raise TypeError(f"{name} is a {type(param).__name__}, not a torch tensor.")
+    if param.dtype not in FLOATING:
+        raise TypeError(
+            f"{name} ({_describe(param)}) is not a floating variable; Adam updates float16, "
+            "bfloat16, float32 and float64 variables only (TF: 'Invalid type')."
+        )
+    if not param.is_leaf:
+        raise ValueError(
+            f"{name} ({_describe(param)}) is not a leaf tensor, so an in-place update would "
+            "not reach the variable it came from. Pass the nn.Parameter (or leaf tensor) itself."
+        )
+    for slot, tensor in update.state.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if (
+            tensor.shape != param.shape
+            or tensor.dtype != param.dtype
+            or tensor.device != param.device
+        ):
+            raise ValueError(
+                f"{name} ({_describe(param)}): its optimizer slot {slot!r} has "
+                f"{_describe(tensor)}; the state does not belong to this variable "
+                "(a mismatched state_dict or checkpoint?)."
+            )
+    if isinstance(grad, torch.Tensor) and grad.layout == torch.sparse_coo:
+        grad = IndexedSlices.from_coo(grad)
+    if isinstance(grad, IndexedSlices):
+        grad = _checked_slices(grad, param, name)
+    elif isinstance(grad, torch.Tensor):
+        if grad.layout != torch.strided:
+            raise TypeError(
+                f"gradient of {name} has layout {grad.layout}; use a dense tensor, a sparse "
+                "COO tensor or tfadam.IndexedSlices."
+            )
+        _check_same(grad, param, name, "gradient")
+        if grad.shape != param.shape:
+            raise ValueError(
+                f"gradient of {name} has shape {tuple(grad.shape)} but the variable has shape "
+                f"{tuple(param.shape)} (TF: 'Shapes must be equal'). Pass the gradient of this "
+                "variable, in its shape."
+            )
+        grad = grad.detach()
+    else:
+        raise TypeError(
+            f"gradient of {name} is a {type(grad).__name__}; expected a tensor, a sparse COO "
+            "tensor, tfadam.IndexedSlices or None."
+        )
+    return Update(param, grad, update.state, name)
+
+
+def _check_same(t: torch.Tensor, param: torch.Tensor, name: str, what: str) -> None:
+    if t.dtype != param.dtype:
+        raise TypeError(
+            f"{what} of {name} is {t.dtype} but the variable is {param.dtype}; TF requires "
+            f"them equal. Cast the {what}: .to({param.dtype})."
+        )
+    if t.device != param.device:
+        raise ValueError(
+            f"{what} of {name} is on {t.device} but the variable is on {param.device}. "
+            f"Move it: .to({str(param.device)!r})."
+        )
+
+
+def _checked_slices(g: IndexedSlices, param: torch.Tensor, name: str) -> IndexedSlices:
+    if param.dim() == 0:
+        raise ValueError(f"{name} is 0-dim; a sparse (row) gradient needs at least 1 dim.")
+    values, indices = g.values, g.indices
+    if not isinstance(values, torch.Tensor) or not isinstance(indices, torch.Tensor):
+        raise TypeError(f"sparse gradient of {name}: values and indices must be torch tensors.")
+    _check_same(values, param, name, "sparse gradient values")
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(
+            f"sparse gradient of {name}: indices are {indices.dtype}; they must be an integer "
+            "tensor (int32 or int64). Use indices.long()."
+        )
+    if indices.dim() != 1:
+        raise ValueError(
+            f"sparse gradient of {name}: indices must be 1-D, got shape {tuple(indices.shape)}."
+        )
+    if g.dense_shape is not None and tuple(g.dense_shape) != tuple(param.shape):
+        raise ValueError(
+            f"sparse gradient of {name} has dense_shape {tuple(g.dense_shape)} but the variable "
+            f"has shape {tuple(param.shape)}."
+        )
+    expected = (indices.shape[0], *param.shape[1:])
+    if tuple(values.shape) != expected:
+        raise ValueError(
+            f"sparse gradient of {name}: values have shape {tuple(values.shape)}, expected "
+            f"{expected} ({indices.shape[0]} indices, rows of the variable's shape "
+            f"{tuple(param.shape[1:])})."
+        )
+    indices = indices.to(param.device)
+    check_indices(indices, param.shape[0], name)
+    return IndexedSlices(values.detach(), indices.long(), tuple(param.shape))

@@ -1,0 +1,287 @@
+"""``tfadam.AdamOptimizer``: the calling convention of TF1's AdamOptimizer.
+
+Variables are torch tensors (``nn.Parameter`` or plain leaf tensors), updated
+in place. Slots ``m`` and ``v`` are created the first time a variable is
+updated; the float32 accumulators ``beta1_power``/``beta2_power`` at the first
+apply call. A variable first updated at a later call starts from the
+accumulators' current values, as in TF.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from . import engine
+from .hyper import Hyper
+from .sparse import IndexedSlices
+
+GradAndVar = tuple[engine.Gradient | None, torch.Tensor]
+
+
+class AdamOptimizer:
+    """TF1's ``tf.compat.v1.train.AdamOptimizer`` on torch tensors, bit for bit.
+
+    Args:
+        learning_rate, beta1, beta2, epsilon: numbers, 0-dim tensors or
+            zero-argument callables (evaluated once per apply call).
+        use_locking: serialise concurrent ``apply_gradients`` calls, so the
+            result equals some serial order of them.
+        name: the optimizer's name (used in slot names, as TF does).
+        numerics: ``"eager"`` (TF2 eager) or ``"graph"`` (a TF1 ``Session``).
+        amsgrad, nesterov, sparse: TF kernel options beyond TF1's optimizer,
+            see :class:`tfadam.Adam`.
+
+    Example:
+        >>> import torch, tfadam
+        >>> w = torch.ones(3)
+        >>> step = torch.tensor(0)
+        >>> opt = tfadam.AdamOptimizer(learning_rate=0.1)
+        >>> opt.apply_gradients([(torch.tensor([1.0, 0.0, -1.0]), w)], global_step=step)
+        >>> w, int(step)
+        (tensor([0.9000, 1.0000, 1.1000]), 1)
+        >>> opt.get_slot(w, "m")
+        tensor([ 0.1000,  0.0000, -0.1000])
+    """
+
+    def __init__(
+        self,
+        learning_rate: Hyper = 0.001,
+        beta1: Hyper = 0.9,
+        beta2: Hyper = 0.999,
+        epsilon: Hyper = 1e-8,
+        use_locking: bool = False,
+        name: str = "Adam",
+        *,
+        numerics: str = "eager",
+        amsgrad: bool = False,
+        nesterov: bool = False,
+        sparse: engine.SparseMode = "dense",
+    ) -> None:
+        if not name:
+            raise ValueError("Must specify the optimizer name")
+        self._hyper: dict[str, Hyper] = dict(
+            lr=learning_rate, beta1=beta1, beta2=beta2, epsilon=epsilon
+        )
+        self._options = engine.Options(amsgrad, nesterov, sparse, numerics)  # type: ignore[arg-type]
+        self._use_locking = use_locking
+        self._name = name
+        self._lock = threading.Lock()
+        # Keyed by the variable tensor itself (torch hashes tensors by identity).
+        self._slots: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        self._accumulators: engine.Accumulators | None = None
+
+    def get_name(self) -> str:
+        return self._name
+
+    @property
+    def use_locking(self) -> bool:
+        return self._use_locking
+
+    def apply_gradients(
+        self,
+        grads_and_vars: Iterable[GradAndVar],
+        global_step: torch.Tensor | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Apply one Adam step to each variable whose gradient is not None.
+
+        ``grads_and_vars`` pairs (gradient, variable); a gradient is a dense
+        tensor, a torch sparse COO tensor, an :class:`IndexedSlices` or None.
+        ``global_step`` (an integer 0-dim tensor) is incremented by one.
+        Everything is validated before anything is modified.
+        """
+        pairs = list(grads_and_vars)
+        if not pairs:
+            raise ValueError("No variables provided.")
+        updates = []
+        for position, pair in enumerate(pairs):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(
+                    f"grads_and_vars[{position}] must be a (gradient, variable) pair; got "
+                    f"{type(pair).__name__}."
+                )
+            grad, var = pair
+            if grad is None:
+                continue
+            updates.append(engine.Update(var, grad, {}, _label(position, var)))
+        if not updates:
+            shapes = ", ".join(_label(i, var) for i, (_, var) in enumerate(pairs))
+            raise ValueError(
+                f"No gradients provided for any variable: {shapes}. Check that the loss "
+                "depends on the variables (compute_gradients returns None for unused ones)."
+            )
+        if global_step is not None:
+            _check_global_step(global_step)
+        with self._lock if self._use_locking else nullcontext():
+            _check_distinct(updates)
+            for update in updates:
+                update.state = self._slots.get(update.param, {})
+            hyper = engine.resolve_all(**self._hyper, where="")
+            plan = engine.prepare(updates, hyper, self._options)
+            self._accumulators = engine.execute(plan, self._accumulators)
+            for update in plan.updates:
+                self._slots[update.param] = update.state  # type: ignore[assignment]
+            if global_step is not None:
+                global_step.add_(1)
+
+    def compute_gradients(
+        self,
+        loss: torch.Tensor | Callable[[], torch.Tensor],
+        var_list: Sequence[torch.Tensor] | None = None,
+        grad_loss: torch.Tensor | None = None,
+        **_unused: Any,
+    ) -> list[GradAndVar]:
+        """Gradients of ``loss`` (a tensor or a callable returning one).
+
+        ``var_list`` defaults to every leaf tensor requiring grad that the
+        loss depends on (TF's trainable variables). A variable the loss does
+        not depend on gets gradient None, as in TF.
+        """
+        if callable(loss) and not isinstance(loss, torch.Tensor):
+            with torch.enable_grad():
+                loss = loss()
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"loss must be a tensor or a callable returning one; got {loss!r}.")
+        if var_list is None:
+            var_list = _leaves_of(loss)
+        var_list = list(var_list)
+        if not var_list:
+            raise ValueError("No variables to optimize.")
+        for position, var in enumerate(var_list):
+            if not isinstance(var, torch.Tensor) or not var.dtype.is_floating_point:
+                raise TypeError(
+                    f"{_label(position, var)} is not a floating torch tensor; Adam optimizes "
+                    "float16, bfloat16, float32 and float64 variables."
+                )
+            if not var.requires_grad:
+                raise ValueError(
+                    f"{_label(position, var)} does not require grad; set "
+                    "var.requires_grad_(True) or leave it out of var_list."
+                )
+        grads = torch.autograd.grad(
+            loss,
+            var_list,
+            grad_outputs=grad_loss,
+            allow_unused=True,
+        )
+        return list(zip(grads, var_list, strict=False))
+
+    def minimize(
+        self,
+        loss: torch.Tensor | Callable[[], torch.Tensor],
+        global_step: torch.Tensor | None = None,
+        var_list: Sequence[torch.Tensor] | None = None,
+        grad_loss: torch.Tensor | None = None,
+        name: str | None = None,
+        **_unused: Any,
+    ) -> None:
+        """``compute_gradients`` then ``apply_gradients``, as TF1's ``minimize``."""
+        grads_and_vars = self.compute_gradients(loss, var_list=var_list, grad_loss=grad_loss)
+        if all(grad is None for grad, _ in grads_and_vars):
+            raise ValueError(
+                "No gradients provided for any variable, check your graph for ops that do not "
+                "support gradients, between the variables and the loss."
+            )
+        self.apply_gradients(grads_and_vars, global_step=global_step, name=name)
+
+    def get_slot_names(self) -> list[str]:
+        """``["m", "v"]`` (plus ``"vhat"`` with amsgrad)."""
+        return self._options.slot_names
+
+    def get_slot(self, var: torch.Tensor, name: str) -> torch.Tensor | None:
+        """The slot ``name`` of ``var``, or None for an unknown variable or name."""
+        return self._slots.get(var, {}).get(name)
+
+    def variables(self) -> list[torch.Tensor]:
+        """The accumulators (``beta1_power``, ``beta2_power``) then every slot."""
+        found = []
+        if self._accumulators is not None:
+            found += [self._accumulators.beta1_power, self._accumulators.beta2_power]
+        for slots in self._slots.values():
+            found += [slots[name] for name in self._options.slot_names if name in slots]
+        return found
+
+    def _get_beta_accumulators(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """TF1's name for the float32 ``(beta1_power, beta2_power)``; None before a step."""
+        if self._accumulators is None:
+            return None
+        return self._accumulators.beta1_power, self._accumulators.beta2_power
+
+    def restore(
+        self,
+        beta1_power: float | torch.Tensor,
+        beta2_power: float | torch.Tensor,
+        slots: dict[torch.Tensor, dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """Set the accumulators and (optionally) slots, e.g. from a TF checkpoint.
+
+        Slots are copied; each must match its variable's shape, dtype and device.
+        """
+        new_slots = {}
+        for position, (var, named) in enumerate((slots or {}).items()):
+            state = {name: tensor.detach().clone() for name, tensor in named.items()}
+            engine.prepare(
+                [engine.Update(var, torch.zeros_like(var), state, _label(position, var))],
+                engine.resolve_all(0.0, 0.0, 0.0, 0.0, ""),
+                self._options,
+            )
+            new_slots[var] = state
+        self._accumulators = engine.Accumulators.create(beta1_power, beta2_power)
+        self._slots.update(new_slots)
+
+
+def _label(position: int, var: Any) -> str:
+    if isinstance(var, torch.Tensor):
+        return f"variable #{position} (shape {tuple(var.shape)}, {var.dtype})"
+    return f"variable #{position} ({type(var).__name__})"
+
+
+def _check_global_step(global_step: Any) -> None:
+    if (
+        not isinstance(global_step, torch.Tensor)
+        or global_step.dim() != 0
+        or global_step.dtype.is_floating_point
+        or global_step.dtype == torch.bool
+    ):
+        raise TypeError(
+            f"global_step must be an integer 0-dim tensor (e.g. torch.tensor(0)); got "
+            f"{global_step!r}."
+        )
+
+
+def _check_distinct(updates: Sequence[engine.Update]) -> None:
+    seen: dict[int, str] = {}
+    for update in updates:
+        key = id(update.param)
+        if key in seen:
+            raise ValueError(
+                f"{update.name} appears twice in grads_and_vars (also as {seen[key]}); "
+                "pass each variable once."
+            )
+        seen[key] = update.name
+
+
+def _leaves_of(loss: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors requiring grad that ``loss`` depends on, in graph order."""
+    found: list[torch.Tensor] = []
+    if loss.grad_fn is None:
+        return [loss] if loss.requires_grad else found
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor) and all(variable is not f for f in found):
+            found.append(variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+__all__ = ["AdamOptimizer", "IndexedSlices"]
