@@ -87,6 +87,8 @@ def tf1_session_run(
             dtype=tfdtype,
             partitioner=tf1.fixed_size_partitioner(3),
         )
+        # trainable but outside the loss: TF never creates its Adam slots
+        frozen = tf1.get_variable("frozen", initializer=init["dense/bias"] * 2, use_resource=True)
         feeds = {
             n: tf1.placeholder(tfdtype, SHAPES[n]) for n in ("dense/kernel", "dense/bias", "part")
         }
@@ -117,6 +119,7 @@ def tf1_session_run(
                 run.final[n], run.final[n + "/m"], run.final[n + "/v"] = sess.run(
                     [var[n], *slots[n]]
                 )
+            run.final["frozen"] = sess.run(frozen)
             run.final["part"] = sess.run(var["part"].as_tensor())
             part_slots = [(opt.get_slot(p, "m"), opt.get_slot(p, "v")) for p in var["part"]]
             run.final["part/m"] = np.concatenate([sess.run(m) for m, _ in part_slots])
@@ -179,16 +182,20 @@ def keras_run(directory: str) -> str:
     )
 
 
-def every_dtype_checkpoint(directory: str) -> str:
-    """One TF2 checkpoint holding a variable of every dtype the reader supports."""
+def every_dtype_checkpoint(directory: str, *, big: bool = True) -> str:
+    """One TF2 checkpoint holding a variable of every dtype the reader supports.
+
+    ``big`` adds a 12 MiB tensor (the vectorised checksum's multi-block path).
+    """
     values = {
         "string": tf.constant([[b"ab", b""], [b"x" * 300, b"\x00\xff"]]),
         "scalar_string": tf.constant(b"hello"),
         "bool": tf.constant([True, False, True]),
         "empty": tf.zeros((0, 3)),
         "scalar": tf.constant(3.5),
-        "big": tf.reshape(tf.range(3 << 20, dtype=tf.float32) * 0.25, (3 << 10, 1 << 10)),
     }
+    if big:
+        values["big"] = tf.reshape(tf.range(3 << 20, dtype=tf.float32) * 0.25, (3 << 10, 1 << 10))
     data = np.array([[1.5, -2.0, 3.25], [0.0, 7.0, 1e-3]])
     for name in ("float16", "bfloat16", "float32", "float64", "complex64", "complex128"):
         values[name] = tf.cast(tf.constant(data), name)

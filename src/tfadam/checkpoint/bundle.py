@@ -513,7 +513,8 @@ class BundleReader:
                 key=key,
                 hint="Use read_numpy() for it",
             )
-        tensor = torch.from_numpy(np.ascontiguousarray(arr))
+        # (np.ascontiguousarray would turn a 0-dim array into a 1-dim one)
+        tensor = torch.from_numpy(arr if arr.flags.c_contiguous else arr.copy())
         if tensor.dtype != dtype.torch:
             tensor = tensor.view(dtype.torch)  # same width: reinterpret the bits
         return tensor

@@ -358,15 +358,19 @@ def load_tf_checkpoint(
                         )
                         if problem:
                             problems.append(problem)
-                pair = accumulators or (state.beta1_power, state.beta2_power)
-                if pair[0] is None or pair[1] is None:
+                if accumulators is not None:
+                    accumulator_keys.add(accumulators)
+                elif state.beta1_power is not None and state.beta2_power is not None:
+                    accumulator_keys.add((state.beta1_power, state.beta2_power))
+                elif not names.object_based:
+                    accumulator_keys.add(names.tf1_accumulators())
+                else:
                     raise CheckpointError(
                         "the checkpoint has Adam slots but no beta1_power/beta2_power",
                         path=reader.index_path,
                         key=var.key,
                         hint="Pass accumulators=(beta1_key, beta2_key)",
                     )
-                accumulator_keys.add(pair)  # type: ignore[arg-type]
             plan.append((target, var, state))
         if len(accumulator_keys) > 1:
             raise CheckpointError(

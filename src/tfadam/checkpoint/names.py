@@ -28,9 +28,10 @@ accepts each.
 >>> write_bundle(prefix, {"w": z, "w/Adam": z, "w/Adam_1": z,
 ...                       "beta1_power": np.float32(0.9), "beta2_power": np.float32(0.999)})
 >>> names = CheckpointNames(BundleReader(prefix))
->>> names.optimizer_state(names.variable("w"))
-OptimizerState(slots={'m': 'w/Adam', 'v': 'w/Adam_1'}, beta1_power='beta1_power', \
-beta2_power='beta2_power', iterations=None, flavour='tf1')
+>>> names.optimizer_state(names.variable("w")).slots
+{'m': 'w/Adam', 'v': 'w/Adam_1'}
+>>> names.tf1_accumulators()
+('beta1_power', 'beta2_power')
 """
 
 from __future__ import annotations
@@ -201,8 +202,8 @@ class CheckpointNames:
                 path=self.reader.index_path,
                 key=var.key,
             )
-        beta1, beta2 = self.tf1_accumulators()
-        return OptimizerState({"m": m, "v": v}, beta1, beta2, flavour="tf1")
+        # the accumulators are looked up by the caller (it may be told which)
+        return OptimizerState({"m": m, "v": v}, flavour="tf1")
 
     def tf1_accumulators(self) -> tuple[str, str]:
         """The keys of ``beta1_power`` and ``beta2_power`` in a TF1 checkpoint."""
