@@ -172,7 +172,15 @@ def keras_run(directory: str) -> str:
     import keras
 
     rng = np.random.default_rng(2)
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4), keras.layers.Dense(2)])
+    # explicit names: Keras uniquifies default ones per process (dense_1, ...)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(4, name="hidden"),
+            keras.layers.Dense(2, name="out"),
+        ],
+        name="mlp",
+    )
     optimizer = keras.optimizers.Adam(0.01)
     model.compile(optimizer, "mse")
     x = rng.standard_normal((16, 6)).astype("float32")

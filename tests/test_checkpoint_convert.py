@@ -70,10 +70,10 @@ def test_tf2_and_keras_checkpoints_list_what_is_unmapped(runs, tmp_path, capsys)
     expected = tf_values(runs["keras"])
     assert state["optimizer"]["flavour"] == "keras"
     assert set(state["optimizer"]["variables"]) == {"iterations", "learning_rate"}
-    kernel = state["model"]["sequential/dense/kernel"]
-    key = state["keys"]["sequential/dense/kernel"]
+    kernel = state["model"]["mlp/hidden/kernel"]
+    key = state["keys"]["mlp/hidden/kernel"]
     assert bits(kernel) == expected[key].tobytes()
-    assert set(state["optimizer"]["slots"]["sequential/dense/kernel"]) == {"m", "v"}
+    assert set(state["optimizer"]["slots"]["mlp/hidden/kernel"]) == {"m", "v"}
 
 
 def test_list_and_errors(runs, tmp_path, capsys):

@@ -260,10 +260,10 @@ def test_keras_checkpoint_is_refused_by_the_tf1_faces(tmp_path):
     kernel = torch.nn.Parameter(torch.zeros(6, 4))
     opt = tfadam.Adam([kernel])
     with pytest.raises(CheckpointError, match="Keras optimizer state"):
-        load_tf_checkpoint(prefix, opt, {"sequential/dense/kernel": kernel})
+        load_tf_checkpoint(prefix, opt, {"mlp/hidden/kernel": kernel})
     assert torch.equal(kernel, torch.zeros(6, 4)) and not opt.state[kernel]
     # the variables alone load fine, by their Keras path
-    load_tf_checkpoint(prefix, None, {"sequential/dense/kernel": kernel})
+    load_tf_checkpoint(prefix, None, {"mlp/hidden/kernel": kernel})
     assert kernel.abs().sum() > 0
 
 
