@@ -160,16 +160,12 @@ class BundleReader:
         self._entries: dict[bytes, BundleEntry] = {}
         self._object_graph: ObjectGraph | None = None
         # Slice entries are an implementation detail of partitioned tensors;
-        # TF's reader hides them from the variable maps, and so does this one.
-        hidden: set[bytes] = set()
-        for raw_key in self._raw:
-            if raw_key.startswith(b"\x00"):
-                continue  # an OrderedCode slice key, never a user name
-            for extents in self._entry(raw_key).slices:
-                hidden.add(slice_key(raw_key, extents))
+        # TF's reader hides them, and so does this one. Their keys are
+        # OrderedCode strings starting with a zero byte, which no tensor name
+        # does; recognising them by that keeps opening lazy (no entry parsed).
         self._names: list[str] = []
         for raw_key in self._raw:
-            if raw_key in hidden or raw_key.startswith(b"\x00"):
+            if raw_key.startswith(b"\x00"):
                 continue
             try:
                 self._names.append(raw_key.decode("utf-8"))
