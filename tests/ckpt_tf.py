@@ -33,6 +33,7 @@ class Run:
     sparse_grads: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     final: dict[str, np.ndarray] = field(default_factory=dict)  # name -> θ, name/m, name/v
     beta_powers: tuple[np.ndarray, np.ndarray] | None = None
+    beta_powers_at_save: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _grads(rng: np.random.Generator, dtype: str, steps: int, with_sparse: bool):
@@ -108,6 +109,7 @@ def tf1_session_run(
             for step in range(before + after):
                 if step == before:
                     run.prefix = saver.save(sess, run.prefix, global_step=step)
+                    run.beta_powers_at_save = tuple(sess.run(list(opt._get_beta_accumulators())))
                 feed = {feeds[n]: grads[step][n] for n in feeds}
                 feed[ids], feed[rows] = sparse[step]
                 sess.run(train, feed)

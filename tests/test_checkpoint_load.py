@@ -316,3 +316,43 @@ def test_optimizer_name_and_several_accumulators(tmp_path):
     assert torch.equal(opt.get_slot(w, "v"), torch.full((3,), 3.0))
     beta1_power, beta2_power = opt._get_beta_accumulators()
     assert beta1_power == torch.tensor(0.9) and beta2_power == torch.tensor(0.99)
+
+
+def test_weights_only_checkpoint_leaves_the_optimizer_alone(tmp_path):
+    prefix = str(tmp_path / "weights")
+    write_bundle(prefix, {"w": np.arange(3, dtype=np.float32)})
+    model, opt = trained_model_and_optimizer()
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt.add_param_group({"params": [w]})
+    before = [t.clone() for t in opt.state[model.dense.bias].values()]
+    result = load_tf_checkpoint(prefix, opt, {"w": w})
+    assert result.without_slots == ["w"] and result.accumulators is None
+    assert torch.equal(w.detach(), torch.arange(3.0))
+    assert "beta1_power" not in opt.param_groups[1] and not opt.state[w]
+    after = list(opt.state[model.dense.bias].values())
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_every_group_holding_a_mapped_parameter_gets_the_accumulators(tf1_run):
+    model = Model(torch.float32, partitioned=True)
+    outsider = torch.nn.Parameter(torch.zeros(2))
+    opt = tfadam.Adam(
+        [
+            {"params": [model.dense.weight, model.dense.bias]},
+            {"params": [model.emb.weight, model.part], "lr": 0.5},
+            {"params": [outsider]},
+        ]
+    )
+    load_tf_checkpoint(tf1_run.prefix, opt, model.var_map())
+    b1 = [g.get("beta1_power") for g in opt.param_groups]
+    assert b1[0] is not None and b1[1] is not None and b1[2] is None
+    assert b1[0] is not b1[1]  # each group advances its own copy
+    assert_same_bits(b1[0], tf1_run.beta_powers_at_save[0], "beta1_power")
+
+
+def test_a_tensor_outside_the_optimizer_gets_its_value_only(tf1_run):
+    model, opt = trained_model_and_optimizer()
+    extra = torch.zeros(SHAPES["dense/bias"])
+    result = load_tf_checkpoint(tf1_run.prefix, opt, {**model.var_map(), "frozen": extra})
+    assert "frozen" in result.variables and "frozen" not in result.slots
+    assert extra.abs().sum() > 0

@@ -33,7 +33,9 @@ class LoadResult:
         slots: TF name -> {"m": key, "v": key} of each variable's Adam slots.
         accumulators: the keys loaded into ``beta1_power``/``beta2_power``.
         without_slots: mapped optimizer parameters the checkpoint has no Adam
-            state for (TF never updated them): their state was cleared.
+            state for (TF never updated them). If the checkpoint holds Adam
+            state for others, theirs is reset to none, as in TF; a checkpoint
+            without any Adam state leaves the optimizer untouched.
         unused: checkpoint keys not loaded (other variables, bookkeeping).
     """
 
@@ -147,8 +149,6 @@ def _describe(t: Any) -> str:
 class _Optimizer:
     """Adapter over one tfadam face: which params it owns, how to set state."""
 
-    flavour = "tf1"
-
     def owns(self, param: torch.Tensor) -> bool:
         raise NotImplementedError
 
@@ -159,7 +159,7 @@ class _Optimizer:
         self,
         slots: dict[torch.Tensor, dict[str, torch.Tensor]],
         cleared: list[torch.Tensor],
-        accumulators: tuple[torch.Tensor, torch.Tensor] | None,
+        accumulators: tuple[torch.Tensor, torch.Tensor],
     ) -> None:
         raise NotImplementedError
 
@@ -186,16 +186,14 @@ class _TorchFace(_Optimizer):
         for param in cleared:
             for name in ("m", "v", "vhat"):
                 self.opt.state[param].pop(name, None)
-        if accumulators is not None:
-            for group in groups.values():
-                group["beta1_power"] = accumulators[0].clone()
-                group["beta2_power"] = accumulators[1].clone()
+        for group in groups.values():
+            group["beta1_power"] = accumulators[0].clone()
+            group["beta2_power"] = accumulators[1].clone()
 
 
 class _TF1Face(_Optimizer):
-    def __init__(self, opt: Any, params: list[torch.Tensor]) -> None:
+    def __init__(self, opt: Any) -> None:
         self.opt = opt
-        self.params = params
 
     def owns(self, param: torch.Tensor) -> bool:
         # TF1's optimizer has no parameter list: every mapped variable is its.
@@ -208,21 +206,16 @@ class _TF1Face(_Optimizer):
         named = dict(slots)
         for param in cleared:
             named[param] = {}  # no slots: created afresh at its first update, as in TF
-        if accumulators is None:
-            current = self.opt._get_beta_accumulators()
-            if current is None:
-                return
-            accumulators = current
         self.opt.restore(accumulators[0], accumulators[1], slots=named)
 
 
-def _adapter(optimizer: Any, targets: list[_Target]) -> _Optimizer | None:
+def _adapter(optimizer: Any) -> _Optimizer | None:
     if optimizer is None:
         return None
     from .. import AdamOptimizer  # late: tfadam imports this package
 
     if isinstance(optimizer, AdamOptimizer):
-        return _TF1Face(optimizer, [t.param for t in targets])
+        return _TF1Face(optimizer)
     from ..optimizer import Adam
 
     if isinstance(optimizer, Adam):
@@ -315,7 +308,7 @@ def load_tf_checkpoint(
         (tensor([1., 1.]), tensor([0.1000, 0.1000]), tensor(0.8100))
     """
     targets = _targets(var_map, rename)
-    adapter = _adapter(optimizer, targets)
+    adapter = _adapter(optimizer)
     if optimizer_name is None:
         get_name = getattr(optimizer, "get_name", None)
         optimizer_name = get_name() if callable(get_name) else "Adam"
@@ -430,7 +423,7 @@ def load_tf_checkpoint(
         with torch.no_grad():
             for (target, _, _), value in zip(plan, values, strict=True):
                 target.tensor.copy_(value)
-        if adapter is not None:
+        if adapter is not None and powers is not None:
             adapter.assign(slot_values, cleared, powers)
 
         used = set(result.variables.values()) | set(pair or ())
