@@ -162,6 +162,9 @@ def execute(plan: Plan, accumulators: Accumulators | None) -> Accumulators:
                 coefficients_for(dtype),
                 nesterov=options.nesterov,
             )
+        # Grappler folds only constants: a β2 given as a tensor (TF: a variable or
+        # placeholder) keeps the eager rounding in a TF1 Session too (measured).
+        numerics = options.numerics if isinstance(hyper.beta2, float) else "eager"
         for u in plan.sparse:
             assert isinstance(u.grad, IndexedSlices)
             if options.amsgrad:
@@ -175,7 +178,7 @@ def execute(plan: Plan, accumulators: Accumulators | None) -> Accumulators:
                 u.grad.values,
                 coefficients_for(u.param.dtype),
                 lazy=options.sparse == "lazy",
-                numerics=options.numerics,
+                numerics=numerics,
             )
         rule.advance_accumulators(
             accumulators.beta1_power, accumulators.beta2_power, hyper.beta1, hyper.beta2

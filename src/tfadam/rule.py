@@ -5,9 +5,9 @@ tested bit for bit against the functions here, and the functions here are
 tested bit for bit against TensorFlow. It favours clarity over speed.
 
 Arithmetic happens in the variable's dtype ``T``, every operation rounded to
-``T`` in the order TensorFlow evaluates it. For float16 and bfloat16, torch
-computes each elementwise operation in float32 and rounds the result, which
-equals correctly rounded ``T`` arithmetic for ``+ - * / sqrt``.
+``T`` in the order TensorFlow evaluates it, the way TF's CPU kernels do it
+(see :class:`TFArithmetic`: float16/bfloat16 through float32, and subnormal
+numbers flushed to zero).
 
 Scalars that enter the elementwise rules are carried in :class:`Coefficients`
 as Python floats that hold values exactly representable in ``T`` (a Python
@@ -60,6 +60,110 @@ def exact_sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.double()).to(x.dtype)
 
 
+class TFArithmetic:
+    """Elementwise arithmetic as TF's CPU kernels do it, for variables of dtype ``T``.
+
+    * Each operation is computed in float32 for float16 and bfloat16 (in ``T``
+      otherwise) and rounded to ``T``; that equals correctly rounded ``T``
+      arithmetic for ``+ - * / sqrt``.
+    * TF quirk, measured on the oracle: TF runs its kernels with the CPU's
+      flush-to-zero and denormals-are-zero modes on. A subnormal operand counts
+      as a zero of its sign, a subnormal result becomes one — for float32,
+      float64 and bfloat16 (computed in float32). float16 is unaffected: its
+      subnormals are normal numbers in float32. It shows e.g. in ``beta1_power``
+      (0.5**150 is 0 in TF) and in rows whose m, v decay for many steps.
+
+    * Conversions between ``T`` and float32 keep NaN bits as TF's do (x86's
+      F16C for float16, Eigen's bfloat16 rounding); torch's own conversions
+      make every float16 NaN 0x7fffffff and every float32 NaN bfloat16 0xffff.
+
+    Operands are tensors or Python floats (coefficients, exact ``T`` values).
+
+    >>> t = TFArithmetic(torch.float32)
+    >>> t.mul(torch.tensor([1e-38, -1e-38, 1.0]), 0.5)
+    tensor([0.0000, -0.0000, 0.5000])
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        self.flushes = dtype != torch.float16
+        self.tiny = torch.finfo(self.compute).tiny
+
+    def operand(self, x: torch.Tensor | float) -> torch.Tensor:
+        """``x`` in the compute dtype, a subnormal read as zero."""
+        if not isinstance(x, torch.Tensor):
+            return self._flush(torch.tensor(x, dtype=self.compute))
+        if x.dtype == torch.float16 and self.compute == torch.float32:
+            return _float16_to_float32(x)
+        return self._flush(x.to(self.compute))
+
+    def cast(self, x: torch.Tensor | float) -> torch.Tensor:
+        """``x`` rounded to ``T`` (TF's Cast)."""
+        return self._result(self.operand(x))
+
+    def add(self, a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+        return self._result(self.operand(a) + self.operand(b))
+
+    def sub(self, a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+        return self._result(self.operand(a) - self.operand(b))
+
+    def mul(self, a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+        return self._result(self.operand(a) * self.operand(b))
+
+    def div(self, a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+        return self._result(self.operand(a) / self.operand(b))
+
+    def sqrt(self, a: torch.Tensor) -> torch.Tensor:
+        return self._result(exact_sqrt(self.operand(a)))
+
+    def rsqrt(self, a: torch.Tensor) -> torch.Tensor:
+        """``1 / sqrt(a)``: TF's Rsqrt for float16, bfloat16 and float64. (TF's
+        float32 Rsqrt is a hardware approximation refined by Newton's method.)"""
+        return self._result(1 / exact_sqrt(self.operand(a)))
+
+    def maximum(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self._result(torch.maximum(self.operand(a), self.operand(b)))
+
+    def _flush(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.flushes:
+            return x
+        return torch.where(x.abs() < self.tiny, x * 0, x)  # x * 0 keeps the sign
+
+    def _result(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._flush(x)
+        if self.dtype == torch.bfloat16 and x.dtype == torch.float32:
+            return _float32_to_bfloat16(x)
+        return x.to(self.dtype)
+
+
+def _float16_to_float32(x: torch.Tensor) -> torch.Tensor:
+    """As x86 ``vcvtph2ps``: a NaN keeps its sign and payload and becomes quiet."""
+    wide = x.to(torch.float32)
+    nan = torch.isnan(x)
+    if not bool(nan.any()):
+        return wide
+    half = x.view(torch.int16).to(torch.int64) & 0xFFFF
+    bits = ((half >> 15) << 31) | 0x7FC00000 | ((half & 0x3FF) << 13)
+    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
+    return torch.where(nan, bits.view(torch.float32), wide)
+
+
+def _float32_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
+    """As Eigen's ``float_to_bfloat16_rtne``: a NaN becomes ±0x7fc0 (sign kept)."""
+    narrow = x.to(torch.bfloat16)
+    nan = torch.isnan(x)
+    if not bool(nan.any()):
+        return narrow
+    negative = (x.view(torch.int32) < 0).to(torch.int16)
+    bits = torch.where(
+        negative.bool(),
+        torch.tensor(0xFFC0 - 2**16, dtype=torch.int16),
+        torch.tensor(0x7FC0, dtype=torch.int16),
+    )
+    return torch.where(nan, bits.view(torch.bfloat16), narrow)
+
+
 @dataclass(frozen=True)
 class Coefficients:
     """The scalars of one Adam step for one variable dtype, each exactly a ``T``.
@@ -85,7 +189,7 @@ def _scalar(value: HyperValue, dtype: torch.dtype) -> torch.Tensor:
     """A Python number becomes float32 first (TF's convert_to_tensor), then ``T``."""
     if not isinstance(value, torch.Tensor):
         value = torch.tensor(value, dtype=torch.float32)
-    return value.detach().to(device="cpu", dtype=dtype)
+    return TFArithmetic(dtype).cast(value.detach().to("cpu").reshape(()))
 
 
 def tf1_coefficients(
@@ -113,16 +217,16 @@ def tf1_coefficients(
     ...     1 - float(torch.tensor(0.9)))
     True
     """
-    one = torch.ones((), dtype=dtype)
+    t = TFArithmetic(dtype)
     b1p, b2p = _scalar(beta1_power, dtype), _scalar(beta2_power, dtype)
     b1, b2 = _scalar(beta1, dtype), _scalar(beta2, dtype)
-    alpha = (_scalar(lr, dtype) * exact_sqrt(one - b2p)) / (one - b1p)
+    alpha = t.div(t.mul(_scalar(lr, dtype), t.sqrt(t.sub(1.0, b2p))), t.sub(1.0, b1p))
     return Coefficients(
         alpha=alpha.item(),
         beta1=b1.item(),
         beta2=b2.item(),
-        one_minus_beta1=(one - b1).item(),
-        one_minus_beta2=(one - b2).item(),
+        one_minus_beta1=t.sub(1.0, b1).item(),
+        one_minus_beta2=t.sub(1.0, b2).item(),
         epsilon=_scalar(epsilon, dtype).item(),
     )
 
@@ -133,10 +237,12 @@ def advance_accumulators(
     """After each apply call: ``beta_power = float32(beta_power * float32(β))``, in place.
 
     The accumulators are float32 whatever the variables' dtype (TF keeps them
-    as float32 non-slot variables).
+    as float32 non-slot variables); like every TF op the product flushes
+    subnormals to zero.
     """
-    beta1_power.mul_(_scalar(beta1, torch.float32))
-    beta2_power.mul_(_scalar(beta2, torch.float32))
+    t = TFArithmetic(torch.float32)
+    beta1_power.copy_(t.mul(beta1_power, _scalar(beta1, torch.float32)))
+    beta2_power.copy_(t.mul(beta2_power, _scalar(beta2, torch.float32)))
 
 
 def dense_update(
@@ -159,13 +265,17 @@ def dense_update(
     updated ``m``); amsgrad (``vhat`` given) keeps ``vhat = max(vhat, v)`` and
     divides by ``sqrt(vhat) + ε``.
     """
-    m.add_((g - m) * c.one_minus_beta1)
-    v.add_((g * g - v) * c.one_minus_beta2)
+    t = TFArithmetic(theta.dtype)
+    m.copy_(t.add(m, t.mul(t.sub(g, m), c.one_minus_beta1)))
+    v.copy_(t.add(v, t.mul(t.sub(t.mul(g, g), v), c.one_minus_beta2)))
     if vhat is not None:
-        torch.maximum(vhat, v, out=vhat)
-    denominator = exact_sqrt(v if vhat is None else vhat) + c.epsilon
-    numerator = g * c.one_minus_beta1 + c.beta1 * m if nesterov else m
-    theta.sub_((numerator * c.alpha) / denominator)
+        vhat.copy_(t.maximum(vhat, v))
+    denominator = t.add(t.sqrt(v if vhat is None else vhat), c.epsilon)
+    if nesterov:
+        numerator = t.add(t.mul(g, c.one_minus_beta1), t.mul(c.beta1, m))
+    else:
+        numerator = m
+    theta.copy_(t.sub(theta, t.div(t.mul(numerator, c.alpha), denominator)))
 
 
 def sparse_update(
@@ -187,17 +297,27 @@ def sparse_update(
 
     ``rows`` must be unique and ``values`` summed per row (see
     :func:`tfadam.sparse.deduplicate`). The graph form is what Grappler's
-    constant folding makes of the eager form when β2 is a constant.
+    constant folding makes of the eager form when β2 is a constant; measured
+    on the oracle, it does so for float32 and float64 variables only (float16
+    and bfloat16 keep the eager rounding in a ``Session`` too). When ε is 0 in
+    ``T`` (1e-8 is, in float16), Grappler also drops the ``+ ε`` and rewrites
+    ``x / sqrt(v)`` as ``x * rsqrt(v)``; tfadam follows, exactly for float16,
+    bfloat16 and float64 (see :meth:`TFArithmetic.rsqrt` for float32).
     """
-    m.mul_(c.beta1)
-    m.index_add_(0, rows, values * c.one_minus_beta1)
-    v.mul_(c.beta2)
-    if numerics == "graph":
-        v_increment = values * (values * c.one_minus_beta2)
+    t = TFArithmetic(theta.dtype)
+    m.copy_(t.mul(m, c.beta1))
+    m[rows] = t.add(m[rows], t.mul(values, c.one_minus_beta1))
+    v.copy_(t.mul(v, c.beta2))
+    if numerics == "graph" and theta.dtype in (torch.float32, torch.float64):
+        v_increment = t.mul(values, t.mul(values, c.one_minus_beta2))
     else:
-        v_increment = (values * values) * c.one_minus_beta2
-    v.index_add_(0, rows, v_increment)
-    theta.sub_((c.alpha * m) / (exact_sqrt(v) + c.epsilon))
+        v_increment = t.mul(t.mul(values, values), c.one_minus_beta2)
+    v[rows] = t.add(v[rows], v_increment)
+    if numerics == "graph" and c.epsilon == 0:
+        step = t.mul(t.mul(c.alpha, m), t.rsqrt(v))
+    else:
+        step = t.div(t.mul(c.alpha, m), t.add(t.sqrt(v), c.epsilon))
+    theta.copy_(t.sub(theta, step))
 
 
 def lazy_sparse_update(
@@ -214,8 +334,10 @@ def lazy_sparse_update(
     v[u] = β2 * v[u] + (1 - β2) * (values * values)
     θ[u] = θ[u] - (alpha * m[u]) / (sqrt(v[u]) + ε)
     """
-    m_rows = c.beta1 * m[rows] + c.one_minus_beta1 * values
-    v_rows = c.beta2 * v[rows] + c.one_minus_beta2 * (values * values)
+    t = TFArithmetic(theta.dtype)
+    m_rows = t.add(t.mul(c.beta1, m[rows]), t.mul(c.one_minus_beta1, values))
+    v_rows = t.add(t.mul(c.beta2, v[rows]), t.mul(c.one_minus_beta2, t.mul(values, values)))
     m[rows] = m_rows
     v[rows] = v_rows
-    theta[rows] = theta[rows] - (c.alpha * m_rows) / (exact_sqrt(v_rows) + c.epsilon)
+    step = t.div(t.mul(c.alpha, m_rows), t.add(t.sqrt(v_rows), c.epsilon))
+    theta[rows] = t.sub(theta[rows], step)

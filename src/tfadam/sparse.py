@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .rule import TFArithmetic
+
 
 @dataclass(frozen=True)
 class IndexedSlices:
@@ -70,11 +72,13 @@ def deduplicate(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tens
 
     TF (``unsorted_segment_sum``) accumulates each unique index's rows from
     zero, in the order they occur, rounding every addition to the gradient's
-    dtype — for float16 and bfloat16 that differs from summing in float32
-    (as ``index_add_`` does). So the sum is built in rounds: round ``r`` adds
-    every row's ``r``-th occurrence. The order of the returned rows is
+    dtype (as :class:`~tfadam.rule.TFArithmetic` does) — for float16 and
+    bfloat16 that differs from summing in float32 (as ``index_add_`` does).
+    So the sum is built in rounds: round ``r`` adds every row's ``r``-th
+    occurrence. The order of the returned rows is
     irrelevant to the update (rows are independent); they come sorted.
     """
+    arithmetic = TFArithmetic(values.dtype)
     rows, position = torch.unique(indices, sorted=True, return_inverse=True)
     summed = values.new_zeros((rows.numel(), *values.shape[1:]))
     if indices.numel() == 0:
@@ -87,7 +91,7 @@ def deduplicate(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tens
     for r in range(int(counts.max())):
         chosen = rank == r
         targets = row_of[chosen]  # unique within a round
-        summed[targets] = summed[targets] + values[order[chosen]]
+        summed[targets] = arithmetic.add(summed[targets], values[order[chosen]])
     return rows, summed
 
 
