@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,3 +101,18 @@ def test_progress_bar_with_and_without_tqdm(runs, tmp_path, monkeypatch):
         torch.load(tmp_path / "q.pt")["model"].keys()
         == torch.load(tmp_path / "p.pt")["model"].keys()
     )
+
+
+def test_python_m_tfadam_convert(runs, tmp_path):
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = tmp_path / "m.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfadam", "convert", runs["tf2"], str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and torch.load(out)["naming"] == "tf2"

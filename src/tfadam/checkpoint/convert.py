@@ -30,7 +30,7 @@ from .bundle import BundleReader
 from .errors import CheckpointError
 from .names import CheckpointNames
 
-__all__ = ["ConvertResult", "cli_convert", "convert"]
+__all__ = ["ConvertResult", "cli_convert", "convert", "main"]
 
 FORMAT = "tfadam.convert/1"
 _PROGRESS_MIN_BYTES = 64 << 20
@@ -244,3 +244,8 @@ def cli_convert(argv: Sequence[str] | None = None) -> int:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tfadam convert`` (the name ``tfadam.cli`` dispatches to)."""
+    return cli_convert(argv)
