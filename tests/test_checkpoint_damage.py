@@ -223,3 +223,125 @@ def test_fuzz_mutations_raise_checkpoint_error_or_read_identically(sources, scra
     rate = total / FUZZ_SECONDS
     print(f"\n{source}: {total} mutations in {FUZZ_SECONDS}s ({rate:.0f}/s): {outcomes}")
     assert total >= 100 and outcomes["error"] > total // 2
+
+
+# -- crafted indexes: checksums valid, contents absurd --------------------------
+# A checksum only proves the bytes are the ones written; these files are
+# "written" wrong on purpose (with the test writer's table and protobuf
+# encoders) and must still give a CheckpointError, without huge allocations.
+
+
+def _forged(tmp_path, entries: dict[bytes, bytes], *, header: bytes | None = None) -> str:
+    from tfadam.checkpoint import writer
+
+    prefix = str(tmp_path / "forged")
+    items = [(b"", header if header is not None else writer._header(1, False))]
+    items += sorted(entries.items())
+    with open(prefix + ".data-00000-of-00001", "wb") as f:
+        f.write(bytes(64))
+    with open(prefix + ".index", "wb") as f:
+        writer._write_table(f, items)
+    return prefix
+
+
+def _entry(dtype=1, shape=(4,), shard=0, offset=0, size=16, slices=()) -> bytes:  # noqa: ANN001
+    from tfadam.checkpoint import writer
+    from tfadam.checkpoint.crc32c import crc32c
+
+    raw = writer._entry(dtype, shape, shard, offset, size, crc32c(bytes(size)))
+    for extents in slices:
+        extent_msgs = b"".join(
+            writer._field_bytes(1, writer._field_varint(1, a) + writer._field_varint(2, n))
+            for a, n in extents
+        )
+        raw += writer._field_bytes(7, extent_msgs)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ({b"w": _entry(shape=(10**12,), size=16)}, "does not match shape"),
+        ({b"s": _entry(dtype=7, shape=(10**12,), size=10)}, "cannot fit"),
+        ({b"w": _entry(offset=60, size=16)}, "past the end"),
+        ({b"w": _entry(shard=3)}, "shard id 3 out of range"),
+        ({b"w": _entry(dtype=99)}, "dtype enum 99 is not supported"),
+        ({b"w": _entry(dtype=21)}, "variant"),
+        # a repeated scalar field: the last value counts, as in protobuf
+        ({b"w": _entry(shape=(4,), size=16) + b"\x28\x04"}, "size 4 bytes does not match"),
+        (
+            {b"p": _entry(shape=(10**9, 10**6), size=0, slices=[((0, 1), (0, 1))])},
+            "missing from the index",
+        ),
+    ],
+)
+def test_forged_entries_are_refused(tmp_path, entries, message):
+    prefix = _forged(tmp_path, entries)
+    with BundleReader(prefix) as reader, pytest.raises(CheckpointError, match=message) as err:
+        reader.verify()
+    assert err.value.key in entries.keys() | {k.decode() for k in entries}
+
+
+def test_forged_partition_that_does_not_tile(tmp_path):
+    full = _entry(shape=(4, 1), size=0, slices=[((0, 2), (0, 1)), ((1, 3), (0, 1))])
+    parts = {
+        slice_key("p", ((0, 2), (0, 1))): _entry(shape=(2, 1), size=8),
+        slice_key("p", ((1, 3), (0, 1))): _entry(shape=(3, 1), size=12),
+    }
+    prefix = _forged(tmp_path, {b"p": full, **parts})
+    with BundleReader(prefix) as reader:
+        assert reader.keys() == ["p"]
+        with pytest.raises(CheckpointError, match="slices overlap"):
+            reader.read_numpy("p")
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        (b"\x08\x00", "number of data shards 0"),
+        (b"\x08\x01\x10\x07", "endianness 7"),
+        (b"\x08\x01\x1a\x04\x08\x02\x10\x05", "needs a reader of version >= 5"),
+        (b"\x08\x01\x1a\x02\x18\x01", "needs a reader"),  # version 1 listed as bad
+        (b"\x08", "truncated varint"),
+    ],
+)
+def test_forged_headers_are_refused(tmp_path, header, message):
+    prefix = _forged(tmp_path, {}, header=header)
+    with pytest.raises(CheckpointError, match=message) as err:
+        BundleReader(prefix)
+    assert err.value.path == prefix + ".index"
+
+
+def _slice_field(*extents: bytes) -> bytes:
+    from tfadam.checkpoint.writer import _field_bytes
+
+    return _field_bytes(7, b"".join(_field_bytes(1, e) for e in extents))
+
+
+def test_protobuf_decoding_follows_protobuf_on_odd_encodings():
+    # Encodings TF never writes but protobuf accepts: compare with the real library.
+    from tensorflow.core.protobuf import tensor_bundle_pb2
+
+    from tfadam.checkpoint.proto import parse_entry
+
+    samples = [
+        _entry(shape=(2, 3), size=24) + b"\x12\x04\x12\x02\x08\x05",  # shape merged: (2, 3, 5)
+        _entry() + b"\x28\x07\x18\x02",  # size and shard_id repeated: the last wins
+        _entry() + b"\x98\x06\x01" + b"\xa2\x06\x02ab",  # unknown fields 99 and 100: skipped
+        _entry(slices=[((0, 1), (2, 3))]) + _slice_field(b"\x08\x05", b""),  # one extent full
+    ]
+    for raw in samples:
+        ours = parse_entry(raw)
+        theirs = tensor_bundle_pb2.BundleEntryProto.FromString(raw)
+        assert ours.shape == tuple(d.size for d in theirs.shape.dim)
+        assert (ours.dtype, ours.shard_id, ours.offset, ours.size, ours.crc32c) == (
+            theirs.dtype,
+            theirs.shard_id,
+            theirs.offset,
+            theirs.size,
+            theirs.crc32c,
+        )
+        assert ours.slices == tuple(
+            tuple((e.start, e.length if e.HasField("length") else None) for e in s.extent)
+            for s in theirs.slices
+        )

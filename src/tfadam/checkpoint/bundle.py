@@ -329,7 +329,8 @@ class BundleReader:
             self._files[shard] = f
         return f
 
-    def _read_bytes(self, key: str, entry: BundleEntry) -> tuple[np.ndarray, str]:
+    def _check_range(self, key: str, entry: BundleEntry) -> None:
+        """The entry's bytes lie inside an existing data file."""
         if not 0 <= entry.shard_id < self.header.num_shards:
             raise CheckpointError(
                 f"shard id {entry.shard_id} out of range (the header says "
@@ -344,16 +345,20 @@ class BundleReader:
                 key=key,
             )
         f = self._file(entry.shard_id, key)
-        path = self.data_path(entry.shard_id)
         file_size = os.fstat(f.fileno()).st_size
         if entry.offset + entry.size > file_size:
             raise CheckpointError(
                 f"bytes [{entry.offset}, {entry.offset + entry.size}) lie past the end of "
                 f"the file ({file_size} bytes): the data file is truncated",
-                path=path,
+                path=self.data_path(entry.shard_id),
                 key=key,
                 hint="Copy the checkpoint again, completely",
             )
+
+    def _read_bytes(self, key: str, entry: BundleEntry) -> tuple[np.ndarray, str]:
+        self._check_range(key, entry)
+        f = self._file(entry.shard_id, key)
+        path = self.data_path(entry.shard_id)
         buf = np.empty(entry.size, dtype=np.uint8)
         f.seek(entry.offset)
         got = f.readinto(memoryview(buf))
@@ -402,12 +407,16 @@ class BundleReader:
     def _read_strings(self, key: str, entry: BundleEntry, count: int) -> np.ndarray:
         # [varint64 len]*count [masked crc of the lengths] [bytes]*count; the
         # lengths are checksummed as little-endian uint32 (uint64 when large).
+        if count > entry.size - (4 if count else 0):
+            # every string needs at least a one-byte length, plus the checksum:
+            # refuse before allocating for an absurd element count
+            raise CheckpointError(
+                f"{count} strings cannot fit in {entry.size} bytes",
+                path=self.index_path,
+                key=key,
+            )
         out = np.empty(count, dtype=object)
-        if entry.size == 0:
-            if count:
-                raise CheckpointError(
-                    f"{count} strings stored in 0 bytes", path=self.index_path, key=key
-                )
+        if count == 0:
             return out.reshape(entry.shape)
         buf, path = self._read_bytes(key, entry)
         data = memoryview(buf)
@@ -453,14 +462,14 @@ class BundleReader:
             raise CheckpointError(
                 "partitioned string tensors are not supported", path=self.index_path, key=key
             )
-        out = np.empty(entry.shape, dtype=dtype.storage.newbyteorder("="))
-        boxes = []
+        # Check the whole layout before allocating the full tensor: its size
+        # is then bounded by slices that were checked to fit in the files.
+        parts = []
         for extents in entry.slices:
             try:
                 b = box(extents, entry.shape)
             except CheckpointError as err:
                 raise err.located(path=self.index_path, key=key) from None
-            boxes.append(b)
             part_key = slice_key(key, extents)
             if part_key not in self._raw:
                 raise CheckpointError(
@@ -477,14 +486,19 @@ class BundleReader:
                     path=self.index_path,
                     key=key,
                 )
+            parts.append((b, part))
+        try:
+            check_cover([b for b, _ in parts], entry.shape)
+        except CheckpointError as err:
+            raise err.located(path=self.index_path, key=key) from None
+        for _, part in parts:
+            self._check_range(key, part)
+        out = np.empty(entry.shape, dtype=dtype.storage.newbyteorder("="))
+        for b, part in parts:
             try:
                 out[tuple(slice(a, z) for a, z in b)] = self._read_entry(key, part)
             except CheckpointError as err:
                 raise err.located(key=key) from None
-        try:
-            check_cover(boxes, entry.shape)
-        except CheckpointError as err:
-            raise err.located(path=self.index_path, key=key) from None
         return out
 
     def read_numpy(self, key: str) -> np.ndarray:

@@ -104,9 +104,23 @@ def _decode(buf: bytes | memoryview, schema: Schema, what: str) -> dict[str, Any
         values = _convert(value, wire, kind, f"{what}.{name}", packed_ok=repeated)
         if repeated:
             out[name].extend(values)
+        elif isinstance(kind, dict) and name in out:
+            out[name] = _merge(out[name], values[-1])  # protobuf merges a repeated message
         else:
-            out[name] = values[-1]
+            out[name] = values[-1]  # and keeps the last of a repeated scalar
     return out
+
+
+def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(old)
+    for name, value in new.items():
+        if isinstance(value, list):
+            merged[name] = old.get(name, []) + value
+        elif isinstance(value, dict) and isinstance(old.get(name), dict):
+            merged[name] = _merge(old[name], value)
+        else:
+            merged[name] = value
+    return merged
 
 
 def _convert(value: Any, wire: int, kind: Any, what: str, packed_ok: bool) -> list[Any]:
