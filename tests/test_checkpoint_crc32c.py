@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def test_masked_crc_equals_tensorflow_tfrecord_checksums(tmp_path):
     with tf.io.TFRecordWriter(path) as writer:
         for record in records:
             writer.write(record)
-    raw = open(path, "rb").read()
+    raw = Path(path).read_bytes()
     pos = 0
     for record in records:
         header = raw[pos : pos + 8]

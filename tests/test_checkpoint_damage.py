@@ -7,6 +7,7 @@ import random
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from ckpt_tf import every_dtype_checkpoint, sharded_checkpoint, tf1_session_run
@@ -56,7 +57,7 @@ def _snapshot(prefix: str) -> dict[str, tuple]:
 
 
 def _rewrite(path: str, transform) -> None:  # noqa: ANN001
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     with open(path, "wb") as f:
         f.write(transform(data))
 
@@ -198,7 +199,7 @@ def test_fuzz_mutations_raise_checkpoint_error_or_read_identically(sources, scra
     original = sources[source]
     expected = _snapshot(original)
     files = _files(original)
-    pristine = {f: open(f, "rb").read() for f in files}
+    pristine = {f: Path(f).read_bytes() for f in files}
     work = _copy(original, scratch)
     rng = random.Random(f"fuzz-{source}")
     outcomes = {"error": 0, "identical": 0}

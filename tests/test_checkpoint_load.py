@@ -4,6 +4,7 @@ steps in both, and require every variable, slot and accumulator to be bit-identi
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,9 +245,10 @@ def test_damaged_tensor_read_last_leaves_everything_untouched(tf1_run, tmp_path)
 
     with BundleReader(prefix) as reader:
         entry = reader.entry("beta2_power")  # the accumulators are read after everything
-    data = bytearray(open(prefix + ".data-00000-of-00001", "rb").read())
+    data_file = Path(prefix + ".data-00000-of-00001")
+    data = bytearray(data_file.read_bytes())
     data[entry.offset] ^= 0x01
-    open(prefix + ".data-00000-of-00001", "wb").write(bytes(data))
+    data_file.write_bytes(bytes(data))
     model, opt = trained_model_and_optimizer()
     before = snapshot(model, opt)
     with pytest.raises(CheckpointError, match="checksum mismatch") as err:

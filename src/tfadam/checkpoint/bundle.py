@@ -184,6 +184,10 @@ class BundleReader:
             f.close()
         self._files.clear()
 
+    def __del__(self) -> None:
+        for f in getattr(self, "_files", {}).values():
+            f.close()
+
     def __enter__(self) -> BundleReader:
         return self
 
