@@ -123,7 +123,7 @@ def _targets(var_map: VarMap, rename: Callable[[str], str | None] | None) -> lis
     for tf_name, tensor in items:
         if not isinstance(tf_name, str):
             raise TypeError(f"var_map keys are TF variable names (str); got {tf_name!r}.")
-        out.append(_as_target(tf_name, tensor, _describe(tensor)))
+        out.append(_as_target(tf_name, tensor, f"var_map[{tf_name!r}]"))
     if not out:
         raise ValueError("var_map is empty: map TF variable names to the tensors to load.")
     seen: dict[int, str] = {}
@@ -135,12 +135,6 @@ def _targets(var_map: VarMap, rename: Callable[[str], str | None] | None) -> lis
             )
         seen[id(t.param)] = t.tf_name
     return out
-
-
-def _describe(t: Any) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"tensor of shape {tuple(t.shape)}, {t.dtype}"
-    return type(t).__name__
 
 
 # -- the optimizer being loaded into ------------------------------------------
@@ -235,16 +229,18 @@ def _check_fits(reader: BundleReader, key: str, tensor: torch.Tensor, what: str)
     info = reader.info(key)
     dtype = DTYPES.get(reader.entry(key).dtype)
     want = tuple(tensor.shape)
-    if info.shape != want or dtype is None or dtype.torch != tensor.dtype:
-        shown = dtype.torch if dtype and dtype.torch else info.dtype
-        fix = ""
-        if info.shape != want and sorted(info.shape) == sorted(want) and len(want) == 2:
-            fix = " (TF stores a Dense kernel as (in, out), torch.nn.Linear as (out, in): map "
-            fix += "linear.weight.T)"
-        elif info.shape == want:
-            fix = f" (cast the model: .to({shown}))"
-        return f"{key!r} is {info.shape} {shown} but {what} is {want} {tensor.dtype}{fix}"
-    return None
+    if info.shape == want and dtype is not None and dtype.torch == tensor.dtype:
+        return None
+    fix = ""
+    if info.shape != want and len(want) == 2 and info.shape == want[::-1]:
+        fix = " (TF stores a Dense kernel as (in, out), torch.nn.Linear as (out, in): map"
+        fix += " linear.weight.T)"
+    elif info.shape == want and dtype is not None and dtype.torch is not None:
+        fix = f" (cast the model with .to({dtype.torch}), or load into a {dtype.name} copy)"
+    return (
+        f"{key!r} is {list(info.shape)} {info.dtype} in the checkpoint, but {what} is "
+        f"{list(want)} {str(tensor.dtype).replace('torch.', '')}{fix}"
+    )
 
 
 def _float32_scalar(reader: BundleReader, key: str) -> str | None:
@@ -344,10 +340,10 @@ def load_tf_checkpoint(
                         f"{var.key!r}: the checkpoint has no {missing} slot for it, which "
                         f"{target.label} needs (amsgrad?)"
                     )
-                for slot in wanted:
+                for slot in wanted if not problem else ():  # slots share the var's shape
                     if slot in state.slots:
                         problem = _check_fits(
-                            reader, state.slots[slot], target.tensor, f"its slot {slot!r}"
+                            reader, state.slots[slot], target.tensor, f"{target.label}'s slot"
                         )
                         if problem:
                             problems.append(problem)
