@@ -77,7 +77,7 @@ def tf1_session_run(
             for n in ("dense/kernel", "dense/bias", "emb")
         }
 
-        def part_init(shape, dtype=None, partition_info=None):  # noqa: ANN001
+        def part_init(shape, dtype=None, partition_info=None):
             start = partition_info.var_offset[0] if partition_info else 0
             return tf.constant(init["part"][start : start + shape[0]], dtype=dtype)
 
@@ -236,7 +236,7 @@ def tf_values(prefix: str) -> dict[str, np.ndarray]:
     return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()}
 
 
-def same_bits(tf_value, ours: np.ndarray) -> bool:  # noqa: ANN001
+def same_bits(tf_value, ours: np.ndarray) -> bool:
     """TF's value and ours hold the same bits (strings: the same bytes)."""
     theirs = np.asarray(tf_value, dtype=object if ours.dtype == object else None)
     if theirs.shape != ours.shape:

@@ -56,13 +56,13 @@ def _snapshot(prefix: str) -> dict[str, tuple]:
         return out
 
 
-def _rewrite(path: str, transform) -> None:  # noqa: ANN001
+def _rewrite(path: str, transform) -> None:
     data = Path(path).read_bytes()
     with open(path, "wb") as f:
         f.write(transform(data))
 
 
-def _flip(offset: int):  # noqa: ANN202
+def _flip(offset: int):
     return lambda data: data[:offset] + bytes([data[offset] ^ 0x10]) + data[offset + 1 :]
 
 
@@ -245,7 +245,7 @@ def _forged(tmp_path, entries: dict[bytes, bytes], *, header: bytes | None = Non
     return prefix
 
 
-def _entry(dtype=1, shape=(4,), shard=0, offset=0, size=16, slices=()) -> bytes:  # noqa: ANN001
+def _entry(dtype=1, shape=(4,), shard=0, offset=0, size=16, slices=()) -> bytes:
     from tfadam.checkpoint import writer
     from tfadam.checkpoint.crc32c import crc32c
 

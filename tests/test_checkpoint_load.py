@@ -84,7 +84,7 @@ class Model(torch.nn.Module):
         return out
 
 
-def check_final(model: Model, state_of, run: Run, beta_powers) -> None:  # noqa: ANN001
+def check_final(model: Model, state_of, run: Run, beta_powers) -> None:
     for name, tensor in model.tf_view().items():
         param = tensor if tensor._base is None else tensor._base
         m, v = state_of(param)
@@ -201,7 +201,7 @@ def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.T
     return tensors
 
 
-def assert_untouched(before: list[torch.Tensor], model, opt) -> None:  # noqa: ANN001
+def assert_untouched(before: list[torch.Tensor], model, opt) -> None:
     after = snapshot(model, opt)
     assert len(before) == len(after)
     for a, b in zip(before, after, strict=True):

@@ -320,7 +320,7 @@ class BundleReader:
         if f is None:
             path = self.data_path(shard)
             try:
-                f = open(path, "rb")  # noqa: SIM115 - kept open across reads
+                f = open(path, "rb")  # kept open across reads; closed by close()
             except FileNotFoundError:
                 raise CheckpointError(
                     f"data shard {shard} of {self.header.num_shards} is missing",

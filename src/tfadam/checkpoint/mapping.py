@@ -169,7 +169,12 @@ class _TorchFace(_Optimizer):
     def slot_names(self, param: torch.Tensor) -> list[str]:
         return ["m", "v", "vhat"] if self.group_of[id(param)].get("amsgrad") else ["m", "v"]
 
-    def assign(self, slots, cleared, accumulators) -> None:  # noqa: ANN001
+    def assign(
+        self,
+        slots: dict[torch.Tensor, dict[str, torch.Tensor]],
+        cleared: list[torch.Tensor],
+        accumulators: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
         groups = {}
         for param, named in slots.items():
             state = self.opt.state[param]
@@ -196,7 +201,12 @@ class _TF1Face(_Optimizer):
     def slot_names(self, param: torch.Tensor) -> list[str]:
         return list(self.opt.get_slot_names())
 
-    def assign(self, slots, cleared, accumulators) -> None:  # noqa: ANN001
+    def assign(
+        self,
+        slots: dict[torch.Tensor, dict[str, torch.Tensor]],
+        cleared: list[torch.Tensor],
+        accumulators: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
         named = dict(slots)
         for param in cleared:
             named[param] = {}  # no slots: created afresh at its first update, as in TF

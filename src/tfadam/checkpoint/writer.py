@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -103,7 +104,7 @@ class _BlockBuilder:
         return len(self.buf) + 4 * len(self.restarts) + 4
 
 
-def _write_table(f, items: list[tuple[bytes, bytes]]) -> None:  # noqa: ANN001
+def _write_table(f: BinaryIO, items: list[tuple[bytes, bytes]]) -> None:
     offset = 0
 
     def put_block(contents: bytes) -> bytes:
