@@ -15,9 +15,10 @@ Example:
     >>> opt.step()
 """
 
+from . import keras
 from .optimizer import Adam
 from .sparse import IndexedSlices
 from .tf1 import AdamOptimizer
 
-__all__ = ["Adam", "AdamOptimizer", "IndexedSlices"]
+__all__ = ["Adam", "AdamOptimizer", "IndexedSlices", "keras"]
 __version__ = "0.1.0"

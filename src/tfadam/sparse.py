@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .rule import TFArithmetic
+from .rule import deduplicate
+
+__all__ = ["IndexedSlices", "check_indices", "deduplicate"]
 
 
 @dataclass(frozen=True)
@@ -65,34 +67,6 @@ class IndexedSlices:
         # _indices()/_values() read an uncoalesced tensor as is, in its own order:
         # TF sums duplicate rows in order of occurrence, and so must we.
         return cls(grad._values(), grad._indices()[0], tuple(grad.shape))
-
-
-def deduplicate(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unique rows and the sum of each row's values, in order of occurrence.
-
-    TF (``unsorted_segment_sum``) accumulates each unique index's rows from
-    zero, in the order they occur, rounding every addition to the gradient's
-    dtype (as :class:`~tfadam.rule.TFArithmetic` does) — for float16 and
-    bfloat16 that differs from summing in float32 (as ``index_add_`` does).
-    So the sum is built in rounds: round ``r`` adds every row's ``r``-th
-    occurrence. The order of the returned rows is
-    irrelevant to the update (rows are independent); they come sorted.
-    """
-    arithmetic = TFArithmetic(values.dtype)
-    rows, position = torch.unique(indices, sorted=True, return_inverse=True)
-    summed = values.new_zeros((rows.numel(), *values.shape[1:]))
-    if indices.numel() == 0:
-        return rows, summed
-    order = torch.argsort(position, stable=True)  # occurrences grouped by row, in order
-    row_of = position[order]
-    counts = torch.bincount(position, minlength=rows.numel())
-    first = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(order.numel(), device=indices.device) - first[row_of]
-    for r in range(int(counts.max())):
-        chosen = rank == r
-        targets = row_of[chosen]  # unique within a round
-        summed[targets] = arithmetic.add(summed[targets], values[order[chosen]])
-    return rows, summed
 
 
 def check_indices(indices: torch.Tensor, num_rows: int, culprit: str) -> None:

@@ -1,0 +1,833 @@
+"""``tfadam.keras``: Keras 3's Adam (``keras.optimizers.Adam``, TF backend), bit for bit.
+
+The calling convention and bookkeeping of Keras 3's optimizer, on torch
+tensors: an ``iterations`` counter instead of TF1's ``beta_power``
+accumulators, ε = 1e-7 by default, and Keras' extras — AMSGrad, decoupled
+weight decay, clipnorm / clipvalue / global_clipnorm, an exponential moving
+average of the weights, gradient accumulation and a loss scale factor. The
+arithmetic lives in :mod:`tfadam.rule` (``keras_*`` functions); this module
+only keeps the state and calls it in Keras' order.
+
+Example:
+    >>> import torch, tfadam.keras
+    >>> w = torch.nn.Parameter(torch.ones(3))
+    >>> opt = tfadam.keras.Adam(learning_rate=0.1)
+    >>> opt.apply_gradients([(torch.tensor([1.0, 0.0, -1.0]), w)])
+    tensor(1)
+    >>> w.detach()
+    tensor([0.9000, 1.0000, 1.1000])
+    >>> [tuple(t.shape) for t in opt.variables]  # iteration, learning_rate, m, v
+    [(), (), (3,), (3,)]
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import engine, kernels, rule
+from .hyper import Resolution
+from .sparse import IndexedSlices
+
+__all__ = ["Adam", "IndexedSlices", "LearningRateSchedule"]
+
+Gradient = torch.Tensor | IndexedSlices
+LearningRate = float | Callable[[], Any]
+
+# engine.prepare checks gradients and slots; the hyperparameters it carries are unused here.
+_NO_HYPER = Resolution(0.0, 0.0, 0.0, 0.0)
+
+
+class LearningRateSchedule:
+    """A learning rate that depends on the step, as Keras' ``LearningRateSchedule``.
+
+    Subclass it and implement ``__call__(step) -> float | tensor``; the
+    optimizer calls it with the number of apply calls made so far (an int).
+    Keras' own schedules (``keras.optimizers.schedules.*``) are accepted as
+    they are and give Keras' bits (their TF arithmetic is run by TF).
+
+    >>> class Halving(LearningRateSchedule):
+    ...     def __call__(self, step):
+    ...         return 0.1 * 0.5 ** (step // 10)
+    ...     def get_config(self):
+    ...         return {}
+    >>> Halving()(25)
+    0.025
+    """
+
+    def __call__(self, step: int) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__(step).")
+
+    def get_config(self) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must implement get_config().")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LearningRateSchedule:
+        return cls(**config)
+
+
+def _is_keras_schedule(value: Any) -> bool:
+    return any(
+        klass.__name__ == "LearningRateSchedule" and klass.__module__.startswith("keras")
+        for klass in type(value).__mro__
+    )
+
+
+def _is_schedule(value: Any) -> bool:
+    return isinstance(value, LearningRateSchedule) or _is_keras_schedule(value)
+
+
+def _as_scalar(value: Any, what: str) -> float | torch.Tensor:
+    """A Python number stays a number; a tensor-like (torch, numpy, TF) becomes a 0-dim tensor."""
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be a number or a scalar tensor; got {value!r}.")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu()
+    else:
+        try:
+            array = np.asarray(value)
+        except Exception as error:
+            message = f"{what} must be a number or a scalar tensor; got {value!r}."
+            raise TypeError(message) from error
+        if array.dtype.kind not in "fiu" and array.dtype.name != "bfloat16":
+            raise TypeError(f"{what} must be a real number; got {value!r} ({array.dtype}).")
+        if array.dtype.name == "bfloat16":
+            tensor = torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+        else:
+            tensor = torch.from_numpy(np.array(array))
+    if tensor.numel() != 1:
+        raise ValueError(f"{what} must be a scalar; got a tensor of shape {tuple(tensor.shape)}.")
+    tensor = tensor.reshape(())
+    if not tensor.dtype.is_floating_point:
+        tensor = tensor.to(torch.float32)
+    return tensor
+
+
+def _number(value: Any, name: str, *, optional: bool = False) -> float | None:
+    """A hyperparameter Keras uses as a Python number (betas, ε, clipping, decay...)."""
+    if value is None and optional:
+        return None
+    if callable(value):
+        # Keras accepts a callable here but fails at the first apply with
+        # "Attempt to convert a value (<function ...>) ... to a Tensor".
+        raise ValueError(
+            f"Argument `{name}` must be a number; Keras' Adam cannot use a callable here (it "
+            f"fails at the first step with 'Attempt to convert a value ... to a Tensor'). "
+            f"Received: {name}={value!r}"
+        )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"Argument `{name}` must be a Python number; received {type(value).__name__} "
+            f"{value!r}. Pass float(...) (tfadam.keras follows Keras' arithmetic for Python "
+            "numbers; tensor-valued betas, epsilon or decay are not supported)."
+        )
+    return float(value) if isinstance(value, float) else value
+
+
+def _tf_intra_op_threads() -> int:
+    """TF's default intra-op pool size: ``TF_NUM_INTRAOP_THREADS`` or the usable CPUs."""
+    configured = os.environ.get("TF_NUM_INTRAOP_THREADS", "")
+    if configured.strip().isdigit() and int(configured) > 0:
+        return int(configured)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _label(position: int, var: Any) -> str:
+    if isinstance(var, torch.Tensor):
+        return f"variable #{position} (shape {tuple(var.shape)}, {var.dtype})"
+    return f"variable #{position} ({type(var).__name__})"
+
+
+def _to_tensor_like(value: Any, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(like.device, like.dtype)
+    array = np.asarray(value)
+    if array.dtype.name == "bfloat16":
+        tensor = torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(np.array(array))
+    return tensor.to(like.device, like.dtype)
+
+
+class Adam:
+    """Keras 3's ``keras.optimizers.Adam`` (TensorFlow backend) on torch tensors, bit for bit.
+
+    With ``t = iterations + 1`` (the number of updates so far, plus one)::
+
+        alpha = lr * sqrt(1 - β2^t) / (1 - β1^t)
+        m = m + (g - m) * (1 - β1)
+        v = v + (g*g - v) * (1 - β2)
+        θ = θ - (m * alpha) / (sqrt(v) + ε)
+
+    every operation rounded to the variable's dtype in Keras' order; ``β^t``
+    is a power (``tf.pow``), ``1 - β`` is computed in Python double and then
+    rounded (see :func:`tfadam.rule.keras_coefficients`). Unlike TF1 (and
+    ``tfadam.AdamOptimizer``), ε defaults to 1e-7.
+
+    Args:
+        learning_rate: a Python float (held as a float32 tensor, like Keras'
+            variable), a :class:`LearningRateSchedule` or Keras schedule
+            (called with the step), or a zero-argument callable.
+        beta_1, beta_2, epsilon: Python numbers.
+        amsgrad: keep ``velocity_hat = max(velocity_hat, v)``.
+        weight_decay: decoupled decay ``θ = θ - θ * wd * lr`` before each step.
+        clipnorm, clipvalue, global_clipnorm: at most one; clip each gradient's
+            norm, each element, or the norm of all gradients together.
+        use_ema, ema_momentum, ema_overwrite_frequency: keep an exponential
+            moving average of the weights; copy it into them every
+            ``ema_overwrite_frequency`` updates (or at
+            :meth:`finalize_variable_values`).
+        loss_scale_factor: gradients are divided by it (see :meth:`scale_loss`).
+        gradient_accumulation_steps: update every n-th call with the mean of
+            the last n gradients.
+        name: the optimizer's name.
+        intra_op_threads: TF's intra-op thread count, which decides how TF
+            splits the sums behind clipnorm and global_clipnorm (default: TF's
+            default, ``TF_NUM_INTRAOP_THREADS`` or the number of usable CPUs).
+
+    Gradients may be dense tensors, :class:`tfadam.IndexedSlices`, torch sparse
+    COO tensors or None (skipped, with a warning). Everything is validated
+    before anything is modified. Keras' errors keep their meaning and type.
+
+    Example:
+        >>> import torch, tfadam.keras
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = tfadam.keras.Adam(learning_rate=0.1, weight_decay=0.5, clipnorm=1.0)
+        >>> for _ in range(3):
+        ...     opt.apply_gradients([(torch.tensor([3.0, -4.0]), w)])
+        tensor(1)
+        tensor(2)
+        tensor(3)
+        >>> w.detach()
+        tensor([0.5721, 1.1426])
+    """
+
+    def __init__(
+        self,
+        learning_rate: LearningRate = 0.001,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        amsgrad: bool = False,
+        weight_decay: float | None = None,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        use_ema: bool = False,
+        ema_momentum: float = 0.99,
+        ema_overwrite_frequency: int | None = None,
+        loss_scale_factor: float | None = None,
+        gradient_accumulation_steps: int | None = None,
+        name: str = "adam",
+        *,
+        intra_op_threads: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.pop("decay", None) is not None:
+            warnings.warn(
+                "Argument `decay` is no longer supported and will be ignored.", stacklevel=2
+            )
+        if kwargs:
+            raise ValueError(f"Argument(s) not recognized: {kwargs}")
+        if gradient_accumulation_steps:
+            if isinstance(gradient_accumulation_steps, bool) or not (
+                isinstance(gradient_accumulation_steps, int) and gradient_accumulation_steps >= 2
+            ):
+                raise ValueError(
+                    "`gradient_accumulation_steps` must be an integer >= 2. Received: "
+                    f"gradient_accumulation_steps={gradient_accumulation_steps}"
+                )
+        if use_ema:
+            ema_momentum = _number(ema_momentum, "ema_momentum")  # type: ignore[assignment]
+            if ema_momentum > 1 or ema_momentum < 0:
+                raise ValueError(
+                    f"`ema_momentum` must be in the range [0, 1]. Received: "
+                    f"ema_momentum={ema_momentum}"
+                )
+            if ema_overwrite_frequency and (
+                not isinstance(ema_overwrite_frequency, int)
+                or isinstance(ema_overwrite_frequency, bool)
+                or ema_overwrite_frequency < 1
+            ):
+                raise ValueError(
+                    "`ema_overwrite_frequency` must be an integer >= 1 or None. Received: "
+                    f"ema_overwrite_frequency={ema_overwrite_frequency}"
+                )
+        clipping = dict(clipnorm=clipnorm, clipvalue=clipvalue, global_clipnorm=global_clipnorm)
+        if sum(value is not None for value in clipping.values()) > 1:
+            raise ValueError(
+                "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
+                f"Received: clipnorm={clipnorm}, clipvalue={clipvalue}, "
+                f"global_clipnorm={global_clipnorm}"
+            )
+        for key, value in clipping.items():
+            _number(value, key, optional=True)
+        if intra_op_threads is not None and (
+            not isinstance(intra_op_threads, int) or intra_op_threads < 1
+        ):
+            raise ValueError(f"intra_op_threads must be a positive int; got {intra_op_threads!r}.")
+        self.name = name
+        self.beta_1 = _number(beta_1, "beta_1")
+        self.beta_2 = _number(beta_2, "beta_2")
+        self.epsilon = _number(epsilon, "epsilon")
+        self.amsgrad = bool(amsgrad)
+        self.weight_decay = _number(weight_decay, "weight_decay", optional=True)
+        self.clipnorm = clipnorm
+        self.clipvalue = clipvalue
+        self.global_clipnorm = global_clipnorm
+        self.use_ema = bool(use_ema)
+        self.ema_momentum = ema_momentum
+        self.ema_overwrite_frequency = ema_overwrite_frequency
+        self.loss_scale_factor = _number(loss_scale_factor, "loss_scale_factor", optional=True)
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.intra_op_threads = intra_op_threads
+        # Keras' "int" variable is int64 under the TF backend.
+        self._iterations = torch.zeros((), dtype=torch.int64)
+        self._learning_rate: torch.Tensor | Callable[..., Any] = self._checked_learning_rate(
+            learning_rate
+        )
+        self.built = False
+        self._trainable: list[torch.Tensor] = []
+        self._index: dict[int, int] = {}
+        self._slots: list[dict[str, torch.Tensor]] = []
+        self._exclude_ids: set[int] = set()
+
+    # --- Keras' public surface ---------------------------------------------------------
+
+    @property
+    def iterations(self) -> torch.Tensor:
+        """Updates so far (int64); with accumulation, calls // gradient_accumulation_steps."""
+        if self.gradient_accumulation_steps:
+            return torch.div(
+                self._iterations, self.gradient_accumulation_steps, rounding_mode="floor"
+            )
+        return self._iterations
+
+    @property
+    def learning_rate(self) -> Any:
+        """The current learning rate: the float32 tensor, a schedule's value, or a callable's."""
+        return self._current_learning_rate()
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate: Any) -> None:
+        if _is_schedule(learning_rate) or callable(learning_rate):
+            self._learning_rate = learning_rate
+            return
+        if _is_schedule(self._learning_rate):
+            raise TypeError(
+                "This optimizer was created with a `LearningRateSchedule` object as its "
+                "`learning_rate` constructor argument, hence its learning rate is not settable. "
+                "If you need the learning rate to be settable, you should instantiate the "
+                "optimizer with a float `learning_rate` argument."
+            )
+        value = _as_scalar(learning_rate, "learning_rate")
+        new = rule.keras_cast(value, torch.float32)
+        if isinstance(self._learning_rate, torch.Tensor):
+            self._learning_rate.copy_(new)
+        else:
+            self._learning_rate = new.clone()
+
+    @property
+    def variables(self) -> list[torch.Tensor]:
+        """The optimizer's state in Keras' order (``keras_optimizer.variables``).
+
+        ``iteration``, ``learning_rate`` (when a float), then per variable:
+        EMA ``average``\\ s, ``gradient_accumulator``\\ s, ``momentum`` and
+        ``velocity`` interleaved, ``velocity_hat``\\ s.
+        """
+        found = [self._iterations]
+        if isinstance(self._learning_rate, torch.Tensor):
+            found.append(self._learning_rate)
+        for names in (("average",), ("gradient_accumulator",), ("momentum", "velocity")):
+            for slots in self._slots:
+                found += [slots[name] for name in names if name in slots]
+        found += [slots["velocity_hat"] for slots in self._slots if "velocity_hat" in slots]
+        return found
+
+    def build(self, var_list: Sequence[torch.Tensor]) -> None:
+        """Create the state for ``var_list`` (zeros), as the first apply call does."""
+        if self.built:
+            return
+        var_list = list(var_list)
+        self._check_variables(var_list)
+        self._build(var_list)
+
+    def apply_gradients(self, grads_and_vars: Iterable[tuple[Any, torch.Tensor]]) -> torch.Tensor:
+        """Apply ``(gradient, variable)`` pairs; returns the ``iterations`` tensor (as Keras)."""
+        pairs = list(grads_and_vars)
+        for position, pair in enumerate(pairs):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(
+                    f"grads_and_vars[{position}] must be a (gradient, variable) pair; got "
+                    f"{type(pair).__name__}."
+                )
+        grads = [g for g, _ in pairs]
+        variables = [v for _, v in pairs]
+        self.apply(grads, variables if pairs else None)
+        return self._iterations
+
+    def apply(
+        self, grads: Sequence[Any], trainable_variables: Sequence[torch.Tensor] | None = None
+    ) -> None:
+        """One optimizer step: ``grads`` map 1:1 to ``trainable_variables``.
+
+        Without ``trainable_variables`` the optimizer must be built, and
+        ``grads`` follow the variables it was built with. An empty ``grads``
+        is a no-op, as in Keras.
+        """
+        grads = list(grads)
+        if len(grads) == 0:
+            return
+        variables = self._variables_for(grads, trainable_variables)
+        plan = self._validated(grads, variables)
+        learning_rates = self._learning_rates_for(plan)
+        if not self.built:
+            self._build(variables)
+        with torch.no_grad():
+            self._step(plan, learning_rates)
+            if self.use_ema:
+                self._update_moving_average()
+        self._iterations.add_(1)
+
+    def scale_loss(self, loss: Any) -> Any:
+        """``loss * loss_scale_factor`` (the loss unchanged without one)."""
+        if self.loss_scale_factor is not None:
+            return loss * self.loss_scale_factor
+        return loss
+
+    def exclude_from_weight_decay(
+        self,
+        var_list: Sequence[torch.Tensor] | None = None,
+        var_names: Sequence[str] | None = None,
+        *,
+        named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """Exempt variables from weight decay: by identity, or by name.
+
+        ``var_names`` are regular-expression fragments searched in each name,
+        as Keras does with ``variable.name``; torch tensors carry no name, so
+        pass the names with ``named_parameters`` (e.g. ``model.named_parameters()``).
+
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = Adam(weight_decay=0.1)
+        >>> opt.exclude_from_weight_decay(var_names=["bias"],
+        ...                               named_parameters=model.named_parameters())
+        >>> opt._uses_weight_decay(model.bias), opt._uses_weight_decay(model.weight)
+        (False, True)
+        """
+        excluded = {id(v) for v in var_list} if var_list else set()
+        if var_names:
+            if named_parameters is None:
+                raise ValueError(
+                    "exclude_from_weight_decay(var_names=...) needs the variables' names: torch "
+                    "tensors have none. Pass named_parameters=model.named_parameters(), or "
+                    "var_list=[...]."
+                )
+            pattern = re.compile("|".join(set(var_names)))
+            excluded |= {id(v) for name, v in named_parameters if pattern.search(name)}
+        self._exclude_ids = excluded
+
+    def finalize_variable_values(self, var_list: Sequence[torch.Tensor]) -> None:
+        """With ``use_ema``: copy the moving averages into the variables (end of training)."""
+        if not self.use_ema:
+            return
+        var_list = list(var_list)
+        if len(var_list) != len(self._slots):
+            raise ValueError(
+                f"The length of model variables ({len(var_list)}) to override does not match "
+                f"the length of model variables stored in the optimizer ({len(self._slots)}). "
+                "Please check if the optimizer was called on your model."
+            )
+        with torch.no_grad():
+            for var, slots in zip(var_list, self._slots, strict=True):
+                var.copy_(slots["average"])
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        """Set :attr:`variables` from arrays or tensors, in that order (e.g. Keras' state).
+
+        All shapes are checked before anything is written.
+        """
+        if not self.built:
+            raise ValueError(
+                "You are calling `set_weights()` on an optimizer that has not yet been built. "
+                "Please call `optimizer.build(trainable_variables)` to create the optimizer "
+                "weights before calling `set_weights()`."
+            )
+        targets = self.variables
+        weights = list(weights)
+        if len(weights) != len(targets):
+            raise ValueError(
+                f"set_weights() got {len(weights)} arrays for {len(targets)} optimizer "
+                "variables; pass one per entry of `optimizer.variables`."
+            )
+        converted = []
+        for position, (target, weight) in enumerate(zip(targets, weights, strict=True)):
+            value = _to_tensor_like(weight, target)
+            if value.shape != target.shape:
+                raise ValueError(
+                    f"Optimizer variable #{position} has shape {tuple(target.shape)} not "
+                    f"compatible with provided weight shape {tuple(value.shape)}."
+                )
+            converted.append(value)
+        with torch.no_grad():
+            for target, value in zip(targets, converted, strict=True):
+                target.copy_(value)
+
+    def get_config(self) -> dict[str, Any]:
+        """Keras' config keys; a float learning rate as a float, else the object itself."""
+        learning_rate: Any = self._learning_rate
+        if isinstance(learning_rate, torch.Tensor):
+            learning_rate = float(learning_rate)
+        return {
+            "name": self.name,
+            "learning_rate": learning_rate,
+            "weight_decay": self.weight_decay,
+            "clipnorm": self.clipnorm,
+            "global_clipnorm": self.global_clipnorm,
+            "clipvalue": self.clipvalue,
+            "use_ema": self.use_ema,
+            "ema_momentum": self.ema_momentum,
+            "ema_overwrite_frequency": self.ema_overwrite_frequency,
+            "loss_scale_factor": self.loss_scale_factor,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "beta_1": self.beta_1,
+            "beta_2": self.beta_2,
+            "epsilon": self.epsilon,
+            "amsgrad": self.amsgrad,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Adam:
+        """Rebuild from :meth:`get_config` — or from a Keras Adam's ``get_config()``.
+
+        A serialized Keras schedule (a dict) is deserialized with Keras.
+
+        >>> Adam.from_config(Adam(learning_rate=0.01).get_config()).get_config()["learning_rate"]
+        0.009999999776482582
+        """
+        config = dict(config)
+        if isinstance(config.get("learning_rate"), dict):
+            from keras.optimizers.schedules import deserialize  # a Keras config: Keras is here
+
+            config["learning_rate"] = deserialize(
+                config["learning_rate"], custom_objects=custom_objects
+            )
+        return cls(**config)
+
+    # --- bookkeeping -------------------------------------------------------------------
+
+    def _checked_learning_rate(self, learning_rate: Any) -> torch.Tensor | Callable[..., Any]:
+        if _is_schedule(learning_rate) or callable(learning_rate):
+            return learning_rate
+        if not isinstance(learning_rate, float):
+            raise ValueError(
+                "Argument `learning_rate` should be float, or an instance of "
+                "LearningRateSchedule, or a callable (that takes in the current iteration value "
+                f"and returns the corresponding learning rate value). Received instead: "
+                f"learning_rate={learning_rate}"
+            )
+        # Keras keeps a float learning rate in a float32 variable (floatx).
+        return torch.tensor(learning_rate, dtype=torch.float32)
+
+    def _current_learning_rate(self) -> Any:
+        if _is_keras_schedule(self._learning_rate):
+            return _as_scalar(self._learning_rate(np.int64(self._iterations)), "learning rate")
+        if isinstance(self._learning_rate, LearningRateSchedule):
+            return _as_scalar(self._learning_rate(int(self._iterations)), "learning rate")
+        if isinstance(self._learning_rate, torch.Tensor):
+            return self._learning_rate
+        return _as_scalar(self._learning_rate(), "learning rate")
+
+    def _threads(self) -> int:
+        return self.intra_op_threads or _tf_intra_op_threads()
+
+    def _variables_for(
+        self, grads: list[Any], trainable_variables: Sequence[torch.Tensor] | None
+    ) -> list[torch.Tensor]:
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError(
+                    "When passing `grads` without `variables`, the optimizer must already be "
+                    "built on a list of variables. Call `optimizer.build(trainable_variables)` "
+                    "first."
+                )
+            if len(grads) != len(self._trainable):
+                raise ValueError(
+                    "When passing `grads` as a list of gradient tensors, the gradients must "
+                    f"match `optimizer.variables` one-to-one. Received a list of {len(grads)} "
+                    f"gradients, but the optimizer is tracking {len(self._trainable)} "
+                    "trainable variables."
+                )
+            return list(self._trainable)
+        variables = list(trainable_variables)
+        if len(variables) != len(grads):
+            raise ValueError(
+                f"Received {len(grads)} gradients for {len(variables)} variables; pass one "
+                "gradient (or None) per variable."
+            )
+        self._check_variables(variables)
+        if self.built:
+            for position, var in enumerate(variables):
+                if id(var) not in self._index:
+                    raise ValueError(
+                        f"Unknown variable: {_label(position, var)}. This optimizer can only be "
+                        "called for the variables it was originally built with. When working "
+                        "with a new set of variables, you should recreate a new optimizer "
+                        "instance."
+                    )
+        return variables
+
+    @staticmethod
+    def _check_variables(variables: Sequence[Any]) -> None:
+        seen: dict[int, int] = {}
+        for position, var in enumerate(variables):
+            if not isinstance(var, torch.Tensor):
+                raise TypeError(
+                    f"{_label(position, var)} is not a torch tensor; tfadam.keras.Adam updates "
+                    "torch tensors (nn.Parameter or leaf tensors) in place."
+                )
+            if var.dtype not in engine.FLOATING:
+                raise TypeError(
+                    f"{_label(position, var)} is not a floating variable; Adam updates "
+                    "float16, bfloat16, float32 and float64 variables only."
+                )
+            if id(var) in seen:
+                raise ValueError(
+                    f"{_label(position, var)} is the same tensor as variable #{seen[id(var)]}; "
+                    "pass each variable once."
+                )
+            seen[id(var)] = position
+
+    def _validated(self, grads: list[Any], variables: list[torch.Tensor]) -> engine.Plan:
+        """Everything a step needs, checked; nothing is modified."""
+        updates, missing = [], []
+        for position, (grad, var) in enumerate(zip(grads, variables, strict=True)):
+            if grad is None:
+                missing.append(_label(position, var))
+                continue
+            state = self._slots[self._index[id(var)]] if self.built else {}
+            updates.append(engine.Update(var, grad, state, _label(position, var)))
+        if not updates:
+            raise ValueError(
+                "No gradients provided for any variable. Check that the loss depends on the "
+                "variables (a gradient is None for a variable the loss does not use)."
+            )
+        if missing:
+            warnings.warn(
+                f"Gradients do not exist for variables {missing} when minimizing the loss. If "
+                "using `model.compile()`, did you forget to provide a `loss` argument?",
+                stacklevel=3,
+            )
+        plan = engine.prepare(updates, _NO_HYPER, engine.Options())
+        sparse = [u for u in plan.updates if isinstance(u.grad, IndexedSlices)]
+        if sparse and self.loss_scale_factor is not None:
+            raise TypeError(
+                f"loss_scale_factor cannot divide the IndexedSlices gradient of {sparse[0].name} "
+                "(Keras: unsupported operand type(s) for /: 'IndexedSlices' and 'float'). "
+                "Densify it first, or scale the loss without loss_scale_factor."
+            )
+        if self._clips_globally() and len({u.param.dtype for u in plan.updates}) > 1:
+            dtypes = sorted({str(u.param.dtype) for u in plan.updates})
+            raise TypeError(
+                f"global_clipnorm needs every gradient in one dtype, got {dtypes} (Keras/TF: "
+                "'cannot compute Mul as input #1 was expected to be a ... tensor'). Use "
+                "clipnorm, or one dtype for all variables."
+            )
+        return plan
+
+    def _is_update_step(self) -> bool:
+        steps = self.gradient_accumulation_steps
+        return not steps or (int(self._iterations) + 1) % steps == 0
+
+    def _clips_globally(self) -> bool:
+        return bool(self.global_clipnorm and self.global_clipnorm > 0) and self._is_update_step()
+
+    def _uses_weight_decay(self, var: torch.Tensor) -> bool:
+        return id(var) not in self._exclude_ids
+
+    def _learning_rates_for(self, plan: engine.Plan) -> list[Any]:
+        """Keras reads ``self.learning_rate`` once per decayed variable, then once for the step.
+
+        A schedule is a function of the step, so it is evaluated once; a
+        callable is called as often as Keras calls it, in the same order.
+        """
+        if not self._is_update_step():
+            return []
+        count = 1
+        if self.weight_decay is not None:
+            count += sum(self._uses_weight_decay(u.param) for u in plan.updates)
+        if _is_schedule(self._learning_rate) or isinstance(self._learning_rate, torch.Tensor):
+            return [self._current_learning_rate()] * count
+        return [self._current_learning_rate() for _ in range(count)]
+
+    def _build(self, variables: list[torch.Tensor]) -> None:
+        self._trainable = list(variables)
+        self._index = {id(v): i for i, v in enumerate(variables)}
+        names = ["momentum", "velocity"]
+        if self.use_ema:
+            names.append("average")
+        if self.gradient_accumulation_steps:
+            names.append("gradient_accumulator")
+        if self.amsgrad:
+            names.append("velocity_hat")
+        self._slots = [
+            {name: torch.zeros_like(v, memory_format=torch.preserve_format) for name in names}
+            for v in variables
+        ]
+        self.built = True
+
+    # --- one step, in Keras' order (BaseOptimizer.apply / _backend_apply_gradients) -------
+
+    def _step(self, plan: engine.Plan, learning_rates: list[Any]) -> None:
+        updates = plan.updates
+        grads: list[Gradient] = [u.grad for u in updates]
+        if self.loss_scale_factor is not None:
+            grads = [rule.keras_unscale(g, self.loss_scale_factor) for g in grads]  # type: ignore[arg-type]
+        steps = self.gradient_accumulation_steps
+        slots = [self._slots[self._index[id(u.param)]] for u in updates]
+        if steps:
+            if not self._is_update_step():
+                for g, u, s in zip(grads, updates, slots, strict=True):
+                    rule.keras_accumulate(s["gradient_accumulator"], self._dense(g, u.param))
+                return
+            grads = [
+                rule.keras_accumulated_gradient(
+                    self._dense(g, u.param), s["gradient_accumulator"], steps
+                )
+                for g, u, s in zip(grads, updates, slots, strict=True)
+            ]
+        grads = self._clipped(grads, updates)
+        decayed = iter(learning_rates[:-1])
+        if self.weight_decay is not None:
+            for u in updates:
+                if self._uses_weight_decay(u.param):
+                    dtype = u.param.dtype
+                    rule.keras_weight_decay(
+                        u.param,
+                        rule.keras_cast(self.weight_decay, dtype),
+                        rule.keras_cast(next(decayed), dtype),
+                    )
+        self._update(grads, updates, slots, learning_rates[-1])
+        if steps:
+            for s in self._slots:
+                s["gradient_accumulator"].zero_()
+
+    @staticmethod
+    def _dense(g: Gradient, param: torch.Tensor) -> torch.Tensor:
+        if isinstance(g, IndexedSlices):
+            return rule.keras_densify(g.indices, g.values, param.shape)
+        return g
+
+    def _clipped(self, grads: list[Gradient], updates: list[engine.Update]) -> list[Gradient]:
+        threads = self._threads()
+        if self.clipnorm and self.clipnorm > 0:
+            clip = rule.keras_clip_by_norm
+            return [self._on_values(g, clip, self.clipnorm, threads) for g in grads]
+        if self.global_clipnorm and self.global_clipnorm > 0:
+            squared = []
+            for g, u in zip(grads, updates, strict=True):
+                if isinstance(g, IndexedSlices):
+                    # ops.square keeps the IndexedSlices; ops.sum then densifies the squares.
+                    squares = rule.flush_subnormal(g.values * g.values)
+                    dense = rule.keras_densify(g.indices, squares, u.param.shape)
+                    squared.append(rule.tf_sum(dense, threads))
+                else:
+                    squared.append(rule.keras_squared_norm(g, threads))
+            scale = rule.keras_global_norm_scale(squared, self.global_clipnorm, threads)
+            # `v * scale` turns an IndexedSlices into a dense tensor.
+            return [self._dense(g, u.param) * scale for g, u in zip(grads, updates, strict=True)]
+        if self.clipvalue and self.clipvalue > 0:
+            return [self._on_values(g, rule.keras_clip_by_value, self.clipvalue) for g in grads]
+        return grads
+
+    @staticmethod
+    def _on_values(g: Gradient, clip: Callable[..., torch.Tensor], *args: Any) -> Gradient:
+        if isinstance(g, IndexedSlices):
+            return IndexedSlices(clip(g.values, *args), g.indices, g.dense_shape)
+        return clip(g, *args)
+
+    def _update(
+        self,
+        grads: list[Gradient],
+        updates: list[engine.Update],
+        slots: list[dict[str, torch.Tensor]],
+        learning_rate: Any,
+    ) -> None:
+        iterations = int(self.iterations)
+        coefficients: dict[torch.dtype, rule.Coefficients] = {}
+
+        def coefficients_for(dtype: torch.dtype) -> rule.Coefficients:
+            if dtype not in coefficients:
+                coefficients[dtype] = rule.keras_coefficients(
+                    lr=learning_rate,
+                    beta_1=self.beta_1,  # type: ignore[arg-type]
+                    beta_2=self.beta_2,  # type: ignore[arg-type]
+                    epsilon=self.epsilon,  # type: ignore[arg-type]
+                    iterations=iterations,
+                    dtype=dtype,
+                )
+            return coefficients[dtype]
+
+        dense: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, (g, u) in enumerate(zip(grads, updates, strict=True)):
+            s = slots[i]
+            if isinstance(g, IndexedSlices) and _has_repeats(g.indices):
+                rule.keras_update(
+                    u.param,
+                    s["momentum"],
+                    s["velocity"],
+                    self._dense(g, u.param),
+                    coefficients_for(u.param.dtype),
+                    g_squared=rule.keras_densify(g.indices, g.values * g.values, u.param.shape),
+                    vhat=s.get("velocity_hat"),
+                )
+                continue
+            # Unique rows: the square of the densified gradient is Keras' sum of squares.
+            g = self._dense(g, u.param)
+            if self.amsgrad:
+                # Keras' vhat = tf.maximum(vhat, v) keeps NaN bits that the kernels'
+                # torch.maximum would canonicalise; AMSGrad takes the rule's path.
+                rule.keras_update(
+                    u.param,
+                    s["momentum"],
+                    s["velocity"],
+                    g,
+                    coefficients_for(u.param.dtype),
+                    vhat=s["velocity_hat"],
+                )
+                continue
+            grads[i] = g
+            dense.setdefault((u.param.device, u.param.dtype), []).append(i)
+        for (_, dtype), members in dense.items():
+            kernels.dense_step(
+                [updates[i].param for i in members],
+                [grads[i] for i in members],  # type: ignore[misc]
+                [slots[i]["momentum"] for i in members],
+                [slots[i]["velocity"] for i in members],
+                None,
+                coefficients_for(dtype),
+            )
+
+    def _update_moving_average(self) -> None:
+        iterations = int(self.iterations)
+        for var, slots in zip(self._trainable, self._slots, strict=True):
+            rule.keras_ema_update(slots["average"], var, self.ema_momentum, iterations == 0)
+        frequency = self.ema_overwrite_frequency
+        if frequency and (iterations + 1) % frequency == 0:
+            for var, slots in zip(self._trainable, self._slots, strict=True):
+                var.copy_(slots["average"])
+
+
+def _has_repeats(indices: torch.Tensor) -> bool:
+    return bool(torch.unique(indices).numel() != indices.numel())
