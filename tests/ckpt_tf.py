@@ -244,3 +244,44 @@ def same_bits(tf_value, ours: np.ndarray) -> bool:
     if ours.dtype == object:
         return all(a == b for a, b in zip(theirs.reshape(-1), ours.reshape(-1), strict=True))
     return theirs.tobytes() == ours.tobytes() and theirs.dtype.itemsize == ours.dtype.itemsize
+
+
+def keras_resume_run(
+    directory: str, *, before: int = 3, after: int = 3, amsgrad: bool = False, seed: int = 4
+) -> Run:
+    """Keras 3 Adam with fixed gradients: ``before`` steps, save, ``after`` more.
+
+    ``final`` holds each variable (by Keras path) and its Keras slots
+    (``/m``, ``/v``, ``/vhat``); ``beta_powers`` is unused.
+    """
+    import keras
+
+    rng = np.random.default_rng(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(4, name="hidden"),
+            keras.layers.Dense(2, name="out"),
+        ],
+        name="mlp",
+    )
+    optimizer = keras.optimizers.Adam(learning_rate=LR, amsgrad=amsgrad)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    variables = model.trainable_variables
+    run = Run(os.path.join(directory, "keras"), "float32")
+    for step in range(before + after):
+        if step == before:
+            run.prefix = ckpt.save(run.prefix)
+        scale = 10.0 ** rng.uniform(-3, 1)
+        grads = [(rng.standard_normal(v.shape) * scale).astype("float32") for v in variables]
+        optimizer.apply_gradients(zip([tf.constant(g) for g in grads], variables, strict=True))
+        if step >= before:
+            run.dense_grads.append({v.path: g for v, g in zip(variables, grads, strict=True)})
+    for i, v in enumerate(variables):
+        run.final[v.path] = v.numpy()
+        run.final[v.path + "/m"] = optimizer._momentums[i].numpy()
+        run.final[v.path + "/v"] = optimizer._velocities[i].numpy()
+        if amsgrad:
+            run.final[v.path + "/vhat"] = optimizer._velocity_hats[i].numpy()
+    run.final["iterations"] = optimizer.iterations.numpy()
+    return run

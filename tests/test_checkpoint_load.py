@@ -16,6 +16,7 @@ from ckpt_tf import (
     LR,
     SHAPES,
     Run,
+    keras_resume_run,
     keras_run,
     tf1_session_run,
     tf2_eager_run,
@@ -365,3 +366,47 @@ def test_a_tensor_outside_the_optimizer_gets_its_value_only(tf1_run):
     result = load_tf_checkpoint(tf1_run.prefix, opt, {**model.var_map(), "frozen": extra})
     assert "frozen" in result.variables and "frozen" not in result.slots
     assert extra.abs().sum() > 0
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_keras_checkpoint_resumes_bitwise_in_the_keras_face(tmp_path, amsgrad):
+    import tfadam.keras
+
+    run = keras_resume_run(str(tmp_path), amsgrad=amsgrad)
+    hidden, out = torch.nn.Linear(6, 4), torch.nn.Linear(4, 2)
+    var_map = {  # Keras paths; Dense kernels are (in, out), Linear weights (out, in)
+        "mlp/hidden/kernel": hidden.weight.T,
+        "mlp/hidden/bias": hidden.bias,
+        "mlp/out/kernel": out.weight.T,
+        "mlp/out/bias": out.bias,
+    }
+    opt = tfadam.keras.Adam(learning_rate=0.5, amsgrad=amsgrad)  # the lr variable is restored
+    result = load_tf_checkpoint(run.prefix, opt, var_map)
+    assert set(result.optimizer_variables) == {"iterations", "learning_rate"}
+    assert int(opt.iterations) == 3 and float(opt.learning_rate) == np.float32(LR)
+    params = [hidden.weight, hidden.bias, out.weight, out.bias]
+    for grads in run.dense_grads:
+        as_torch = [to_torch(grads[name]) for name in var_map]
+        as_torch = [g.T.contiguous() if g.dim() == 2 else g for g in as_torch]
+        opt.apply_gradients(zip(as_torch, params, strict=True))
+    slot_names = ["m", "v", "vhat"] if amsgrad else ["m", "v"]
+    keras_names = {"m": "momentum", "v": "velocity", "vhat": "velocity_hat"}
+    for (name, tensor), param in zip(var_map.items(), params, strict=True):
+        assert_same_bits(tensor, run.final[name], name)
+        slots = opt._slots[opt._index[id(param)]]
+        for slot in slot_names:
+            held = slots[keras_names[slot]]
+            assert_same_bits(
+                held.T if tensor.dim() == 2 else held, run.final[f"{name}/{slot}"], f"{name}/{slot}"
+            )
+    assert int(opt.iterations) == int(run.final["iterations"]) == 6
+
+
+def test_checkpoint_and_face_flavours_must_agree(tmp_path, tf1_run):
+    import tfadam.keras
+
+    w = torch.nn.Parameter(torch.zeros(SHAPES["dense/bias"]))
+    opt = tfadam.keras.Adam()
+    with pytest.raises(CheckpointError, match="TF1 AdamOptimizer state"):
+        load_tf_checkpoint(tf1_run.prefix, opt, {"dense/bias": w})
+    assert not opt.built and not w.abs().sum()

@@ -32,6 +32,8 @@ class LoadResult:
         variables: TF name -> checkpoint key of each value loaded.
         slots: TF name -> {"m": key, "v": key} of each variable's Adam slots.
         accumulators: the keys loaded into ``beta1_power``/``beta2_power``.
+        optimizer_variables: optimizer-wide state loaded, name -> key
+            (``beta1_power``, ``beta2_power``; Keras: ``iterations``, ``learning_rate``).
         without_slots: mapped optimizer parameters the checkpoint has no Adam
             state for (TF never updated them). If the checkpoint holds Adam
             state for others, theirs is reset to none, as in TF; a checkpoint
@@ -42,6 +44,7 @@ class LoadResult:
     variables: dict[str, str] = field(default_factory=dict)
     slots: dict[str, dict[str, str]] = field(default_factory=dict)
     accumulators: tuple[str, str] | None = None
+    optimizer_variables: dict[str, str] = field(default_factory=dict)
     without_slots: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
 
@@ -139,9 +142,18 @@ def _targets(var_map: VarMap, rename: Callable[[str], str | None] | None) -> lis
 
 # -- the optimizer being loaded into ------------------------------------------
 
+# What a flavour of optimizer keeps besides the per-variable slots, and the
+# dtype each must have in the checkpoint.
+_SHARED = {
+    "tf1": (("beta1_power", "float32"), ("beta2_power", "float32")),
+    "keras": (("iterations", "int64"), ("learning_rate", "float32")),
+}
+
 
 class _Optimizer:
-    """Adapter over one tfadam face: which params it owns, how to set state."""
+    """Adapter over one tfadam face: which params it owns, how to set its state."""
+
+    flavour = "tf1"
 
     def owns(self, param: torch.Tensor) -> bool:
         raise NotImplementedError
@@ -153,8 +165,9 @@ class _Optimizer:
         self,
         slots: dict[torch.Tensor, dict[str, torch.Tensor]],
         cleared: list[torch.Tensor],
-        accumulators: tuple[torch.Tensor, torch.Tensor],
+        shared: dict[str, torch.Tensor],
     ) -> None:
+        """Install the validated state; nothing here may fail on bad input."""
         raise NotImplementedError
 
 
@@ -173,7 +186,7 @@ class _TorchFace(_Optimizer):
         self,
         slots: dict[torch.Tensor, dict[str, torch.Tensor]],
         cleared: list[torch.Tensor],
-        accumulators: tuple[torch.Tensor, torch.Tensor],
+        shared: dict[str, torch.Tensor],
     ) -> None:
         groups = {}
         for param, named in slots.items():
@@ -186,8 +199,8 @@ class _TorchFace(_Optimizer):
             for name in ("m", "v", "vhat"):
                 self.opt.state[param].pop(name, None)
         for group in groups.values():
-            group["beta1_power"] = accumulators[0].clone()
-            group["beta2_power"] = accumulators[1].clone()
+            group["beta1_power"] = shared["beta1_power"].clone()
+            group["beta2_power"] = shared["beta2_power"].clone()
 
 
 class _TF1Face(_Optimizer):
@@ -205,30 +218,87 @@ class _TF1Face(_Optimizer):
         self,
         slots: dict[torch.Tensor, dict[str, torch.Tensor]],
         cleared: list[torch.Tensor],
-        accumulators: tuple[torch.Tensor, torch.Tensor],
+        shared: dict[str, torch.Tensor],
     ) -> None:
         named = dict(slots)
         for param in cleared:
             named[param] = {}  # no slots: created afresh at its first update, as in TF
-        self.opt.restore(accumulators[0], accumulators[1], slots=named)
+        self.opt.restore(shared["beta1_power"], shared["beta2_power"], slots=named)
 
 
-def _adapter(optimizer: Any) -> _Optimizer | None:
+class _KerasFace(_Optimizer):
+    """``tfadam.keras.Adam``: slots per variable, an iterations counter, the lr variable.
+
+    An optimizer not built yet is built with the mapped parameters, in
+    ``var_map`` order; build it first (``opt.build(params)``) to include others.
+    """
+
+    flavour = "keras"
+    # slot names used here -> the Keras face's (Keras 3's variable names)
+    NAMES = {
+        "m": "momentum",
+        "v": "velocity",
+        "vhat": "velocity_hat",
+        "average": "average",
+        "gradient_accumulator": "gradient_accumulator",
+    }
+
+    def __init__(self, opt: Any, params: list[torch.Tensor]) -> None:
+        self.opt = opt
+        self.params = params
+
+    def owns(self, param: torch.Tensor) -> bool:
+        return not self.opt.built or id(param) in self.opt._index
+
+    def slot_names(self, param: torch.Tensor) -> list[str]:
+        names = ["m", "v"]
+        names += ["vhat"] if self.opt.amsgrad else []
+        names += ["average"] if self.opt.use_ema else []
+        names += ["gradient_accumulator"] if self.opt.gradient_accumulation_steps else []
+        return names
+
+    def assign(
+        self,
+        slots: dict[torch.Tensor, dict[str, torch.Tensor]],
+        cleared: list[torch.Tensor],
+        shared: dict[str, torch.Tensor],
+    ) -> None:
+        if not self.opt.built:
+            self.opt.build(self.params)
+        with torch.no_grad():
+            for param, named in slots.items():
+                held = self.opt._slots[self.opt._index[id(param)]]
+                for name, value in named.items():
+                    held[self.NAMES[name]].copy_(value)
+            for param in cleared:
+                for tensor in self.opt._slots[self.opt._index[id(param)]].values():
+                    tensor.zero_()
+            self.opt._iterations.copy_(shared["iterations"])
+            if "learning_rate" in shared and isinstance(self.opt._learning_rate, torch.Tensor):
+                self.opt._learning_rate.copy_(shared["learning_rate"])
+
+
+def _adapter(optimizer: Any, targets: list[_Target]) -> _Optimizer | None:
     if optimizer is None:
         return None
     from .. import AdamOptimizer  # late: tfadam imports this package
+    from ..optimizer import Adam
 
     if isinstance(optimizer, AdamOptimizer):
         return _TF1Face(optimizer)
-    from ..optimizer import Adam
-
     if isinstance(optimizer, Adam):
         return _TorchFace(optimizer)
+    try:
+        from ..keras import Adam as KerasAdam
+    except ImportError:  # pragma: no cover - the Keras face ships with tfadam
+        KerasAdam = None  # noqa: N806
+    if KerasAdam is not None and isinstance(optimizer, KerasAdam):
+        return _KerasFace(optimizer, [t.param for t in targets])
     raise TypeError(
         f"optimizer is a {type(optimizer).__name__}; load_tf_checkpoint restores TF's Adam "
-        "state into tfadam.Adam or tfadam.AdamOptimizer (or pass optimizer=None to load the "
-        "variables only). torch.optim.Adam cannot continue a TF run: its epsilon and bias "
-        "correction differ."
+        "state into tfadam.Adam, tfadam.AdamOptimizer or tfadam.keras.Adam (or pass "
+        "optimizer=None to load the variables only). torch.optim.Adam cannot continue a TF "
+        "run: its epsilon and bias correction differ."
     )
 
 
@@ -253,13 +323,6 @@ def _check_fits(reader: BundleReader, key: str, tensor: torch.Tensor, what: str)
     )
 
 
-def _float32_scalar(reader: BundleReader, key: str) -> str | None:
-    info = reader.info(key)
-    if info.dtype != "float32" or info.shape != ():
-        return f"{key!r} should be a float32 scalar accumulator; it is {info.shape} {info.dtype}"
-    return None
-
-
 def load_tf_checkpoint(
     path: str | os.PathLike[str],
     optimizer: Any,
@@ -274,10 +337,15 @@ def load_tf_checkpoint(
     Args:
         path: checkpoint prefix (``model.ckpt-1000``), its ``.index`` file, or a
             directory (its latest checkpoint).
-        optimizer: a :class:`tfadam.Adam` (m, v into ``optimizer.state[p]``,
+        optimizer: for a TF1 ``AdamOptimizer``'s state (TF1 ``Saver``, or TF2
+            ``tf.train.Checkpoint`` over ``tf.compat.v1.train.AdamOptimizer``):
+            a :class:`tfadam.Adam` (m, v into ``optimizer.state[p]``,
             ``beta1_power``/``beta2_power`` into the param groups of the mapped
-            parameters), a :class:`tfadam.AdamOptimizer` (slots and
-            accumulators via its ``restore``), or None for the variables only.
+            parameters) or a :class:`tfadam.AdamOptimizer` (via its
+            ``restore``). For a Keras 3 optimizer's state: a
+            ``tfadam.keras.Adam`` (slots, ``iterations`` and the learning-rate
+            variable; built with the mapped parameters if not built yet).
+            None loads the variables only.
         var_map: TF variable name -> tensor to load it into. A name may be the
             TF name (``dense/kernel``), a TF2 object path (``model/dense/kernel``)
             or a checkpoint key. A tensor may be a view of a whole parameter —
@@ -314,7 +382,7 @@ def load_tf_checkpoint(
         (tensor([1., 1.]), tensor([0.1000, 0.1000]), tensor(0.8100))
     """
     targets = _targets(var_map, rename)
-    adapter = _adapter(optimizer)
+    adapter = _adapter(optimizer, targets)
     if optimizer_name is None:
         get_name = getattr(optimizer, "get_name", None)
         optimizer_name = get_name() if callable(get_name) else "Adam"
@@ -323,7 +391,7 @@ def load_tf_checkpoint(
         result = LoadResult()
         problems: list[str] = []
         plan: list[tuple[_Target, Variable, OptimizerState | None]] = []
-        accumulator_keys: set[tuple[str, str]] = set()
+        shared_keys: set[tuple[tuple[str, str], ...]] = set()
 
         # 1. names and metadata: nothing read yet
         for target in targets:
@@ -335,20 +403,15 @@ def load_tf_checkpoint(
             if adapter is not None and adapter.owns(target.param):
                 state = names.optimizer_state(var)
             if state is not None:
-                if state.flavour != "tf1":
-                    raise CheckpointError(
-                        "this checkpoint holds Keras optimizer state (slots and an iterations "
-                        "counter, no beta1_power/beta2_power)",
-                        path=reader.index_path,
-                        key=var.key,
-                        hint="Load it into tfadam.keras.Adam, which follows Keras' arithmetic",
-                    )
-                wanted = adapter.slot_names(target.param)  # type: ignore[union-attr]
+                assert adapter is not None
+                _check_flavour(state, adapter, reader, var)
+                wanted = adapter.slot_names(target.param)
                 missing = [s for s in wanted if s not in state.slots]
                 if missing:
                     problems.append(
                         f"{var.key!r}: the checkpoint has no {missing} slot for it, which "
-                        f"{target.label} needs (amsgrad?)"
+                        f"the optimizer keeps for {target.label} (amsgrad, use_ema, "
+                        "gradient accumulation?)"
                     )
                 for slot in wanted if not problem else ():  # slots share the var's shape
                     if slot in state.slots:
@@ -357,34 +420,23 @@ def load_tf_checkpoint(
                         )
                         if problem:
                             problems.append(problem)
-                if accumulators is not None:
-                    accumulator_keys.add(accumulators)
-                elif state.beta1_power is not None and state.beta2_power is not None:
-                    accumulator_keys.add((state.beta1_power, state.beta2_power))
-                elif not names.object_based:
-                    accumulator_keys.add(names.tf1_accumulators())
-                else:
-                    raise CheckpointError(
-                        "the checkpoint has Adam slots but no beta1_power/beta2_power",
-                        path=reader.index_path,
-                        key=var.key,
-                        hint="Pass accumulators=(beta1_key, beta2_key)",
-                    )
+                shared_keys.add(_shared_keys(state, names, reader, var, accumulators))
             plan.append((target, var, state))
-        if len(accumulator_keys) > 1:
+        if len(shared_keys) > 1:
             raise CheckpointError(
-                f"the mapped variables belong to different optimizers: {sorted(accumulator_keys)}",
+                "the mapped variables belong to different optimizers: "
+                + " vs ".join(str(dict(k)) for k in sorted(shared_keys)),
                 path=reader.index_path,
                 hint="Load each optimizer's variables in its own call",
             )
-        pair = next(iter(accumulator_keys), None)
-        if pair is not None:
-            for key in pair:
-                if key not in reader:
-                    raise reader._missing(key)
-                problem = _float32_scalar(reader, key)
-                if problem:
-                    problems.append(problem)
+        shared = dict(next(iter(shared_keys), ()))
+        for what, key in shared.items():
+            want = dict(_SHARED[adapter.flavour])[what]  # type: ignore[union-attr]
+            info = reader.info(key)
+            if info.dtype != want or info.shape != ():
+                problems.append(
+                    f"{key!r} ({what}) is {info.shape} {info.dtype}, not a {want} scalar"
+                )
         if problems:
             raise CheckpointError(
                 f"{len(problems)} tensor(s) do not fit: " + "; ".join(problems),
@@ -417,22 +469,79 @@ def load_tf_checkpoint(
                 named[slot] = full
             slot_values[target.param] = named
             result.slots[target.tf_name] = {s: state.slots[s] for s in named}
-        powers = None
-        if pair is not None:
-            powers = (
-                reader.read_torch(pair[0]).reshape(()).clone(),
-                reader.read_torch(pair[1]).reshape(()).clone(),
-            )
-            result.accumulators = pair
+        shared_values = {w: reader.read_torch(k).reshape(()).clone() for w, k in shared.items()}
+        result.optimizer_variables = dict(shared)
+        if "beta1_power" in shared:
+            result.accumulators = shared["beta1_power"], shared["beta2_power"]
 
         # 3. assign: nothing below can fail on bad input
         with torch.no_grad():
             for (target, _, _), value in zip(plan, values, strict=True):
                 target.tensor.copy_(value)
-        if adapter is not None and powers is not None:
-            adapter.assign(slot_values, cleared, powers)
+        if adapter is not None and shared_values:
+            adapter.assign(slot_values, cleared, shared_values)
 
-        used = set(result.variables.values()) | set(pair or ())
+        used = set(result.variables.values()) | set(shared.values())
         used |= {k for named in result.slots.values() for k in named.values()}
         result.unused = [k for k in reader.keys() if k not in used]
     return result
+
+
+def _check_flavour(
+    state: OptimizerState, adapter: _Optimizer, reader: BundleReader, var: Variable
+) -> None:
+    if state.flavour == adapter.flavour:
+        return
+    if state.flavour == "keras":
+        raise CheckpointError(
+            "this checkpoint holds Keras optimizer state (an iterations counter, no "
+            "beta1_power/beta2_power)",
+            path=reader.index_path,
+            key=var.key,
+            hint="Load it into tfadam.keras.Adam, which follows Keras' arithmetic",
+        )
+    raise CheckpointError(
+        "this checkpoint holds TF1 AdamOptimizer state (beta1_power/beta2_power), which "
+        "Keras' optimizer has no place for",
+        path=reader.index_path,
+        key=var.key,
+        hint="Load it into tfadam.Adam or tfadam.AdamOptimizer, which follow TF1's arithmetic",
+    )
+
+
+def _shared_keys(
+    state: OptimizerState,
+    names: CheckpointNames,
+    reader: BundleReader,
+    var: Variable,
+    accumulators: tuple[str, str] | None,
+) -> tuple[tuple[str, str], ...]:
+    """Keys of the optimizer-wide state that goes with ``var``'s slots."""
+    if state.flavour == "keras":
+        if state.iterations is None:
+            raise CheckpointError(
+                "Keras optimizer state without its iterations counter",
+                path=reader.index_path,
+                key=var.key,
+            )
+        keys = [("iterations", state.iterations)]
+        if state.learning_rate is not None:
+            keys.append(("learning_rate", state.learning_rate))
+        return tuple(keys)
+    if accumulators is not None:
+        pair = accumulators
+        for key in pair:
+            if key not in reader:
+                raise reader._missing(key)
+    elif state.beta1_power is not None and state.beta2_power is not None:
+        pair = (state.beta1_power, state.beta2_power)
+    elif not names.object_based:
+        pair = names.tf1_accumulators()
+    else:
+        raise CheckpointError(
+            "the checkpoint has Adam slots but no beta1_power/beta2_power",
+            path=reader.index_path,
+            key=var.key,
+            hint="Pass accumulators=(beta1_key, beta2_key)",
+        )
+    return (("beta1_power", pair[0]), ("beta2_power", pair[1]))

@@ -48,7 +48,14 @@ from .proto import ObjectGraph
 __all__ = ["CheckpointNames", "OptimizerState", "Variable"]
 
 _VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
-KERAS_SLOT_LISTS = (("_momentums", "m"), ("_velocities", "v"), ("_velocity_hats", "vhat"))
+# Keras 3 optimizer lists (parallel to _trainable_variables) -> slot names used here
+KERAS_SLOT_LISTS = (
+    ("_momentums", "m"),
+    ("_velocities", "v"),
+    ("_velocity_hats", "vhat"),
+    ("_model_variables_moving_average", "average"),
+    ("_accumulated_gradients", "gradient_accumulator"),
+)
 _BETA_POWER = re.compile(r"(?:^|/)beta([12])_power(?:_(\d+))?$")
 
 
@@ -66,8 +73,10 @@ class Variable:
 class OptimizerState:
     """Checkpoint keys of one variable's optimizer state.
 
-    ``flavour`` is "tf1" (slots plus ``beta1_power``/``beta2_power``) or
-    "keras" (slots plus an ``iterations`` counter).
+    ``flavour`` is "tf1" (slots "m", "v" plus ``beta1_power``/``beta2_power``)
+    or "keras" (slots "m", "v" and maybe "vhat", "average",
+    "gradient_accumulator", plus an ``iterations`` counter and the optimizer's
+    ``learning_rate`` variable).
     """
 
     slots: dict[str, str] = field(default_factory=dict)
@@ -75,6 +84,7 @@ class OptimizerState:
     beta2_power: str | None = None
     iterations: str | None = None
     flavour: str = "tf1"
+    learning_rate: str | None = None
 
 
 class CheckpointNames:
@@ -257,8 +267,12 @@ class CheckpointNames:
                     slots[slot] = slot_var.key
             if slots:
                 it = self._node_variable(self._child(owner_id, "_iterations"))
+                lr = self._node_variable(self._child(owner_id, "_learning_rate"))
                 owners[owner_id] = OptimizerState(
-                    slots, iterations=it.key if it else None, flavour="keras"
+                    slots,
+                    iterations=it.key if it else None,
+                    flavour="keras",
+                    learning_rate=lr.key if lr else None,
                 )
         if not owners:
             return None
