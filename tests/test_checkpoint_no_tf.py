@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from ckpt_tf import every_dtype_checkpoint, tf1_session_run, tf_values
+from ckpt_tf import every_dtype_checkpoint, keras_resume_run, tf1_session_run, tf_values
 
 BLOCKER = """
 import sys
@@ -44,6 +44,11 @@ w = torch.nn.Parameter(torch.zeros(20, 4))
 opt = tfadam.Adam([w], numerics="graph")
 load_tf_checkpoint(sys.argv[1], opt, {"emb": w})
 digests["loaded_m"] = hashlib.sha256(opt.state[w]["m"].numpy().tobytes()).hexdigest()
+import tfadam.keras
+kernel = torch.nn.Parameter(torch.zeros(6, 4))
+keras_opt = tfadam.keras.Adam()
+load_tf_checkpoint(sys.argv[4], keras_opt, {"mlp/hidden/kernel": kernel})
+digests["keras_iterations"] = int(keras_opt.iterations)
 status = cli_convert([sys.argv[1], os.path.join(sys.argv[3], "out.pt"), "--no-progress"])
 heavy = sorted(
     m for m, mod in sys.modules.items()
@@ -65,12 +70,16 @@ def _digest(value: np.ndarray) -> str:
 @pytest.fixture(scope="module")
 def prefixes(tmp_path_factory):
     d = tmp_path_factory.mktemp("nf")
-    return tf1_session_run(str(d / "tf1")).prefix, every_dtype_checkpoint(str(d / "dt"), big=False)
+    return (
+        tf1_session_run(str(d / "tf1")).prefix,
+        every_dtype_checkpoint(str(d / "dt"), big=False),
+        keras_resume_run(str(d / "keras")).prefix,
+    )
 
 
 def test_reader_loader_and_converter_run_without_tensorflow(prefixes, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, *prefixes, str(tmp_path)],
+        [sys.executable, "-c", SCRIPT, *prefixes[:2], str(tmp_path), prefixes[2]],
         capture_output=True,
         text=True,
         timeout=120,
@@ -79,7 +88,8 @@ def test_reader_loader_and_converter_run_without_tensorflow(prefixes, tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["convert"] == 0 and report["heavy"] == []
     digests = report["digests"]
-    for prefix in prefixes:
+    assert digests.pop("keras_iterations") == 3
+    for prefix in prefixes[:2]:
         for key, value in tf_values(prefix).items():
             shape, digest = digests.pop(f"{prefix}:{key}")
             assert digest == _digest(value), key
