@@ -1,0 +1,251 @@
+"""``python -m tfadam convert CKPT OUT``: a TF checkpoint as a ``torch.save`` file.
+
+The file holds a plain dict (loadable with ``torch.load(OUT)``, the default
+``weights_only=True`` included)::
+
+    {"format": "tfadam.convert/1", "source": prefix, "naming": "tf1" | "tf2",
+     "model": {tf_name: tensor},                       # every model variable
+     "optimizer": {"flavour": "tf1" | "keras",
+                   "slots": {tf_name: {"m": tensor, "v": tensor}},
+                   "variables": {"beta1_power": tensor, ...}} or None,
+     "keys": {tf_name: checkpoint_key},                # where each came from
+     "unmapped": {checkpoint_key: reason}}
+
+Model tensors are named by their TF name (``dense/kernel``); TF stores a Dense
+kernel as (in, out), so ``torch.nn.Linear.weight`` is its transpose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import torch
+
+from .bundle import BundleReader
+from .errors import CheckpointError
+from .names import CheckpointNames
+
+__all__ = ["ConvertResult", "cli_convert", "convert", "main"]
+
+FORMAT = "tfadam.convert/1"
+_PROGRESS_MIN_BYTES = 64 << 20
+
+
+@dataclass
+class ConvertResult:
+    """What :func:`convert` wrote: the mapped names and the unmapped keys."""
+
+    out: str
+    model: dict[str, str] = field(default_factory=dict)  # tf name -> checkpoint key
+    slots: dict[str, list[str]] = field(default_factory=dict)  # tf name -> slot names
+    optimizer_variables: dict[str, str] = field(default_factory=dict)  # name -> key
+    unmapped: dict[str, str] = field(default_factory=dict)  # key -> reason
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # tf name -> shape
+    flavour: str | None = None
+    nbytes: int = 0
+
+
+def _progress(total: int, enabled: bool | None, stream: TextIO) -> Any:
+    if enabled is False or (enabled is None and total < _PROGRESS_MIN_BYTES):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, desc="reading", file=stream, leave=False)
+
+
+def convert(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    optimizer_name: str = "Adam",
+    progress: bool | None = None,
+    stream: TextIO | None = None,
+) -> ConvertResult:
+    """Convert a TF checkpoint to a ``torch.save`` file; returns what was mapped.
+
+    Every tensor is read (checksums verified) before ``out`` is written.
+    ``progress``: a tqdm bar on ``stream`` (default stderr) — None shows it
+    for checkpoints over 64 MiB when tqdm is installed.
+
+    Example:
+        >>> import numpy as np, os, tempfile, torch
+        >>> from tfadam.checkpoint.writer import write_bundle
+        >>> d = tempfile.mkdtemp()
+        >>> write_bundle(os.path.join(d, "ckpt"), {"w": np.ones(2, np.float32),
+        ...     "w/Adam": np.zeros(2, np.float32), "w/Adam_1": np.zeros(2, np.float32),
+        ...     "beta1_power": np.float32(0.9), "beta2_power": np.float32(0.999)})
+        >>> result = convert(os.path.join(d, "ckpt"), os.path.join(d, "out.pt"))
+        >>> state = torch.load(os.path.join(d, "out.pt"))
+        >>> state["model"]["w"], sorted(state["optimizer"]["slots"]["w"])
+        (tensor([1., 1.]), ['m', 'v'])
+    """
+    stream = sys.stderr if stream is None else stream
+    out = os.fspath(out)
+    with BundleReader(path) as reader:
+        names = CheckpointNames(reader, optimizer_name=optimizer_name)
+        result = ConvertResult(out)
+        bookkeeping = names.bookkeeping_keys()
+        optimizer_vars = names.optimizer_variables()
+        states = {}
+        slot_keys: dict[str, str] = {}
+        for var in names.variables:
+            state = names.optimizer_state(var)
+            if state is not None:
+                states[var.key] = state
+                for slot, key in state.slots.items():
+                    slot_keys[key] = f"slot {slot!r} of {var.name!r}"
+        # Prefer TF names; fall back to object paths where two share a name.
+        counts: dict[str, int] = {}
+        for var in names.variables:
+            counts[var.name] = counts.get(var.name, 0) + 1
+        label = {
+            v.key: v.name if counts[v.name] == 1 else (v.path or v.key) for v in names.variables
+        }
+
+        todo = []  # (key, destination)
+        for key in reader.keys():
+            info = reader.info(key)
+            if key in bookkeeping:
+                result.unmapped[key] = "checkpoint bookkeeping"
+            elif info.dtype == "string":
+                result.unmapped[key] = "string tensor (torch has no strings)"
+            elif key in slot_keys:
+                todo.append((key, "slot"))
+            elif key in optimizer_vars:
+                todo.append((key, "optimizer"))
+            elif key in label:
+                todo.append((key, "model"))
+            else:
+                result.unmapped[key] = "not a variable of the object graph"
+        flavours = {s.flavour for s in states.values()}
+        if len(flavours) > 1:
+            raise CheckpointError(
+                f"mixed optimizer kinds {sorted(flavours)}", path=reader.index_path
+            )
+        result.flavour = next(iter(flavours), None)
+        total = sum(reader.info(k).nbytes for k, _ in todo)
+        bar = _progress(total, progress, stream)
+        tensors: dict[str, torch.Tensor] = {}
+        try:
+            for key, _ in todo:
+                tensors[key] = reader.read_torch(key)
+                if bar is not None:
+                    bar.update(reader.info(key).nbytes)
+        finally:
+            if bar is not None:
+                bar.close()
+        result.nbytes = total
+
+        model = {}
+        slots: dict[str, dict[str, torch.Tensor]] = {}
+        opt_vars = {}
+        keys = {}
+        for key, kind in todo:
+            if kind == "model":
+                model[label[key]] = tensors[key]
+                keys[label[key]] = key
+                result.model[label[key]] = key
+                result.shapes[label[key]] = tuple(tensors[key].shape)
+                state = states.get(key)
+                if state is not None:
+                    slots[label[key]] = {s: tensors[k] for s, k in state.slots.items()}
+                    result.slots[label[key]] = list(state.slots)
+            elif kind == "optimizer":
+                opt_vars[optimizer_vars[key]] = tensors[key]
+                result.optimizer_variables[optimizer_vars[key]] = key
+        optimizer = None
+        if slots or opt_vars:
+            optimizer = {"flavour": result.flavour, "slots": slots, "variables": opt_vars}
+        payload = {
+            "format": FORMAT,
+            "source": reader.prefix,
+            "naming": "tf2" if names.object_based else "tf1",
+            "model": model,
+            "optimizer": optimizer,
+            "keys": keys,
+            "unmapped": dict(result.unmapped),
+        }
+    tmp = out + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, out)  # never leave a half-written OUT behind
+    return result
+
+
+def format_report(result: ConvertResult) -> str:
+    """A human-readable listing of what ``convert`` mapped and left unmapped."""
+    lines = [f"model: {len(result.model)} tensors"]
+    width = max((len(n) for n in result.model), default=0)
+    for name in sorted(result.model):
+        slots = result.slots.get(name)
+        extra = f"  + Adam {', '.join(slots)}" if slots else ""
+        lines.append(f"  {name:<{width}}  {list(result.shapes[name])}{extra}")
+    if result.optimizer_variables:
+        lines.append(
+            f"optimizer ({result.flavour}): " + ", ".join(sorted(result.optimizer_variables))
+        )
+    if result.unmapped:
+        lines.append(f"unmapped: {len(result.unmapped)}")
+        for key, reason in sorted(result.unmapped.items()):
+            lines.append(f"  {key}  ({reason})")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tfadam convert",
+        description="Convert a TensorFlow checkpoint (model and Adam state) to a torch.save "
+        "file, without TensorFlow.",
+    )
+    p.add_argument("checkpoint", help="checkpoint prefix, its .index file, or a directory")
+    p.add_argument("out", nargs="?", help="output file (torch.save); omit with --list")
+    p.add_argument("--list", action="store_true", help="list the tensors and exit")
+    p.add_argument(
+        "--optimizer-name", default="Adam", help="TF1 optimizer name in slot names (Adam)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def cli_convert(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m tfadam convert``; returns the exit status.
+
+    ``argv`` excludes the program and subcommand names, e.g.
+    ``cli_convert(["model.ckpt-100", "model.pt"])``. Errors in the input
+    print one line to stderr and return 1.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        if args.list:
+            with BundleReader(args.checkpoint) as reader:
+                print(f"{reader.prefix}: {len(reader)} tensors")
+                for key in reader.keys():
+                    info = reader.info(key)
+                    part = "  (partitioned)" if info.partitioned else ""
+                    print(f"  {key}  {info.dtype} {list(info.shape)}{part}")
+            return 0
+        if args.out is None:
+            _parser().error("OUT is required unless --list is given")
+        result = convert(
+            args.checkpoint,
+            args.out,
+            optimizer_name=args.optimizer_name,
+            progress=False if args.no_progress else None,
+        )
+        print(format_report(result))
+        print(f"wrote {result.out} ({result.nbytes} bytes of tensors)")
+        return 0
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tfadam convert`` (the name ``tfadam.cli`` dispatches to)."""
+    return cli_convert(argv)
