@@ -16,6 +16,7 @@ Example:
 """
 
 from . import keras
+from .checkpoint import load_tf_checkpoint
 from .errors import (
     BetaRoundsToOneWarning,
     CorruptCheckpointError,
@@ -41,6 +42,7 @@ __all__ = [
     "StateDictError",
     "keras",
     "load_checkpoint",
+    "load_tf_checkpoint",
     "read_checkpoint",
     "save_checkpoint",
 ]
