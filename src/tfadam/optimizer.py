@@ -43,7 +43,12 @@ class Adam(torch.optim.Optimizer):
             updates; use it to resume a TF1 ``Session`` run).
 
     A group whose parameters all have ``grad is None`` is skipped, accumulators
-    included. Sparse COO gradients (``nn.Embedding(sparse=True)``) are accepted.
+    included. A group with no parameters at all still advances its
+    accumulators on every step: under ``ZeroRedundancyOptimizer`` such a group
+    is this rank's empty share of a group whose parameters other ranks
+    update, and ``consolidate_state_dict()`` takes the group's accumulators
+    from whichever rank consolidates. Sparse COO gradients
+    (``nn.Embedding(sparse=True)``) are accepted.
 
     Example:
         >>> import torch, tfadam
@@ -89,7 +94,9 @@ class Adam(torch.optim.Optimizer):
         plans = []
         for index, group in enumerate(self.param_groups):
             updates = self._updates(index, group)
-            if not updates:
+            # An empty group still steps: it may be a ZeRO rank's share of a
+            # group that other ranks update (see the class docstring).
+            if not updates and group["params"]:
                 continue
             where = f"param_groups[{index}] "
             betas = group["betas"]
