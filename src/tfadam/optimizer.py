@@ -49,7 +49,12 @@ class Adam(torch.optim.Optimizer):
             optimizer object, not of its groups: ``load_state_dict`` keeps it.
 
     A group whose parameters all have ``grad is None`` is skipped, accumulators
-    included. Sparse COO gradients (``nn.Embedding(sparse=True)``) are accepted.
+    included. A group with no parameters at all still advances its
+    accumulators on every step: under ``ZeroRedundancyOptimizer`` such a group
+    is this rank's empty share of a group whose parameters other ranks
+    update, and ``consolidate_state_dict()`` takes the group's accumulators
+    from whichever rank consolidates. Sparse COO gradients
+    (``nn.Embedding(sparse=True)``) are accepted.
 
     Example:
         >>> import torch, tfadam
@@ -142,7 +147,9 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
         when = f"step() #{self._calls + 1}"
         for index, group in enumerate(self.param_groups):
             updates = self._updates(index, group)
-            if not updates:
+            # An empty group still steps: it may be a ZeRO rank's share of a
+            # group that other ranks update (see the class docstring).
+            if not updates and group["params"]:
                 continue
             where = f"param_groups[{index}] "
             betas = group["betas"]
