@@ -1,4 +1,4 @@
-"""``examples/distributed_train.py`` under torchrun, as docs/scaling.md runs it.
+"""``examples/distributed_train.py`` under torchrun, as the README's "Scaling out" section runs it.
 
 An uninterrupted two-process run, and a one-process run resumed from its
 mid-run DCP checkpoint, must print the same parameter fingerprint.

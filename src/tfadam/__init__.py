@@ -17,6 +17,7 @@ Example:
 
 from . import keras
 from .checkpoint import load_tf_checkpoint
+from .distributed import init_state
 from .errors import (
     BetaRoundsToOneWarning,
     CorruptCheckpointError,
@@ -42,6 +43,7 @@ __all__ = [
     "StateDictError",
     "keras",
     "load_checkpoint",
+    "init_state",
     "load_tf_checkpoint",
     "read_checkpoint",
     "save_checkpoint",

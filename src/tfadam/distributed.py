@@ -5,7 +5,7 @@
 the parameters, or the DTensor shards, it holds, and the group accumulators
 advance identically on every rank. This module holds the one thing that does
 need care, materialising the optimizer state before
-``torch.distributed.checkpoint`` (DCP) looks at it; ``docs/scaling.md`` has
+``torch.distributed.checkpoint`` (DCP) looks at it; the README's "Scaling out" section has
 the full recipe.
 """
 
