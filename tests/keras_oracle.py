@@ -19,39 +19,13 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
-import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import torch  # noqa: E402
+from tf_oracle import NP_DTYPES, UINT, bits, to_torch  # noqa: E402, F401
 
 import tfadam  # noqa: E402
 import tfadam.keras  # noqa: E402
-
-NP_DTYPES = {
-    "float16": np.float16,
-    "bfloat16": ml_dtypes.bfloat16,
-    "float32": np.float32,
-    "float64": np.float64,
-}
-UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-def bits(x: Any) -> np.ndarray:
-    """An unsigned-integer view, so ``==`` compares bits (NaN payloads and ±0 too)."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        if x.dtype == torch.bfloat16:
-            x = x.view(torch.int16)
-        x = x.numpy()
-    x = np.asarray(x)
-    return x.view(UINT[x.dtype.itemsize])
-
-
-def to_torch(array: np.ndarray) -> torch.Tensor:
-    array = np.array(array)
-    if array.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(array.copy())
 
 
 @dataclasses.dataclass

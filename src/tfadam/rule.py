@@ -62,6 +62,19 @@ def exact_sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.double()).to(x.dtype)
 
 
+def flush_subnormal(x: torch.Tensor) -> torch.Tensor:
+    """Zero (keeping the sign) where ``x`` is subnormal in its dtype.
+
+    TF's CPU kernels run with the x86 flush-to-zero mode on; this applies it
+    to a result (float16 is exempt: TF computes it in float32, where no
+    float16 value is subnormal).
+    """
+    if x.dtype == torch.float16:
+        return x
+    tiny = torch.finfo(x.dtype).tiny
+    return torch.where(x.abs() < tiny, x * 0, x)
+
+
 class TFArithmetic:
     """Elementwise arithmetic as TF's CPU kernels do it, for variables of dtype ``T``.
 
@@ -90,7 +103,6 @@ class TFArithmetic:
         self.dtype = dtype
         self.compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         self.flushes = dtype != torch.float16
-        self.tiny = torch.finfo(self.compute).tiny
 
     def operand(self, x: torch.Tensor | float) -> torch.Tensor:
         """``x`` in the compute dtype, a subnormal read as zero."""
@@ -134,9 +146,7 @@ class TFArithmetic:
         return self._result(torch.where(a < b, b, a))
 
     def _flush(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.flushes:
-            return x
-        return torch.where(x.abs() < self.tiny, x * 0, x)  # x * 0 keeps the sign
+        return flush_subnormal(x) if self.flushes else x
 
     def _result(self, x: torch.Tensor) -> torch.Tensor:
         x = self._flush(x)
@@ -314,19 +324,6 @@ def keras_literal(value: float, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float64:
         return torch.tensor(float(value), dtype=torch.float64)
     return torch.tensor(float(value), dtype=torch.float32).to(dtype)
-
-
-def flush_subnormal(x: torch.Tensor) -> torch.Tensor:
-    """Zero (keeping the sign) where ``x`` is subnormal in its dtype.
-
-    TF's CPU kernels run with the x86 flush-to-zero mode on; this applies it
-    to a result (float16 is exempt: TF computes it in float32, where no
-    float16 value is subnormal).
-    """
-    if x.dtype == torch.float16:
-        return x
-    tiny = torch.finfo(x.dtype).tiny
-    return torch.where(x.abs() < tiny, x * 0, x)
 
 
 def tf_scalar_power(base: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
