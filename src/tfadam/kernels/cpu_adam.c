@@ -1,0 +1,558 @@
+/*
+ * tfadam CPU kernels: the update rule of tfadam/rule.py, fused, multi-tensor,
+ * threaded. No torch or Python headers: compiled on first use by
+ * tfadam/kernels/native.py and called through ctypes with raw data pointers
+ * (ctypes releases the GIL for the duration of a call).
+ *
+ * Every operation of the rule is rounded to the variable's dtype T, in the
+ * rule's order. Compiled with -ffp-contract=off (an FMA would skip the
+ * rounding of the product) and without -ffast-math (which would reassociate,
+ * flush subnormals and replace sqrt/div by approximations); -fno-math-errno
+ * only lets sqrt become the IEEE sqrtps/sqrtpd instruction.
+ *
+ * float16 and bfloat16 are computed op by op in float32 and rounded back to T
+ * after EVERY operation, through an integer bit pattern, so that no excess
+ * precision can survive between operations. This equals correctly rounded T
+ * arithmetic for + - * / sqrt (float32 has more than 2p+2 bits for both).
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define RESTRICT __restrict__
+#define INLINE static inline __attribute__((always_inline))
+
+/* ------------------------------------------------------------------------ */
+/* Element types: LOAD (storage -> compute), ROUND (compute -> nearest T,     */
+/* still in compute type), STORE (rounded compute value -> storage).          */
+/* ------------------------------------------------------------------------ */
+
+INLINE float f32_load(float x) { return x; }
+INLINE float f32_round(float x) { return x; }
+INLINE float f32_store(float x) { return x; }
+
+INLINE double f64_load(double x) { return x; }
+INLINE double f64_round(double x) { return x; }
+INLINE double f64_store(double x) { return x; }
+
+INLINE uint32_t bits_of(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return u;
+}
+INLINE float float_of(uint32_t u) {
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* bfloat16: round to nearest even by bit manipulation: add 0x7FFF plus the
+ * lowest kept bit, then drop the low 16 bits.
+ *
+ * Inside the kernels no NaN test is needed: every NaN that arises there was
+ * loaded from a bfloat16 (low 16 bits zero) or made by an invalid operation
+ * (the default NaN 0xFFC00000), and arithmetic propagates a NaN's payload,
+ * so a NaN's low 16 bits are zero, the bias cannot carry out of them, and the
+ * NaN passes through unchanged (quiet, sign and payload kept). bf16_bits is
+ * the conversion for ANY float (used by the loader's self-test): it quiets a
+ * NaN and keeps its sign and top payload bits, as vcvtneps2bf16 does. */
+INLINE float bf16_round(float x) { return float_of((bits_of(x) + 0x7FFFu + ((bits_of(x) >> 16) & 1u)) & 0xFFFF0000u); }
+INLINE float bf16_load(uint16_t h) { return float_of((uint32_t)h << 16); }
+INLINE uint16_t bf16_store(float x) { return (uint16_t)(bits_of(x) >> 16); } /* x already rounded */
+INLINE uint16_t bf16_bits(float x) {
+    uint32_t u = bits_of(x);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u | 0x00400000u) >> 16);
+    return (uint16_t)(bits_of(bf16_round(x)) >> 16);
+}
+
+#if defined(__FLT16_MAX__) && !defined(TFADAM_NO_FLOAT16)
+/* The compiler's _Float16 conversions (F16C's vcvtps2ph / vcvtph2ps where
+ * available) round to nearest even. Arithmetic is never done in _Float16:
+ * GCC may keep excess precision there. Values pass through uint16_t bits. */
+INLINE uint16_t f16_bits(float x) {
+    _Float16 h = (_Float16)x;
+    uint16_t b;
+    memcpy(&b, &h, 2);
+    return b;
+}
+INLINE float f16_load(uint16_t b) {
+    _Float16 h;
+    memcpy(&h, &b, 2);
+    return (float)h;
+}
+#else
+/* Portable IEEE binary16 conversions (round to nearest even, subnormals,
+ * NaN kept quiet with its sign and top payload bits, as vcvtps2ph does). */
+INLINE uint16_t f16_bits(float x) {
+    uint32_t u = bits_of(x);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return (uint16_t)(sign | 0x7E00u | ((a >> 13) & 0x3FFu));
+    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u); /* rounds to >= 65520: inf */
+    if (a < 0x38800000u) {                                    /* below 2^-14: subnormal */
+        /* x * 2^24 is the subnormal's integer mantissa, exactly computable;
+         * float addition of 0.5-ulp-aligned magic rounds it to nearest even. */
+        float scaled = float_of(a) * 16777216.0f;   /* exact: a power of two */
+        uint32_t q = (uint32_t)nearbyintf(scaled);  /* default mode: to nearest even */
+        return (uint16_t)(sign | q);
+    }
+    uint32_t r = a - 0x38000000u; /* rebias exponent 127 -> 15 */
+    r = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;
+    return (uint16_t)(sign | r);
+}
+INLINE float f16_load(uint16_t b) {
+    uint32_t sign = ((uint32_t)b & 0x8000u) << 16;
+    uint32_t e = (b >> 10) & 0x1Fu, f = b & 0x3FFu;
+    if (e == 0x1F) return float_of(sign | 0x7F800000u | (f << 13));
+    if (e == 0) {
+        float mag = (float)f * (1.0f / 16777216.0f); /* exact */
+        return float_of(sign | bits_of(mag));
+    }
+    return float_of(sign | ((e + 112u) << 23) | (f << 13));
+}
+#endif
+INLINE float f16_round(float x) { return f16_load(f16_bits(x)); }
+INLINE uint16_t f16_store(float x) { return f16_bits(x); } /* x already rounded */
+
+/* ------------------------------------------------------------------------ */
+/* Threads: split [0, total) into contiguous parts, one per thread.          */
+/* ------------------------------------------------------------------------ */
+
+/* part: which of the parts this is (0 .. parts-1), for per-part scratch. */
+typedef void (*range_fn)(void *ctx, int part, int64_t lo, int64_t hi);
+
+typedef struct {
+    range_fn fn;
+    void *ctx;
+    int part;
+    int64_t lo, hi;
+} part_t;
+
+static void *run_part(void *arg) {
+    part_t *p = (part_t *)arg;
+    p->fn(p->ctx, p->part, p->lo, p->hi);
+    return NULL;
+}
+
+#define MAX_THREADS 64
+
+/* Work below `grain` units per thread is not worth a thread start (~20 us).
+ * At most min(nthreads, MAX_THREADS) parts. */
+static int parts_for(int64_t total, int64_t grain, int nthreads) {
+    int64_t parts = total / (grain > 0 ? grain : 1);
+    if (parts > nthreads) parts = nthreads;
+    if (parts > MAX_THREADS) parts = MAX_THREADS;
+    return parts < 1 ? 1 : (int)parts;
+}
+
+static void parallel_for(range_fn fn, void *ctx, int64_t total, int64_t grain, int64_t align,
+                         int nthreads) {
+    if (total <= 0) return;
+    int64_t parts = parts_for(total, grain, nthreads);
+    if (parts <= 1) {
+        fn(ctx, 0, 0, total);
+        return;
+    }
+    part_t part[MAX_THREADS];
+    pthread_t thread[MAX_THREADS];
+    int started[MAX_THREADS];
+    int64_t lo = 0;
+    for (int64_t t = 0; t < parts; ++t) {
+        int64_t hi = (t == parts - 1) ? total : (total * (t + 1) / parts) / align * align;
+        if (hi < lo) hi = lo;
+        part[t] = (part_t){fn, ctx, (int)t, lo, hi};
+        lo = hi;
+    }
+    for (int64_t t = 1; t < parts; ++t)
+        started[t] = pthread_create(&thread[t], NULL, run_part, &part[t]) == 0;
+    run_part(&part[0]);
+    for (int64_t t = 1; t < parts; ++t) {
+        if (started[t])
+            pthread_join(thread[t], NULL);
+        else
+            run_part(&part[t]);
+    }
+}
+
+/* Multi-tensor ranges: tensor i owns elements [offset[i], offset[i+1]). */
+static int64_t first_tensor(const int64_t *offset, int64_t count, int64_t at) {
+    int64_t lo = 0, hi = count; /* last i with offset[i] <= at */
+    while (hi - lo > 1) {
+        int64_t mid = (lo + hi) / 2;
+        if (offset[mid] <= at)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+#define DENSE_GRAIN 32768 /* elements per thread, at least */
+#define ALIGN 64          /* part boundaries, in elements (cache lines) */
+
+/* ------------------------------------------------------------------------ */
+/* Dense: TF's ApplyAdam (rule.dense_update), per element:                   */
+/*   m = m + (g - m) * (1 - b1)                                               */
+/*   v = v + (g*g - v) * (1 - b2)                                             */
+/*   [vhat = max(vhat, v)]                                                    */
+/*   theta = theta - (num * alpha) / (sqrt(v or vhat) + eps)                  */
+/*   num = m, or nesterov: g*(1 - b1) + b1*m                                  */
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+    void **theta, **grad, **m, **v, **vhat;
+    const int64_t *offset; /* count + 1 prefix sums of the sizes */
+    int64_t count;
+    double coef[6]; /* alpha, beta1, beta2, 1-beta1, 1-beta2, epsilon: each exactly a T */
+} dense_job;
+
+#define DEFINE_DENSE(NAME, S, C, NESTEROV, AMSGRAD)                                            \
+    static void dense_##NAME##_##NESTEROV##AMSGRAD(S *RESTRICT tp, const S *RESTRICT gp,     \
+                                                  S *RESTRICT mp, S *RESTRICT vp,            \
+                                                  S *RESTRICT hp, int64_t n, const C *k) {   \
+        const C alpha = k[0], b1 = k[1], omb1 = k[3], omb2 = k[4], eps = k[5];               \
+        (void)b1;                                                                            \
+        (void)hp;                                                                            \
+        for (int64_t i = 0; i < n; ++i) {                                                    \
+            C g = NAME##_load(gp[i]), m = NAME##_load(mp[i]), v = NAME##_load(vp[i]);        \
+            m = NAME##_round(m + NAME##_round(NAME##_round(g - m) * omb1));                  \
+            v = NAME##_round(v +                                                             \
+                             NAME##_round(NAME##_round(NAME##_round(g * g) - v) * omb2));    \
+            mp[i] = NAME##_store(m);                                                         \
+            vp[i] = NAME##_store(v);                                                         \
+            C d = v;                                                                         \
+            if (AMSGRAD) {                                                                   \
+                /* torch.maximum(vhat, v): NaN if either is NaN, else the larger */          \
+                C h = NAME##_load(hp[i]);                                                    \
+                h = (h > v || h != h) ? h : v;                                               \
+                hp[i] = NAME##_store(h);                                                     \
+                d = h;                                                                       \
+            }                                                                                \
+            C den = NAME##_round(NAME##_round(NAME##_sqrt(d)) + eps);                        \
+            C num = NESTEROV ? NAME##_round(NAME##_round(g * omb1) + NAME##_round(b1 * m))   \
+                             : m;                                                            \
+            C th = NAME##_load(tp[i]);                                                       \
+            tp[i] = NAME##_store(NAME##_round(th - NAME##_round(NAME##_round(num * alpha) / den))); \
+        }                                                                                    \
+    }
+
+#define f32_sqrt sqrtf
+#define f64_sqrt sqrt
+#define f16_sqrt sqrtf
+#define bf16_sqrt sqrtf
+
+#define DEFINE_DENSE_ALL(NAME, S, C)                                                         \
+    DEFINE_DENSE(NAME, S, C, 0, 0)                                                           \
+    DEFINE_DENSE(NAME, S, C, 0, 1)                                                           \
+    DEFINE_DENSE(NAME, S, C, 1, 0)                                                           \
+    DEFINE_DENSE(NAME, S, C, 1, 1)                                                           \
+    typedef struct {                                                                         \
+        dense_job job;                                                                       \
+        int nesterov, amsgrad;                                                               \
+    } dense_##NAME##_job;                                                                    \
+    static void dense_##NAME##_range(void *ctx, int part, int64_t lo, int64_t hi) {  \
+        (void)part;                    \
+        const dense_##NAME##_job *d = (const dense_##NAME##_job *)ctx;                       \
+        const dense_job *j = &d->job;                                                        \
+        C k[6];                                                                              \
+        for (int q = 0; q < 6; ++q) k[q] = (C)j->coef[q];                                    \
+        for (int64_t i = first_tensor(j->offset, j->count, lo); i < j->count && j->offset[i] < hi; \
+             ++i) {                                                                          \
+            int64_t a = lo > j->offset[i] ? lo - j->offset[i] : 0;                           \
+            int64_t b = (hi < j->offset[i + 1] ? hi : j->offset[i + 1]) - j->offset[i];      \
+            if (b <= a) continue;                                                            \
+            S *tp = (S *)j->theta[i] + a, *mp = (S *)j->m[i] + a, *vp = (S *)j->v[i] + a;    \
+            const S *gp = (const S *)j->grad[i] + a;                                         \
+            S *hp = j->vhat ? (S *)j->vhat[i] + a : NULL;                                    \
+            if (d->nesterov)                                                                 \
+                (d->amsgrad ? dense_##NAME##_11 : dense_##NAME##_10)(tp, gp, mp, vp, hp, b - a, k); \
+            else                                                                             \
+                (d->amsgrad ? dense_##NAME##_01 : dense_##NAME##_00)(tp, gp, mp, vp, hp, b - a, k); \
+        }                                                                                    \
+    }                                                                                        \
+    int tfadam_dense_##NAME(int64_t count, void **theta, void **grad, void **m, void **v,     \
+                            void **vhat, const int64_t *offset, const double *coef,          \
+                            int nesterov, int nthreads) {                                    \
+        dense_##NAME##_job d = {{theta, grad, m, v, vhat, offset, count, {0}},               \
+                                nesterov != 0, vhat != NULL};                                \
+        memcpy(d.job.coef, coef, sizeof d.job.coef);                                         \
+        parallel_for(dense_##NAME##_range, &d, offset[count], DENSE_GRAIN, ALIGN, nthreads); \
+        return 0;                                                                            \
+    }
+
+DEFINE_DENSE_ALL(f32, float, float)
+DEFINE_DENSE_ALL(f64, double, double)
+DEFINE_DENSE_ALL(f16, uint16_t, float)
+DEFINE_DENSE_ALL(bf16, uint16_t, float)
+
+/* ------------------------------------------------------------------------ */
+/* The memory-traffic floor of the benchmark: 4 reads, 3 writes per element, */
+/* trivial arithmetic, same threading. Not an optimizer.                     */
+/* ------------------------------------------------------------------------ */
+
+static void floor_f32_range(void *ctx, int part, int64_t lo, int64_t hi) {
+    (void)part;
+    const dense_job *j = (const dense_job *)ctx;
+    for (int64_t i = first_tensor(j->offset, j->count, lo); i < j->count && j->offset[i] < hi;
+         ++i) {
+        int64_t a = lo > j->offset[i] ? lo - j->offset[i] : 0;
+        int64_t b = (hi < j->offset[i + 1] ? hi : j->offset[i + 1]) - j->offset[i];
+        float *RESTRICT tp = (float *)j->theta[i], *RESTRICT mp = (float *)j->m[i];
+        float *RESTRICT vp = (float *)j->v[i];
+        const float *RESTRICT gp = (const float *)j->grad[i];
+        for (int64_t e = a; e < b; ++e) {
+            float g = gp[e];
+            mp[e] = mp[e] + g;
+            vp[e] = vp[e] - g;
+            tp[e] = tp[e] + g;
+        }
+    }
+}
+
+int tfadam_floor_f32(int64_t count, void **theta, void **grad, void **m, void **v,
+                     const int64_t *offset, int nthreads) {
+    dense_job j = {theta, grad, m, v, NULL, offset, count, {0}};
+    parallel_for(floor_f32_range, &j, offset[count], DENSE_GRAIN, ALIGN, nthreads);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Sparse rows (IndexedSlices over dim 0).                                    */
+/*                                                                          */
+/* Deduplication as TF: each unique row's value is accumulated from +0, in    */
+/* order of occurrence, every addition rounded to T. The occurrences are       */
+/* grouped by a stable radix sort of (row, position), so that each group       */
+/* lists its positions in order of occurrence.                               */
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+    int64_t row, pos;
+} occurrence;
+
+/* Returns 0, or -1 (out of memory), or -2 (an index out of [0, nrows)).
+ * On success *sorted holds k occurrences sorted by (row, pos). */
+static int sort_occurrences(const int64_t *indices, int64_t k, int64_t nrows,
+                            occurrence **sorted) {
+    *sorted = NULL;
+    occurrence *a = (occurrence *)malloc((size_t)(k > 0 ? k : 1) * sizeof(occurrence));
+    if (!a) return -1;
+    int ordered = 1;
+    int64_t max_row = 0;
+    for (int64_t p = 0; p < k; ++p) {
+        int64_t r = indices[p];
+        if (r < 0 || r >= nrows) {
+            free(a);
+            return -2;
+        }
+        if (p > 0 && r < indices[p - 1]) ordered = 0;
+        if (r > max_row) max_row = r;
+        a[p].row = r;
+        a[p].pos = p;
+    }
+    if (!ordered) {
+        occurrence *b = (occurrence *)malloc((size_t)k * sizeof(occurrence));
+        if (!b) {
+            free(a);
+            return -1;
+        }
+        enum { BITS = 11, BUCKETS = 1 << BITS };
+        int64_t count[BUCKETS];
+        for (int shift = 0; shift < 63 && (max_row >> shift) > 0; shift += BITS) {
+            memset(count, 0, sizeof count);
+            for (int64_t p = 0; p < k; ++p) ++count[(a[p].row >> shift) & (BUCKETS - 1)];
+            int64_t total = 0;
+            for (int q = 0; q < BUCKETS; ++q) {
+                int64_t c = count[q];
+                count[q] = total;
+                total += c;
+            }
+            for (int64_t p = 0; p < k; ++p) b[count[(a[p].row >> shift) & (BUCKETS - 1)]++] = a[p];
+            occurrence *t = a;
+            a = b;
+            b = t;
+        }
+        free(b);
+    }
+    *sorted = a;
+    return 0;
+}
+
+/* A sparse call: table (nrows x rowlen), occurrences sorted, group g spans
+ * occurrences [start[g], start[g+1]). mode: 0 eager, 1 graph, 2 lazy.
+ * scratch: one row of the compute type per part, allocated before anything
+ * is modified, so that running out of memory leaves the table untouched. */
+typedef struct {
+    void *theta, *m, *v;
+    const void *values;
+    int64_t nrows, rowlen, ngroups;
+    const occurrence *occ;
+    const int64_t *start;
+    double coef[6];
+    int mode;
+    char *scratch;
+    size_t scratch_row_bytes;
+} sparse_job;
+
+static int64_t first_group_at_or_after(const sparse_job *j, int64_t row) {
+    int64_t lo = 0, hi = j->ngroups; /* first g with occ[start[g]].row >= row */
+    while (lo < hi) {
+        int64_t mid = (lo + hi) / 2;
+        if (j->occ[j->start[mid]].row < row)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+#define PREFETCH_AHEAD 8
+#define PREFETCH_LINES 8 /* per row and array: the hardware prefetcher does the rest */
+
+static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
+    int64_t row = j->occ[j->start[g]].row;
+    size_t bytes = (size_t)j->rowlen * size;
+    size_t lines = (bytes + 63) / 64;
+    if (lines > PREFETCH_LINES) lines = PREFETCH_LINES;
+    const char *t = (const char *)j->theta + (size_t)row * bytes;
+    const char *m = (const char *)j->m + (size_t)row * bytes;
+    const char *v = (const char *)j->v + (size_t)row * bytes;
+    const char *src = (const char *)j->values + (size_t)j->occ[j->start[g]].pos * bytes;
+    for (size_t q = 0; q < lines; ++q) {
+        __builtin_prefetch(t + 64 * q, 1, 3);
+        __builtin_prefetch(m + 64 * q, 1, 3);
+        __builtin_prefetch(v + 64 * q, 1, 3);
+        __builtin_prefetch(src + 64 * q, 0, 3);
+    }
+}
+
+#define DEFINE_SPARSE(NAME, S, C)                                                             \
+    /* The summed gradient of group g, from +0 in order of occurrence. */                    \
+    INLINE void sum_##NAME(const sparse_job *j, int64_t g, C *RESTRICT acc) {                \
+        const S *values = (const S *)j->values;                                              \
+        int64_t n = j->rowlen;                                                               \
+        for (int64_t e = 0; e < n; ++e) acc[e] = (C)0;                                       \
+        for (int64_t o = j->start[g]; o < j->start[g + 1]; ++o) {                            \
+            const S *RESTRICT src = values + j->occ[o].pos * n;                              \
+            for (int64_t e = 0; e < n; ++e) acc[e] = NAME##_round(acc[e] + NAME##_load(src[e])); \
+        }                                                                                    \
+    }                                                                                        \
+    /* Untouched rows of the dense-equivalent update (rule.sparse_update). */                 \
+    static void sparse_##NAME##_decay(S *RESTRICT tp, S *RESTRICT mp, S *RESTRICT vp,         \
+                                      int64_t n, const C *k) {                               \
+        const C alpha = k[0], b1 = k[1], b2 = k[2], eps = k[5];                              \
+        for (int64_t e = 0; e < n; ++e) {                                                    \
+            C m = NAME##_round(NAME##_load(mp[e]) * b1);                                     \
+            C v = NAME##_round(NAME##_load(vp[e]) * b2);                                     \
+            mp[e] = NAME##_store(m);                                                         \
+            vp[e] = NAME##_store(v);                                                         \
+            C den = NAME##_round(NAME##_round(NAME##_sqrt(v)) + eps);                        \
+            C th = NAME##_load(tp[e]);                                                       \
+            tp[e] = NAME##_store(NAME##_round(th - NAME##_round(NAME##_round(alpha * m) / den))); \
+        }                                                                                    \
+    }                                                                                        \
+    /* Touched rows: dense-equivalent (eager or graph) and lazy share this form:           \
+     *   m = m*b1 + G*(1-b1);  v = v*b2 + (G*G)*(1-b2)   [graph: G*(G*(1-b2))]               \
+     *   theta = theta - (alpha*m) / (sqrt(v) + eps) */                                      \
+    static void sparse_##NAME##_touch(S *RESTRICT tp, S *RESTRICT mp, S *RESTRICT vp,         \
+                                      const C *RESTRICT G, int64_t n, const C *k, int graph) { \
+        const C alpha = k[0], b1 = k[1], b2 = k[2], omb1 = k[3], omb2 = k[4], eps = k[5];    \
+        for (int64_t e = 0; e < n; ++e) {                                                    \
+            C g = G[e];                                                                      \
+            C m = NAME##_round(NAME##_round(NAME##_load(mp[e]) * b1) + NAME##_round(g * omb1)); \
+            C inc = graph ? NAME##_round(g * NAME##_round(g * omb2))                          \
+                          : NAME##_round(NAME##_round(g * g) * omb2);                        \
+            C v = NAME##_round(NAME##_round(NAME##_load(vp[e]) * b2) + inc);                 \
+            mp[e] = NAME##_store(m);                                                         \
+            vp[e] = NAME##_store(v);                                                         \
+            C den = NAME##_round(NAME##_round(NAME##_sqrt(v)) + eps);                        \
+            C th = NAME##_load(tp[e]);                                                       \
+            tp[e] = NAME##_store(NAME##_round(th - NAME##_round(NAME##_round(alpha * m) / den))); \
+        }                                                                                    \
+    }                                                                                        \
+    /* Dense-equivalent: rows [lo, hi) of the table, in one pass. */                          \
+    static void sparse_##NAME##_rows(void *ctx, int part, int64_t lo, int64_t hi) {                    \
+        sparse_job *j = (sparse_job *)ctx;                                                   \
+        C k[6];                                                                              \
+        for (int q = 0; q < 6; ++q) k[q] = (C)j->coef[q];                                    \
+        int64_t n = j->rowlen;                                                               \
+        S *theta = (S *)j->theta, *m = (S *)j->m, *v = (S *)j->v;                            \
+        C *acc = (C *)(j->scratch + (size_t)part * j->scratch_row_bytes);                   \
+        int64_t g = first_group_at_or_after(j, lo);                                          \
+        int64_t r = lo;                                                                      \
+        while (r < hi) {                                                                     \
+            int64_t next = (g < j->ngroups) ? j->occ[j->start[g]].row : hi;                  \
+            if (next > hi) next = hi;                                                        \
+            if (next > r) {                                                                  \
+                sparse_##NAME##_decay(theta + r * n, m + r * n, v + r * n, (next - r) * n, k); \
+                r = next;                                                                    \
+                continue;                                                                    \
+            }                                                                                \
+            sum_##NAME(j, g, acc);                                                           \
+            sparse_##NAME##_touch(theta + r * n, m + r * n, v + r * n, acc, n, k, j->mode == 1); \
+            ++g;                                                                             \
+            ++r;                                                                             \
+        }                                                                                    \
+    }                                                                                        \
+    /* Lazy: groups [lo, hi) only (cost proportional to the touched rows). */                 \
+    static void sparse_##NAME##_groups(void *ctx, int part, int64_t lo, int64_t hi) {                  \
+        sparse_job *j = (sparse_job *)ctx;                                                   \
+        C k[6];                                                                              \
+        for (int q = 0; q < 6; ++q) k[q] = (C)j->coef[q];                                    \
+        int64_t n = j->rowlen;                                                               \
+        S *theta = (S *)j->theta, *m = (S *)j->m, *v = (S *)j->v;                            \
+        C *acc = (C *)(j->scratch + (size_t)part * j->scratch_row_bytes);                   \
+        for (int64_t g = lo; g < hi; ++g) {                                                  \
+            /* Random rows of a large table: memory latency, not bandwidth, is the   \
+             * cost; ask for the rows of a later group while this one computes. */   \
+            if (g + PREFETCH_AHEAD < hi) prefetch_rows(j, g + PREFETCH_AHEAD, sizeof(S));    \
+            int64_t r = j->occ[j->start[g]].row;                                             \
+            sum_##NAME(j, g, acc);                                                           \
+            sparse_##NAME##_touch(theta + r * n, m + r * n, v + r * n, acc, n, k, 0);        \
+        }                                                                                    \
+    }                                                                                        \
+    int tfadam_sparse_##NAME(int64_t nrows, int64_t rowlen, void *theta, void *m, void *v,   \
+                             int64_t k, const int64_t *indices, const void *values,          \
+                             const double *coef, int mode, int nthreads) {                   \
+        occurrence *occ;                                                                     \
+        int status = sort_occurrences(indices, k, nrows, &occ);                              \
+        if (status) return status;                                                           \
+        int64_t *start = (int64_t *)malloc((size_t)(k + 1) * sizeof(int64_t));              \
+        if (!start) {                                                                        \
+            free(occ);                                                                       \
+            return -1;                                                                       \
+        }                                                                                    \
+        int64_t groups = 0;                                                                  \
+        for (int64_t o = 0; o < k; ++o)                                                      \
+            if (o == 0 || occ[o].row != occ[o - 1].row) start[groups++] = o;                 \
+        start[groups] = k;                                                                   \
+        sparse_job j = {theta, m, v, values, nrows, rowlen, groups, occ, start, {0}, mode,   \
+                        NULL, 0};                                                            \
+        memcpy(j.coef, coef, sizeof j.coef);                                                 \
+        int lazy = mode == 2;                                                                \
+        int64_t units = lazy ? groups : nrows;                                               \
+        int64_t grain = rowlen > 0 ? DENSE_GRAIN / rowlen + 1 : 1;                           \
+        int parts = parts_for(units, grain, nthreads);                                       \
+        j.scratch_row_bytes = ((size_t)(rowlen > 0 ? rowlen : 1) * sizeof(C) + 63) / 64 * 64; \
+        j.scratch = (char *)malloc(j.scratch_row_bytes * (size_t)parts);                    \
+        if (!j.scratch) status = -1;                                                         \
+        else if (rowlen > 0)                                                                 \
+            parallel_for(lazy ? sparse_##NAME##_groups : sparse_##NAME##_rows, &j, units,    \
+                         grain, lazy ? 1 : ALIGN / rowlen + 1, parts);                       \
+        free(j.scratch);                                                                     \
+        free(start);                                                                         \
+        free(occ);                                                                           \
+        return status;                                                                       \
+    }
+
+DEFINE_SPARSE(f32, float, float)
+DEFINE_SPARSE(f64, double, double)
+DEFINE_SPARSE(f16, uint16_t, float)
+DEFINE_SPARSE(bf16, uint16_t, float)
+
+/* Self-checks the loader runs once: the ABI version, and the conversions. */
+int tfadam_abi_version(void) { return 1; }
+uint16_t tfadam_f16_bits(float x) { return f16_bits(x); }
+float tfadam_f16_load(uint16_t b) { return f16_load(b); }
+uint16_t tfadam_bf16_bits(float x) { return bf16_bits(x); }
