@@ -140,7 +140,7 @@ def execute(plan: Plan, accumulators: Accumulators | None) -> Accumulators:
 
     def coefficients_for(dtype: torch.dtype) -> rule.Coefficients:
         if dtype not in coefficients:
-            coefficients[dtype] = rule.tf1_coefficients(
+            coefficients[dtype] = kernels.tf1_coefficients(
                 lr=hyper.lr,
                 beta1=hyper.beta1,
                 beta2=hyper.beta2,
@@ -177,7 +177,7 @@ def execute(plan: Plan, accumulators: Accumulators | None) -> Accumulators:
                 lazy=options.sparse == "lazy",
                 numerics=options.numerics,
             )
-        rule.advance_accumulators(
+        kernels.advance_accumulators(
             accumulators.beta1_power, accumulators.beta2_power, hyper.beta1, hyper.beta2
         )
     return accumulators

@@ -11,6 +11,8 @@ the fastest implementation that handles the given tensors:
   the C loop cannot walk, no C compiler): :mod:`tfadam.kernels.reference`.
 
 All of them give the same bits; the tests prove it with ``==`` on integer views.
+The per-step scalars (:func:`tf1_coefficients`, :func:`advance_accumulators`)
+come from :mod:`tfadam.kernels.scalars`: the rule's numbers without torch ops.
 
 Example:
     >>> import torch
@@ -31,6 +33,9 @@ import torch
 
 from .. import rule
 from . import cpu, cuda, reference
+from .scalars import advance_accumulators, tf1_coefficients
+
+__all__ = ["advance_accumulators", "dense_step", "sparse_step", "tf1_coefficients"]
 
 # Plain tensors only: a tensor subclass (DTensor, FakeTensor, ...) may have no
 # storage behind data_ptr(), or its own idea of in-place ops.

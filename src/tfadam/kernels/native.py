@@ -31,6 +31,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 ABI_VERSION = 1
@@ -153,15 +154,23 @@ def _open(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def _build_and_open() -> ctypes.CDLL:
+def build(directory: Path | None = None, extra_flags: Sequence[str] = ()) -> ctypes.CDLL:
+    """Compile (unless cached) and load the kernels; raise ``OSError`` if impossible.
+
+    ``directory`` defaults to :func:`cache_dir`; ``extra_flags`` are added to
+    the compiler's (the tests build the portable float16 conversions with
+    ``-DTFADAM_NO_FLOAT16``).
+    """
     cc = compiler()
     if cc is None:
         raise OSError("no C compiler found (set TFADAM_CC or CC, or install gcc or clang)")
+    directory = cache_dir() if directory is None else directory
     errors = []
     # -march=native first (AVX-512 where there is one); a compiler that does
     # not know it gets a portable build.
     for flags in (BASE_FLAGS + NATIVE_FLAGS, BASE_FLAGS):
-        target = cache_dir() / f"tfadam_cpu_{_key(cc, flags)}.so"
+        flags = flags + list(extra_flags)
+        target = directory / f"tfadam_cpu_{_key(cc, flags)}.so"
         if not target.exists():
             error = _compile(cc, flags, target)
             if error is not None:
@@ -186,7 +195,7 @@ def library() -> ctypes.CDLL | None:
             _reason = "TFADAM_KERNELS=reference"
         else:
             try:
-                _library = _build_and_open()
+                _library = build()
             except OSError as error:
                 _reason = str(error)
                 warnings.warn(
