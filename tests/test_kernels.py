@@ -203,10 +203,12 @@ def test_dense_layouts_fast_where_walkable_reference_elsewhere(
     }
     names = list(cases)
     # gradients are read only: an expanded one stays expanded
-    expected = [[t if i == 1 else same_strides_copy(t) for i, t in enumerate(cases[n][0])]
-                for n in names]  # fmt: skip
-    actual = [[t if i == 1 else same_strides_copy(t) for i, t in enumerate(cases[n][0])]
-              for n in names]  # fmt: skip
+    expected = [
+        [t if i == 1 else same_strides_copy(t) for i, t in enumerate(cases[n][0])] for n in names
+    ]
+    actual = [
+        [t if i == 1 else same_strides_copy(t) for i, t in enumerate(cases[n][0])] for n in names
+    ]
     taken_by_reference: list[tuple[int, ...]] = []
     real_reference = reference.dense_step
 
@@ -276,8 +278,9 @@ def test_duplicates_summed_in_order_of_occurrence_in_dtype(dtype: torch.dtype) -
         assert m[2].item() == 1.0
         assert torch.equal(m[0].view(torch.int16), torch.zeros(1, dtype=torch.int16))  # +0 + -0
         mr, vr = torch.zeros(3, 1, dtype=dtype), torch.zeros(3, 1, dtype=dtype)
-        reference.sparse_step(torch.zeros(3, 1, dtype=dtype), mr, vr, indices, values, c,
-                              lazy=lazy, numerics="eager")  # fmt: skip
+        reference.sparse_step(
+            torch.zeros(3, 1, dtype=dtype), mr, vr, indices, values, c, lazy=lazy, numerics="eager"
+        )
         assert_same_bits(m, mr)
         assert_same_bits(v, vr)
 
@@ -289,8 +292,9 @@ def test_sparse_table_not_row_major_uses_reference() -> None:
     indices = torch.tensor([3, 1, 3, 9])
     values = random_tensor((4, 8), torch.float32, generator)
     c = coefficients(torch.float32, 1)
-    assert not cpu.sparse_step(theta.clone(), m, v, indices, values, c, lazy=False,
-                               numerics="eager")  # fmt: skip
+    assert not cpu.sparse_step(
+        theta.clone(), m, v, indices, values, c, lazy=False, numerics="eager"
+    )
     expected = [theta.clone(), m.clone(), v.clone()]
     actual = [theta.clone(), m.clone(), v.clone()]
     reference.sparse_step(*expected, indices, values, c, lazy=False, numerics="eager")
@@ -305,8 +309,7 @@ def test_sparse_index_out_of_range_raises_and_changes_nothing() -> None:
     for bad in (5, -1):
         indices = torch.tensor([0, bad, 2])
         with pytest.raises(ValueError, match="out of range"):
-            cpu.sparse_step(theta, m, v, indices, torch.ones(3, 3), c, lazy=False,
-                            numerics="eager")  # fmt: skip
+            cpu.sparse_step(theta, m, v, indices, torch.ones(3, 3), c, lazy=False, numerics="eager")
         assert torch.equal(theta, torch.ones(5, 3)) and torch.equal(m, torch.ones(5, 3))
 
 
@@ -331,36 +334,6 @@ def test_conversions_exhaustive() -> None:
         got = torch.tensor([convert(x) for x in values.tolist()], dtype=torch.int32)
         got = got.to(torch.int16).view(dtype)
         assert_same_bits(got, values.to(dtype), f"float32 -> {dtype}")
-
-
-def test_portable_float16_conversions(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    """The bit-manipulation float16 path (compilers without _Float16) agrees with the hardware's."""
-    portable = native.build(tmp_path, extra_flags=["-DTFADAM_NO_FLOAT16"])
-    lib = native.library()
-    assert lib is not None
-    halves = list(range(2**16))
-    assert [portable.tfadam_f16_load(h) for h in halves[::7]] == [
-        lib.tfadam_f16_load(h) for h in halves[::7]
-    ] or True  # NaN != NaN in Python floats: compare bits below
-    loaded = torch.tensor([portable.tfadam_f16_load(h) for h in halves])
-    expected = torch.tensor(halves, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
-    assert_same_bits(loaded, expected, "portable float16 -> float32")
-    generator = torch.Generator().manual_seed(8)
-    raw = torch.randint(-(2**31), 2**31, (60_000,), generator=generator, dtype=torch.int64)
-    values = torch.cat([raw.to(torch.int32).view(torch.float32), expected, expected * 1.0001])
-    got = torch.tensor([portable.tfadam_f16_bits(x) for x in values.tolist()], dtype=torch.int32)
-    assert_same_bits(got.to(torch.int16).view(torch.float16), values.half(), "portable f32->f16")
-    # and whole steps through it
-    monkeypatch.setattr(native, "_library", portable)
-    monkeypatch.setattr(native, "_loaded", True)
-    shapes = [(1001,), (3, 7)]
-    expected_state = dense_state(shapes, torch.float16, seed=9, amsgrad=False)
-    actual = {k: clones(v) for k, v in expected_state.items()}
-    grads = gradients(shapes, torch.float16, seed=9)
-    c = coefficients(torch.float16, 4)
-    run_dense(reference.dense_step, expected_state, grads, c=c, nesterov=False)
-    run_dense(kernels.dense_step, actual, grads, c=c, nesterov=False)
-    assert_states_equal(actual, expected_state)
 
 
 def test_no_compiler_falls_back_to_reference(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
@@ -400,6 +373,13 @@ def test_reference_only_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_floor_kernel_does_its_trivial_arithmetic() -> None:
-    t, g, m, v = torch.ones(100), torch.full((100,), 2.0), torch.zeros(100), torch.zeros(100)
-    cpu.floor_step([t], [g], [m], [v])
-    assert torch.equal(t, torch.full((100,), 3.0)) and torch.equal(m, g) and torch.equal(v, -g)
+    for dtype in (torch.float32, torch.float64):
+        t, g = torch.ones(100, dtype=dtype), torch.full((100,), 2.0, dtype=dtype)
+        m, v = torch.zeros(100, dtype=dtype), torch.zeros(100, dtype=dtype)
+        cpu.FloorKernel([t], [g], [m], [v])()
+        assert torch.equal(t, torch.full((100,), 3.0, dtype=dtype))
+        assert torch.equal(m, g) and torch.equal(v, -g)
+    t16, g16 = torch.ones(70, dtype=torch.int16), torch.full((70,), 2, dtype=torch.int16)
+    m16, v16 = torch.zeros(70, dtype=torch.int16), torch.zeros(70, dtype=torch.int16)
+    cpu.FloorKernel([t16], [g16], [m16], [v16])()
+    assert t16.tolist() == [3] * 70 and v16.tolist() == [-2] * 70

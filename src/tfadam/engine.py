@@ -207,7 +207,10 @@ def _checked(update: Update, options: Options) -> Update:
     param, grad, name = update.param, update.grad, update.name
     if not isinstance(param, torch.Tensor):
         raise TypeError(f"{name} is a {type(param).__name__}, not a torch tensor.")
-    if param.dtype not in FLOATING:
+    # Read once: each tensor attribute read costs ~0.1 µs, and with thousands
+    # of small parameters this function is most of a step's time.
+    shape, dtype, device = param.shape, param.dtype, param.device
+    if dtype not in FLOATING:
         raise TypeError(
             f"{name} ({_describe(param)}) is not a floating variable; Adam updates float16, "
             "bfloat16, float32 and float64 variables only (TF: 'Invalid type')."
@@ -220,39 +223,40 @@ def _checked(update: Update, options: Options) -> Update:
     for slot, tensor in update.state.items():
         if not isinstance(tensor, torch.Tensor):
             continue
-        if (
-            tensor.shape != param.shape
-            or tensor.dtype != param.dtype
-            or tensor.device != param.device
-        ):
+        if tensor.shape != shape or tensor.dtype != dtype or tensor.device != device:
             raise ValueError(
                 f"{name} ({_describe(param)}): its optimizer slot {slot!r} has "
                 f"{_describe(tensor)}; the state does not belong to this variable "
                 "(a mismatched state_dict or checkpoint?)."
             )
-    if isinstance(grad, torch.Tensor) and grad.layout == torch.sparse_coo:
+    layout = grad.layout if isinstance(grad, torch.Tensor) else None
+    if layout == torch.sparse_coo:
         grad = IndexedSlices.from_coo(grad)
     if isinstance(grad, IndexedSlices):
         grad = _checked_slices(grad, param, name)
     elif isinstance(grad, torch.Tensor):
-        if grad.layout != torch.strided:
+        if layout != torch.strided:
             raise TypeError(
                 f"gradient of {name} has layout {grad.layout}; use a dense tensor, a sparse "
                 "COO tensor or tfadam.IndexedSlices."
             )
-        _check_same(grad, param, name, "gradient")
-        if grad.shape != param.shape:
+        if grad.dtype != dtype or grad.device != device:
+            _check_same(grad, param, name, "gradient")
+        if grad.shape != shape:
             raise ValueError(
                 f"gradient of {name} has shape {tuple(grad.shape)} but the variable has shape "
                 f"{tuple(param.shape)} (TF: 'Shapes must be equal'). Pass the gradient of this "
                 "variable, in its shape."
             )
-        grad = grad.detach()
+        if grad.requires_grad:  # (create_graph=True); otherwise detach() is a no-op
+            grad = grad.detach()
     else:
         raise TypeError(
             f"gradient of {name} is a {type(grad).__name__}; expected a tensor, a sparse COO "
             "tensor, tfadam.IndexedSlices or None."
         )
+    if grad is update.grad:
+        return update
     return Update(param, grad, update.state, name)
 
 

@@ -79,6 +79,10 @@ class Adam(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
 
+    # torch.compile runs the step eagerly (a graph break): the kernels are C
+    # called through ctypes, which dynamo cannot trace, and tracing the
+    # validation only burns compile time and recompiles.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One Adam step on every group; validates all groups before touching any."""

@@ -173,30 +173,48 @@ def sparse_step(
     return True
 
 
-def floor_step(
-    thetas: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    ms: Sequence[torch.Tensor],
-    vs: Sequence[torch.Tensor],
-) -> None:
-    """The benchmark's memory-traffic floor: same traffic as a dense step (float32).
+class FloorKernel:
+    """The benchmark's memory-traffic floor: a dense step's traffic, trivial arithmetic.
 
-    Reads θ, g, m, v and writes θ, m, v with trivial arithmetic
-    (``m += g; v -= g; θ += g``), with the same threads as the Adam kernel. Not
-    an optimizer: it is the speed limit a fused Adam step can approach.
+    Reads θ, g, m, v and writes θ, m, v (``m += g; v -= g; θ += g``, as
+    float32, 16-bit integers or float64 by element size) on the same threads
+    as the Adam kernel. Pointers are gathered once, at construction, so a call
+    is the C loop alone: the speed limit a fused Adam step can approach. Not
+    an optimizer. The tensors must stay alive and in place while it is used.
+
+    >>> t, g, m, v = torch.ones(4), torch.full((4,), 2.0), torch.zeros(4), torch.zeros(4)
+    >>> FloorKernel([t], [g], [m], [v])()
+    >>> t.tolist(), m.tolist(), v.tolist()
+    ([3.0, 3.0, 3.0, 3.0], [2.0, 2.0, 2.0, 2.0], [-2.0, -2.0, -2.0, -2.0])
     """
-    lib = native.library()
-    assert lib is not None, "cpu.floor_step needs the C kernels"
-    groups = [thetas, grads, ms, vs]
-    for group in groups:
-        for t in group:
-            if t.dtype != torch.float32 or not t.is_contiguous():
-                raise ValueError("floor_step takes contiguous float32 tensors")
-    pointers = [array("Q", [t.data_ptr() for t in group]) for group in groups]
-    offsets = array("q", accumulate((t.numel() for t in thetas), initial=0))
-    lib.tfadam_floor_f32(
-        len(thetas),
-        *(p.buffer_info()[0] for p in pointers),
-        offsets.buffer_info()[0],
-        torch.get_num_threads(),
-    )
+
+    _BY_SIZE = {4: "f32", 2: "u16", 8: "f64"}
+
+    def __init__(
+        self,
+        thetas: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        ms: Sequence[torch.Tensor],
+        vs: Sequence[torch.Tensor],
+    ) -> None:
+        lib = native.library()
+        assert lib is not None, "FloorKernel needs the C kernels"
+        groups = [list(thetas), list(grads), list(ms), list(vs)]
+        size = groups[0][0].element_size()
+        for group in groups:
+            for t in group:
+                if t.element_size() != size or not t.is_contiguous() or t.device.type != "cpu":
+                    raise ValueError("FloorKernel takes contiguous CPU tensors of one element size")
+        self._keep = groups
+        self._function = getattr(lib, f"tfadam_floor_{self._BY_SIZE[size]}")
+        self._pointers = [array("Q", map(_data_ptr, group)) for group in groups]
+        self._offsets = array("q", accumulate(map(_numel, groups[0]), initial=0))
+        self._count = len(groups[0])
+
+    def __call__(self) -> None:
+        self._function(
+            self._count,
+            *(p.buffer_info()[0] for p in self._pointers),
+            self._offsets.buffer_info()[0],
+            torch.get_num_threads(),
+        )

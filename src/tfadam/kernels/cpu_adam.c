@@ -11,8 +11,8 @@
  * only lets sqrt become the IEEE sqrtps/sqrtpd instruction.
  *
  * float16 and bfloat16 are computed op by op in float32 and rounded back to T
- * after EVERY operation, through an integer bit pattern, so that no excess
- * precision can survive between operations. This equals correctly rounded T
+ * after EVERY operation, by explicit bit and float manipulation (never through
+ * _Float16 arithmetic, where GCC may keep excess precision). This equals correctly rounded T
  * arithmetic for + - * / sqrt (float32 has more than 2p+2 bits for both).
  */
 #include <math.h>
@@ -67,54 +67,61 @@ INLINE uint16_t bf16_bits(float x) {
     return (uint16_t)(bits_of(bf16_round(x)) >> 16);
 }
 
-#if defined(__FLT16_MAX__) && !defined(TFADAM_NO_FLOAT16)
-/* The compiler's _Float16 conversions (F16C's vcvtps2ph / vcvtph2ps where
- * available) round to nearest even. Arithmetic is never done in _Float16:
- * GCC may keep excess precision there. Values pass through uint16_t bits. */
-INLINE uint16_t f16_bits(float x) {
-    _Float16 h = (_Float16)x;
-    uint16_t b;
-    memcpy(&b, &h, 2);
-    return b;
+/* float16, by bit manipulation and float arithmetic only, so that the loops
+ * vectorise (GCC vectorises no _Float16 conversion without AVX512-FP16).
+ *
+ * f16_round: round to nearest even at float16's precision, in float. Adding
+ * M = 2^(E+13) to |x| (E = x's exponent; at least 2^-1, which gives the fixed
+ * 2^-24 quantum of float16 subnormals) makes the float addition round |x| to
+ * a multiple of 2^(E-10), float16's ulp, ties to even; subtracting M is
+ * exact. |x| >= 65520 rounds to inf. A NaN passes through (quiet, payload and
+ * sign kept): every NaN in these kernels was loaded from a float16 or made
+ * by an invalid operation, so its low 13 bits are zero already. */
+INLINE float f16_round(float x) {
+    float ax = fabsf(x);
+    uint32_t magic = (bits_of(ax) & 0x7F800000u) + (13u << 23);
+    magic = magic > 0x3F000000u ? magic : 0x3F000000u;
+    float r = (ax + float_of(magic)) - float_of(magic);
+    r = ax >= 65520.0f ? INFINITY : r;
+    return copysignf(r, x);
 }
-INLINE float f16_load(uint16_t b) {
-    _Float16 h;
-    memcpy(&h, &b, 2);
-    return (float)h;
+/* Selections are written as bit masks: a ternary would let GCC sink one arm's
+ * float operation into a branch (it may trap, so it is not speculated back),
+ * and the loop would not vectorise. */
+INLINE uint32_t select_bits(uint32_t mask, uint32_t yes, uint32_t no) {
+    return (yes & mask) | (no & ~mask);
 }
-#else
-/* Portable IEEE binary16 conversions (round to nearest even, subnormals,
- * NaN kept quiet with its sign and top payload bits, as vcvtps2ph does). */
-INLINE uint16_t f16_bits(float x) {
-    uint32_t u = bits_of(x);
+INLINE uint32_t mask_of(int condition) { return (uint32_t)0 - (uint32_t)(condition != 0); }
+
+/* x: a float16 value held in a float (already rounded), inf or NaN. */
+INLINE uint16_t f16_store(float x) {
+    uint32_t u = bits_of(x), a = u & 0x7FFFFFFFu;
     uint32_t sign = (u >> 16) & 0x8000u;
-    uint32_t a = u & 0x7FFFFFFFu;
-    if (a > 0x7F800000u) return (uint16_t)(sign | 0x7E00u | ((a >> 13) & 0x3FFu));
-    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u); /* rounds to >= 65520: inf */
-    if (a < 0x38800000u) {                                    /* below 2^-14: subnormal */
-        /* x * 2^24 is the subnormal's integer mantissa, exactly computable;
-         * float addition of 0.5-ulp-aligned magic rounds it to nearest even. */
-        float scaled = float_of(a) * 16777216.0f;   /* exact: a power of two */
-        uint32_t q = (uint32_t)nearbyintf(scaled);  /* default mode: to nearest even */
-        return (uint16_t)(sign | q);
-    }
-    uint32_t r = a - 0x38000000u; /* rebias exponent 127 -> 15 */
-    r = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;
-    return (uint16_t)(sign | r);
+    uint32_t normal = (a >> 13) - 0x1C000u; /* rebias the exponent 127 -> 15 */
+    /* a float16 subnormal is k * 2^-24, k < 1024: 0.5 + k * 2^-24 is exact and
+     * holds k in its low bits */
+    uint32_t subnormal = bits_of(float_of(a) + 0.5f) - 0x3F000000u;
+    uint32_t special = ((a >> 13) & 0x3FFu) | 0x7C00u | (mask_of(a > 0x7F800000u) & 0x200u);
+    uint32_t h = select_bits(mask_of(a >= 0x7F800000u), special,
+                             select_bits(mask_of(a < 0x38800000u), subnormal, normal));
+    return (uint16_t)(h | sign);
 }
 INLINE float f16_load(uint16_t b) {
-    uint32_t sign = ((uint32_t)b & 0x8000u) << 16;
-    uint32_t e = (b >> 10) & 0x1Fu, f = b & 0x3FFu;
-    if (e == 0x1F) return float_of(sign | 0x7F800000u | (f << 13));
-    if (e == 0) {
-        float mag = (float)f * (1.0f / 16777216.0f); /* exact */
-        return float_of(sign | bits_of(mag));
-    }
-    return float_of(sign | ((e + 112u) << 23) | (f << 13));
+    uint32_t a = b & 0x7FFFu, sign = ((uint32_t)b & 0x8000u) << 16;
+    uint32_t normal = (a << 13) + 0x38000000u; /* rebias the exponent 15 -> 127 */
+    uint32_t special = (a << 13) + 0x70000000u;  /* exponent 31 -> 255 */
+    special |= mask_of(a > 0x7C00u) & 0x00400000u; /* a NaN comes out quiet */
+    /* subnormal k * 2^-24 (k = a < 1024): (0.5 + k * 2^-24) - 0.5, exact */
+    uint32_t subnormal = bits_of(float_of(0x3F000000u | a) - 0.5f);
+    uint32_t r = select_bits(mask_of(a >= 0x7C00u), special,
+                             select_bits(mask_of(a < 0x400u), subnormal, normal));
+    return float_of(r | sign);
 }
-#endif
-INLINE float f16_round(float x) { return f16_load(f16_bits(x)); }
-INLINE uint16_t f16_store(float x) { return f16_bits(x); } /* x already rounded */
+/* Any float to float16 bits (the loader's self-test; NaN: quiet, top payload). */
+INLINE uint16_t f16_bits(float x) {
+    if (x != x) return f16_store(float_of(bits_of(x) | 0x00400000u));
+    return f16_store(f16_round(x));
+}
 
 /* ------------------------------------------------------------------------ */
 /* Threads: split [0, total) into contiguous parts, one per thread.          */
@@ -292,31 +299,37 @@ DEFINE_DENSE_ALL(bf16, uint16_t, float)
 /* trivial arithmetic, same threading. Not an optimizer.                     */
 /* ------------------------------------------------------------------------ */
 
-static void floor_f32_range(void *ctx, int part, int64_t lo, int64_t hi) {
-    (void)part;
-    const dense_job *j = (const dense_job *)ctx;
-    for (int64_t i = first_tensor(j->offset, j->count, lo); i < j->count && j->offset[i] < hi;
-         ++i) {
-        int64_t a = lo > j->offset[i] ? lo - j->offset[i] : 0;
-        int64_t b = (hi < j->offset[i + 1] ? hi : j->offset[i + 1]) - j->offset[i];
-        float *RESTRICT tp = (float *)j->theta[i], *RESTRICT mp = (float *)j->m[i];
-        float *RESTRICT vp = (float *)j->v[i];
-        const float *RESTRICT gp = (const float *)j->grad[i];
-        for (int64_t e = a; e < b; ++e) {
-            float g = gp[e];
-            mp[e] = mp[e] + g;
-            vp[e] = vp[e] - g;
-            tp[e] = tp[e] + g;
-        }
+#define DEFINE_FLOOR(NAME, S)                                                                 \
+    static void floor_##NAME##_range(void *ctx, int part, int64_t lo, int64_t hi) {           \
+        (void)part;                                                                          \
+        const dense_job *j = (const dense_job *)ctx;                                         \
+        for (int64_t i = first_tensor(j->offset, j->count, lo);                              \
+             i < j->count && j->offset[i] < hi; ++i) {                                       \
+            int64_t a = lo > j->offset[i] ? lo - j->offset[i] : 0;                           \
+            int64_t b = (hi < j->offset[i + 1] ? hi : j->offset[i + 1]) - j->offset[i];      \
+            S *RESTRICT tp = (S *)j->theta[i], *RESTRICT mp = (S *)j->m[i];                  \
+            S *RESTRICT vp = (S *)j->v[i];                                                   \
+            const S *RESTRICT gp = (const S *)j->grad[i];                                    \
+            for (int64_t e = a; e < b; ++e) {                                                \
+                S g = gp[e];                                                                 \
+                mp[e] = (S)(mp[e] + g);                                                      \
+                vp[e] = (S)(vp[e] - g);                                                      \
+                tp[e] = (S)(tp[e] + g);                                                      \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+    int tfadam_floor_##NAME(int64_t count, void **theta, void **grad, void **m, void **v,     \
+                            const int64_t *offset, int nthreads) {                           \
+        dense_job j = {theta, grad, m, v, NULL, offset, count, {0}};                         \
+        parallel_for(floor_##NAME##_range, &j, offset[count], DENSE_GRAIN, ALIGN, nthreads); \
+        return 0;                                                                            \
     }
-}
 
-int tfadam_floor_f32(int64_t count, void **theta, void **grad, void **m, void **v,
-                     const int64_t *offset, int nthreads) {
-    dense_job j = {theta, grad, m, v, NULL, offset, count, {0}};
-    parallel_for(floor_f32_range, &j, offset[count], DENSE_GRAIN, ALIGN, nthreads);
-    return 0;
-}
+/* 4-byte elements as float32, 2-byte elements (float16/bfloat16 traffic) as
+ * 16-bit integers, 8-byte elements as float64. */
+DEFINE_FLOOR(f32, float)
+DEFINE_FLOOR(u16, uint16_t)
+DEFINE_FLOOR(f64, double)
 
 /* ------------------------------------------------------------------------ */
 /* Sparse rows (IndexedSlices over dim 0).                                    */

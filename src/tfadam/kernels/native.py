@@ -53,11 +53,12 @@ P = ctypes.c_void_p
 I64 = ctypes.c_int64
 _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "tfadam_abi_version": (ctypes.c_int, []),
-    "tfadam_floor_f32": (ctypes.c_int, [I64, P, P, P, P, P, ctypes.c_int]),
     "tfadam_f16_bits": (ctypes.c_uint16, [ctypes.c_float]),
     "tfadam_f16_load": (ctypes.c_float, [ctypes.c_uint16]),
     "tfadam_bf16_bits": (ctypes.c_uint16, [ctypes.c_float]),
 }
+for _name in ("f32", "u16", "f64"):
+    _SIGNATURES[f"tfadam_floor_{_name}"] = (ctypes.c_int, [I64, P, P, P, P, P, ctypes.c_int])
 for _name in ("f32", "f64", "f16", "bf16"):
     _SIGNATURES[f"tfadam_dense_{_name}"] = (
         ctypes.c_int,
@@ -158,8 +159,7 @@ def build(directory: Path | None = None, extra_flags: Sequence[str] = ()) -> cty
     """Compile (unless cached) and load the kernels; raise ``OSError`` if impossible.
 
     ``directory`` defaults to :func:`cache_dir`; ``extra_flags`` are added to
-    the compiler's (the tests build the portable float16 conversions with
-    ``-DTFADAM_NO_FLOAT16``).
+    the compiler's (the tests use it to prove that FMA contraction would be caught).
     """
     cc = compiler()
     if cc is None:

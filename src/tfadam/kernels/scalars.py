@@ -72,6 +72,8 @@ def _round_format(x: float, p: int, emin: int, largest: float) -> float:
     """Round to ``p`` significand bits, exponents >= ``emin`` (then subnormal)."""
     if x == 0.0 or not math.isfinite(x):
         return float(x)
+    if abs(x) >= 2 * largest:  # certainly inf, and the scaling below could overflow
+        return math.copysign(math.inf, x)
     _, e = math.frexp(x)  # |x| = m * 2**e, 0.5 <= m < 1: x's exponent is e - 1
     quantum = max(e - 1, emin) - (p - 1)  # the exponent of one ulp (subnormals: fixed)
     # Scaling by a power of two is exact; round() of a float is exact, ties to even.
@@ -79,6 +81,20 @@ def _round_format(x: float, p: int, emin: int, largest: float) -> float:
     if abs(y) > largest:
         return math.copysign(math.inf, x)
     return math.copysign(y, x)  # a tiny negative x rounds to -0.0
+
+
+def _divide(a: float, b: float) -> float:
+    """IEEE division (Python raises on a zero divisor; TF gives ±inf or NaN)."""
+    if b != 0.0:
+        return a / b
+    if a == 0.0 or a != a:
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def _sqrt(x: float) -> float:
+    """IEEE square root (Python raises below zero; TF gives NaN)."""
+    return math.sqrt(x) if x >= 0.0 or x != x else math.nan
 
 
 def _float32(value: float) -> float:
@@ -133,13 +149,13 @@ def tf1_coefficients(
         )
     lr_t, b1, b2, eps, b1p, b2p = (round_to(x, dtype) for x in values)  # type: ignore[arg-type]
     if dtype == torch.float64:
-        alpha = (lr_t * math.sqrt(1.0 - b2p)) / (1.0 - b1p)
+        alpha = _divide(lr_t * _sqrt(1.0 - b2p), 1.0 - b1p)
         return rule.Coefficients(alpha, b1, b2, 1.0 - b1, 1.0 - b2, eps)
 
     def t(x: float) -> float:
         return round_to(x, dtype)
 
-    alpha = t(t(lr_t * t(math.sqrt(t(1.0 - b2p)))) / t(1.0 - b1p))
+    alpha = t(_divide(t(lr_t * t(_sqrt(t(1.0 - b2p)))), t(1.0 - b1p)))
     return rule.Coefficients(
         alpha=alpha,
         beta1=b1,
