@@ -336,6 +336,38 @@ def test_conversions_exhaustive() -> None:
         assert_same_bits(got, values.to(dtype), f"float32 -> {dtype}")
 
 
+def test_float16_without_avx512_path(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The bit-manipulation float16 loops (machines without AVX-512) on whole tensors.
+
+    Where AVX-512 exists they only run the last < 16 elements of a tensor;
+    built without the vector path they run everything, and must agree too.
+    """
+    scalar_only = native.build(tmp_path, extra_flags=["-DTFADAM_NO_VECTOR_F16"])
+    monkeypatch.setattr(native, "_library", scalar_only)
+    monkeypatch.setattr(native, "_loaded", True)
+    shapes = [(1001,), (3, 7), (70_001,)]
+    for amsgrad, nesterov in ((False, False), (True, True)):
+        expected = dense_state(shapes, torch.float16, seed=9, amsgrad=amsgrad)
+        actual = {k: clones(v) for k, v in expected.items()}
+        grads = gradients(shapes, torch.float16, seed=9)
+        c = coefficients(torch.float16, 4)
+        run_dense(reference.dense_step, expected, grads, c=c, nesterov=nesterov)
+        run_dense(kernels.dense_step, actual, grads, c=c, nesterov=nesterov)
+        assert_states_equal(actual, expected)
+    generator = torch.Generator().manual_seed(9)
+    for lazy, numerics in ((False, "eager"), (False, "graph"), (True, "eager")):
+        table = [random_tensor((200, 24), torch.float16, generator) for _ in range(3)]
+        table[2] = table[2].abs()
+        indices = torch.randint(0, 200, (300,), generator=generator)
+        values = random_tensor((300, 24), torch.float16, generator)
+        expected_table, actual_table = clones(table), clones(table)
+        c = coefficients(torch.float16, 2)
+        reference.sparse_step(*expected_table, indices, values, c, lazy=lazy, numerics=numerics)
+        kernels.sparse_step(*actual_table, indices, values, c, lazy=lazy, numerics=numerics)
+        for a, e in zip(actual_table, expected_table, strict=True):
+            assert_same_bits(a, e, f"lazy={lazy} {numerics}")
+
+
 def test_no_compiler_falls_back_to_reference(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("TFADAM_CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TFADAM_CACHE_DIR", str(tmp_path / "cache"))

@@ -128,6 +128,78 @@ INLINE uint16_t f16_bits(float x) {
 }
 
 /* ------------------------------------------------------------------------ */
+/* The loop bodies below (macros) are written once, over an element type T:  */
+/* T_ld / T_st load and store element i of a storage array, T_ldc / T_stc    */
+/* of a compute-type scratch array, T_max is the AMSGrad maximum, T_set1 a   */
+/* constant. They run one element at a time with the scalar types, and 16   */
+/* at a time with the AVX-512 float16 type (f16v) where there is one.        */
+/* ------------------------------------------------------------------------ */
+
+#define SCALAR_ACCESS(T, S, C)                                                                \
+    INLINE C T##_ld(const S *p, int64_t i) { return T##_load(p[i]); }                         \
+    INLINE void T##_st(S *p, int64_t i, C x) { p[i] = T##_store(x); }                         \
+    INLINE C T##_ldc(const C *p, int64_t i) { return p[i]; }                                  \
+    INLINE void T##_stc(C *p, int64_t i, C x) { p[i] = x; }                                   \
+    /* torch.maximum(vhat, v): NaN if either is NaN, else the larger */                       \
+    INLINE C T##_max(C h, C v) { return (h > v || h != h) ? h : v; }                          \
+    INLINE C T##_set1(double x) { return (C)x; }
+
+SCALAR_ACCESS(f32, float, float)
+SCALAR_ACCESS(f64, double, double)
+SCALAR_ACCESS(f16, uint16_t, float)
+SCALAR_ACCESS(bf16, uint16_t, float)
+#define f32_sqrt sqrtf
+#define f64_sqrt sqrt
+#define f16_sqrt sqrtf
+#define bf16_sqrt sqrtf
+
+#if defined(__AVX512F__) && !defined(TFADAM_NO_VECTOR_F16)
+#include <immintrin.h>
+/* float16, 16 elements at a time: AVX-512's conversions vcvtph2ps and
+ * vcvtps2ph (round to nearest even) are exact IEEE conversions, so rounding
+ * to float16 is a conversion there and back, 2 instructions instead of ~10
+ * bit operations (GCC does not vectorise _Float16 conversions by itself).
+ * + - * / on __m512 are GCC vector operators: one rounding each, no FMA
+ * (-ffp-contract=off). */
+#define F16V_RNE _MM_FROUND_TO_NEAREST_INT
+INLINE __m512 f16v_ld(const uint16_t *p, int64_t i) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + i)));
+}
+INLINE void f16v_st(uint16_t *p, int64_t i, __m512 x) {
+    _mm256_storeu_si256((__m256i *)(p + i), _mm512_cvtps_ph(x, F16V_RNE));
+}
+INLINE __m512 f16v_ldc(const float *p, int64_t i) { return _mm512_loadu_ps(p + i); }
+INLINE void f16v_stc(float *p, int64_t i, __m512 x) { _mm512_storeu_ps(p + i, x); }
+INLINE __m512 f16v_round(__m512 x) { return _mm512_cvtph_ps(_mm512_cvtps_ph(x, F16V_RNE)); }
+INLINE __m512 f16v_sqrt(__m512 x) { return _mm512_sqrt_ps(x); }
+INLINE __m512 f16v_max(__m512 h, __m512 v) {
+    __mmask16 take_h = _mm512_cmp_ps_mask(h, v, _CMP_GT_OQ) | _mm512_cmp_ps_mask(h, h, _CMP_UNORD_Q);
+    return _mm512_mask_blend_ps(take_h, v, h);
+}
+INLINE __m512 f16v_set1(double x) { return _mm512_set1_ps((float)x); }
+#define f16_VECTOR(ELEMENT) LOOP(f16v, __m512, 16, ELEMENT)
+#else
+#define f16_VECTOR(ELEMENT)
+#endif
+#define f32_VECTOR(ELEMENT)
+#define f64_VECTOR(ELEMENT)
+#define bf16_VECTOR(ELEMENT)
+
+/* Elements i, i+W, ... while W of them remain, with type T; the constants of
+ * ELEMENT (ELEMENT_CONSTS) are made once, in T. */
+#define LOOP(T, C, W, ELEMENT)                                                                \
+    {                                                                                        \
+        ELEMENT##_CONSTS(T, C)                                                               \
+        for (; i + (W) <= n; i += (W)) ELEMENT(T, C, i)                                      \
+    }
+
+/* The scalars of a step, each exactly a T (see rule.Coefficients). */
+#define ADAM_CONSTS(T, C)                                                                     \
+    const C alpha = T##_set1(coef[0]), b1 = T##_set1(coef[1]), b2 = T##_set1(coef[2]);        \
+    const C omb1 = T##_set1(coef[3]), omb2 = T##_set1(coef[4]), eps = T##_set1(coef[5]);      \
+    (void)alpha, (void)b1, (void)b2, (void)omb1, (void)omb2, (void)eps;
+
+/* ------------------------------------------------------------------------ */
 /* Threads: split [0, total) into contiguous parts, one per thread.          */
 /* ------------------------------------------------------------------------ */
 
@@ -219,40 +291,38 @@ typedef struct {
     double coef[6]; /* alpha, beta1, beta2, 1-beta1, 1-beta2, epsilon: each exactly a T */
 } dense_job;
 
+/* One element (or 16) of TF's ApplyAdam; nesterov and amsgrad are constants. */
+#define DENSE_ELEMENT_CONSTS ADAM_CONSTS
+#define DENSE_ELEMENT(T, C, i)                                                                \
+    {                                                                                        \
+        C g = T##_ld(gp, i), m = T##_ld(mp, i), v = T##_ld(vp, i);                           \
+        m = T##_round(m + T##_round(T##_round(g - m) * omb1));                               \
+        v = T##_round(v + T##_round(T##_round(T##_round(g * g) - v) * omb2));                \
+        T##_st(mp, i, m);                                                                    \
+        T##_st(vp, i, v);                                                                    \
+        C d = v;                                                                             \
+        if (amsgrad) {                                                                       \
+            d = T##_max(T##_ld(hp, i), v);                                                   \
+            T##_st(hp, i, d);                                                                \
+        }                                                                                    \
+        C den = T##_round(T##_round(T##_sqrt(d)) + eps);                                     \
+        C num = m;                                                                           \
+        if (nesterov) num = T##_round(T##_round(g * omb1) + T##_round(b1 * m));              \
+        C th = T##_ld(tp, i);                                                                \
+        T##_st(tp, i, T##_round(th - T##_round(T##_round(num * alpha) / den)));              \
+    }
+
 #define DEFINE_DENSE(NAME, S, C, NESTEROV, AMSGRAD)                                            \
     static void dense_##NAME##_##NESTEROV##AMSGRAD(S *RESTRICT tp, const S *RESTRICT gp,     \
                                                   S *RESTRICT mp, S *RESTRICT vp,            \
-                                                  S *RESTRICT hp, int64_t n, const C *k) {   \
-        const C alpha = k[0], b1 = k[1], omb1 = k[3], omb2 = k[4], eps = k[5];               \
-        (void)b1;                                                                            \
-        (void)hp;                                                                            \
-        for (int64_t i = 0; i < n; ++i) {                                                    \
-            C g = NAME##_load(gp[i]), m = NAME##_load(mp[i]), v = NAME##_load(vp[i]);        \
-            m = NAME##_round(m + NAME##_round(NAME##_round(g - m) * omb1));                  \
-            v = NAME##_round(v +                                                             \
-                             NAME##_round(NAME##_round(NAME##_round(g * g) - v) * omb2));    \
-            mp[i] = NAME##_store(m);                                                         \
-            vp[i] = NAME##_store(v);                                                         \
-            C d = v;                                                                         \
-            if (AMSGRAD) {                                                                   \
-                /* torch.maximum(vhat, v): NaN if either is NaN, else the larger */          \
-                C h = NAME##_load(hp[i]);                                                    \
-                h = (h > v || h != h) ? h : v;                                               \
-                hp[i] = NAME##_store(h);                                                     \
-                d = h;                                                                       \
-            }                                                                                \
-            C den = NAME##_round(NAME##_round(NAME##_sqrt(d)) + eps);                        \
-            C num = NESTEROV ? NAME##_round(NAME##_round(g * omb1) + NAME##_round(b1 * m))   \
-                             : m;                                                            \
-            C th = NAME##_load(tp[i]);                                                       \
-            tp[i] = NAME##_store(NAME##_round(th - NAME##_round(NAME##_round(num * alpha) / den))); \
-        }                                                                                    \
+                                                  S *RESTRICT hp, int64_t n,                 \
+                                                  const double *coef) {                      \
+        const int nesterov = NESTEROV, amsgrad = AMSGRAD;                                    \
+        (void)hp, (void)nesterov, (void)amsgrad;                                             \
+        int64_t i = 0;                                                                       \
+        NAME##_VECTOR(DENSE_ELEMENT)                                                         \
+        LOOP(NAME, C, 1, DENSE_ELEMENT)                                                      \
     }
-
-#define f32_sqrt sqrtf
-#define f64_sqrt sqrt
-#define f16_sqrt sqrtf
-#define bf16_sqrt sqrtf
 
 #define DEFINE_DENSE_ALL(NAME, S, C)                                                         \
     DEFINE_DENSE(NAME, S, C, 0, 0)                                                           \
@@ -267,8 +337,7 @@ typedef struct {
         (void)part;                    \
         const dense_##NAME##_job *d = (const dense_##NAME##_job *)ctx;                       \
         const dense_job *j = &d->job;                                                        \
-        C k[6];                                                                              \
-        for (int q = 0; q < 6; ++q) k[q] = (C)j->coef[q];                                    \
+        const double *k = j->coef;                                                           \
         for (int64_t i = first_tensor(j->offset, j->count, lo); i < j->count && j->offset[i] < hi; \
              ++i) {                                                                          \
             int64_t a = lo > j->offset[i] ? lo - j->offset[i] : 0;                           \
@@ -455,55 +524,76 @@ static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
     }
 }
 
+#define ZERO_ELEMENT_CONSTS(T, C)
+#define ZERO_ELEMENT(T, C, i) T##_stc(acc, i, T##_set1(0.0));
+#define SUM_ELEMENT_CONSTS(T, C)
+#define SUM_ELEMENT(T, C, i) T##_stc(acc, i, T##_round(T##_ldc(acc, i) + T##_ld(src, i)));
+
+/* Untouched rows of the dense-equivalent update (rule.sparse_update). */
+#define DECAY_ELEMENT_CONSTS ADAM_CONSTS
+#define DECAY_ELEMENT(T, C, i)                                                                \
+    {                                                                                        \
+        C m = T##_round(T##_ld(mp, i) * b1);                                                 \
+        C v = T##_round(T##_ld(vp, i) * b2);                                                 \
+        T##_st(mp, i, m);                                                                    \
+        T##_st(vp, i, v);                                                                    \
+        C den = T##_round(T##_round(T##_sqrt(v)) + eps);                                     \
+        C th = T##_ld(tp, i);                                                                \
+        T##_st(tp, i, T##_round(th - T##_round(T##_round(alpha * m) / den)));                \
+    }
+
+/* Touched rows: dense-equivalent (eager or graph) and lazy share this form:
+ *   m = m*b1 + G*(1-b1);  v = v*b2 + (G*G)*(1-b2)   [graph: G*(G*(1-b2))]
+ *   theta = theta - (alpha*m) / (sqrt(v) + eps) */
+#define TOUCH_ELEMENT_CONSTS ADAM_CONSTS
+#define TOUCH_ELEMENT(T, C, i)                                                                \
+    {                                                                                        \
+        C g = T##_ldc(G, i);                                                                 \
+        C m = T##_round(T##_round(T##_ld(mp, i) * b1) + T##_round(g * omb1));                \
+        C inc;                                                                               \
+        if (graph)                                                                           \
+            inc = T##_round(g * T##_round(g * omb2));                                        \
+        else                                                                                 \
+            inc = T##_round(T##_round(g * g) * omb2);                                        \
+        C v = T##_round(T##_round(T##_ld(vp, i) * b2) + inc);                                \
+        T##_st(mp, i, m);                                                                    \
+        T##_st(vp, i, v);                                                                    \
+        C den = T##_round(T##_round(T##_sqrt(v)) + eps);                                     \
+        C th = T##_ld(tp, i);                                                                \
+        T##_st(tp, i, T##_round(th - T##_round(T##_round(alpha * m) / den)));                \
+    }
+
 #define DEFINE_SPARSE(NAME, S, C)                                                             \
     /* The summed gradient of group g, from +0 in order of occurrence. */                    \
     INLINE void sum_##NAME(const sparse_job *j, int64_t g, C *RESTRICT acc) {                \
         const S *values = (const S *)j->values;                                              \
-        int64_t n = j->rowlen;                                                               \
-        for (int64_t e = 0; e < n; ++e) acc[e] = (C)0;                                       \
+        int64_t n = j->rowlen, i = 0;                                                        \
+        NAME##_VECTOR(ZERO_ELEMENT)                                                          \
+        LOOP(NAME, C, 1, ZERO_ELEMENT)                                                       \
         for (int64_t o = j->start[g]; o < j->start[g + 1]; ++o) {                            \
             const S *RESTRICT src = values + j->occ[o].pos * n;                              \
-            for (int64_t e = 0; e < n; ++e) acc[e] = NAME##_round(acc[e] + NAME##_load(src[e])); \
+            i = 0;                                                                           \
+            NAME##_VECTOR(SUM_ELEMENT)                                                       \
+            LOOP(NAME, C, 1, SUM_ELEMENT)                                                    \
         }                                                                                    \
     }                                                                                        \
-    /* Untouched rows of the dense-equivalent update (rule.sparse_update). */                 \
     static void sparse_##NAME##_decay(S *RESTRICT tp, S *RESTRICT mp, S *RESTRICT vp,         \
-                                      int64_t n, const C *k) {                               \
-        const C alpha = k[0], b1 = k[1], b2 = k[2], eps = k[5];                              \
-        for (int64_t e = 0; e < n; ++e) {                                                    \
-            C m = NAME##_round(NAME##_load(mp[e]) * b1);                                     \
-            C v = NAME##_round(NAME##_load(vp[e]) * b2);                                     \
-            mp[e] = NAME##_store(m);                                                         \
-            vp[e] = NAME##_store(v);                                                         \
-            C den = NAME##_round(NAME##_round(NAME##_sqrt(v)) + eps);                        \
-            C th = NAME##_load(tp[e]);                                                       \
-            tp[e] = NAME##_store(NAME##_round(th - NAME##_round(NAME##_round(alpha * m) / den))); \
-        }                                                                                    \
+                                      int64_t n, const double *coef) {                       \
+        int64_t i = 0;                                                                       \
+        NAME##_VECTOR(DECAY_ELEMENT)                                                         \
+        LOOP(NAME, C, 1, DECAY_ELEMENT)                                                      \
     }                                                                                        \
-    /* Touched rows: dense-equivalent (eager or graph) and lazy share this form:           \
-     *   m = m*b1 + G*(1-b1);  v = v*b2 + (G*G)*(1-b2)   [graph: G*(G*(1-b2))]               \
-     *   theta = theta - (alpha*m) / (sqrt(v) + eps) */                                      \
     static void sparse_##NAME##_touch(S *RESTRICT tp, S *RESTRICT mp, S *RESTRICT vp,         \
-                                      const C *RESTRICT G, int64_t n, const C *k, int graph) { \
-        const C alpha = k[0], b1 = k[1], b2 = k[2], omb1 = k[3], omb2 = k[4], eps = k[5];    \
-        for (int64_t e = 0; e < n; ++e) {                                                    \
-            C g = G[e];                                                                      \
-            C m = NAME##_round(NAME##_round(NAME##_load(mp[e]) * b1) + NAME##_round(g * omb1)); \
-            C inc = graph ? NAME##_round(g * NAME##_round(g * omb2))                          \
-                          : NAME##_round(NAME##_round(g * g) * omb2);                        \
-            C v = NAME##_round(NAME##_round(NAME##_load(vp[e]) * b2) + inc);                 \
-            mp[e] = NAME##_store(m);                                                         \
-            vp[e] = NAME##_store(v);                                                         \
-            C den = NAME##_round(NAME##_round(NAME##_sqrt(v)) + eps);                        \
-            C th = NAME##_load(tp[e]);                                                       \
-            tp[e] = NAME##_store(NAME##_round(th - NAME##_round(NAME##_round(alpha * m) / den))); \
-        }                                                                                    \
+                                      const C *RESTRICT G, int64_t n, const double *coef,     \
+                                      int graph) {                                           \
+        int64_t i = 0;                                                                       \
+        NAME##_VECTOR(TOUCH_ELEMENT)                                                         \
+        LOOP(NAME, C, 1, TOUCH_ELEMENT)                                                      \
     }                                                                                        \
     /* Dense-equivalent: rows [lo, hi) of the table, in one pass. */                          \
     static void sparse_##NAME##_rows(void *ctx, int part, int64_t lo, int64_t hi) {                    \
         sparse_job *j = (sparse_job *)ctx;                                                   \
-        C k[6];                                                                              \
-        for (int q = 0; q < 6; ++q) k[q] = (C)j->coef[q];                                    \
+        const double *k = j->coef;                                                           \
         int64_t n = j->rowlen;                                                               \
         S *theta = (S *)j->theta, *m = (S *)j->m, *v = (S *)j->v;                            \
         C *acc = (C *)(j->scratch + (size_t)part * j->scratch_row_bytes);                   \
@@ -526,8 +616,7 @@ static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
     /* Lazy: groups [lo, hi) only (cost proportional to the touched rows). */                 \
     static void sparse_##NAME##_groups(void *ctx, int part, int64_t lo, int64_t hi) {                  \
         sparse_job *j = (sparse_job *)ctx;                                                   \
-        C k[6];                                                                              \
-        for (int q = 0; q < 6; ++q) k[q] = (C)j->coef[q];                                    \
+        const double *k = j->coef;                                                           \
         int64_t n = j->rowlen;                                                               \
         S *theta = (S *)j->theta, *m = (S *)j->m, *v = (S *)j->v;                            \
         C *acc = (C *)(j->scratch + (size_t)part * j->scratch_row_bytes);                   \
