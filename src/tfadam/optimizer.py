@@ -136,6 +136,10 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
                 f"{error}. Load the state_dict of an optimizer over the same parameters."
             ) from error
 
+    # torch.compile runs the step eagerly (a graph break): the kernels are C
+    # called through ctypes, which dynamo cannot trace, and tracing the
+    # validation only burns compile time and recompiles.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One Adam step on every group; validates all groups before touching any."""

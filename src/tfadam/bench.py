@@ -1,0 +1,735 @@
+"""``python -m tfadam bench``: tfadam against torch and TF1, interleaved, in one process.
+
+Workloads (``/work/shared/spec/performance.md``):
+
+======  =================================================================
+D1      dense fp32, 16 tensors x 1,000,000 elements
+D2      dense fp32, 2,000 tensors x 4,096 elements (many small params)
+D3      dense bf16, 16 tensors x 1,000,000 elements
+S1      sparse, TF1 dense-equivalent: table 250,000 x 64 fp32, 4,096 rows
+        per step, with duplicates
+S2      the same in lazy mode
+======  =================================================================
+
+Every contender of a workload steps in turn (A B C A B C ..., the starting
+contender rotating each round) after a warm-up, and the median time of a
+step is reported, with ratios taken within the run: absolute times on a
+shared machine drift, ratios from one run do not (much). Contenders:
+tfadam (``tfadam.Adam.step``), ``torch.optim.Adam`` fused / foreach /
+for-loop, TF1 (``tf.compat.v1.train.AdamOptimizer`` in eager mode on
+``tf.Variable``, dense and ``IndexedSlices``) when TensorFlow is installed,
+and the memory-traffic floor (:class:`tfadam.kernels.cpu.FloorKernel`: a
+fused loop with a dense step's traffic, 4 reads and 3 writes per element,
+and trivial arithmetic).
+
+Also measured, each in a fresh subprocess: the transient memory of a step
+(peak RSS during the step minus RSS before it, with glibc's mmap threshold
+pinned at 64 KiB so that every large temporary is a fresh mapping that shows
+in RSS; tracemalloc cannot see tensors), as a fraction of the parameter bytes;
+and the cold start (the first ``step()`` of a fresh process, with an empty and
+then a warm kernel cache).
+
+Example (a small smoke run; the real one takes ~10 minutes):
+    >>> from tfadam import bench
+    >>> bench.main(["--quick", "--workloads", "D1", "--repeats", "2", "--no-tf",
+    ...             "--no-memory", "--no-cold", "--no-progress"])  # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+ELEMENTS_PER_ROW = 64
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmark workload; ``scale`` shrinks it for ``--quick``."""
+
+    name: str
+    description: str
+    kind: str  # "dense" or "sparse"
+    count: int = 0  # dense: tensors
+    size: int = 0  # dense: elements per tensor
+    dtype: torch.dtype = torch.float32
+    rows: int = 0  # sparse: table rows
+    touched: int = 0  # sparse: indices per step (with duplicates)
+
+    def scaled(self, factor: int) -> Workload:
+        if factor == 1:
+            return self
+        if self.kind == "dense":
+            count = max(1, self.count // factor) if self.count > 16 else self.count
+            size = self.size if self.count > 16 else max(1, self.size // factor)
+            return Workload(
+                self.name, self.description + " (quick)", "dense", count, size, self.dtype
+            )
+        return Workload(
+            self.name,
+            self.description + " (quick)",
+            "sparse",
+            dtype=self.dtype,
+            rows=self.rows // factor,
+            touched=max(8, self.touched // factor),
+        )
+
+    @property
+    def elements(self) -> int:
+        if self.kind == "dense":
+            return self.count * self.size
+        return self.rows * ELEMENTS_PER_ROW
+
+
+WORKLOADS = {
+    "D1": Workload("D1", "dense fp32, 16 x 1,000,000", "dense", 16, 1_000_000),
+    "D2": Workload("D2", "dense fp32, 2,000 x 4,096", "dense", 2000, 4096),
+    "D3": Workload("D3", "dense bf16, 16 x 1,000,000", "dense", 16, 1_000_000, torch.bfloat16),
+    "S1": Workload(
+        "S1",
+        "sparse dense-equivalent, 250,000 x 64 fp32, 4,096 rows/step",
+        "sparse",
+        rows=250_000,
+        touched=4096,
+    ),
+    "S2": Workload(
+        "S2",
+        "sparse lazy, 250,000 x 64 fp32, 4,096 rows/step",
+        "sparse",
+        rows=250_000,
+        touched=4096,
+    ),
+}
+
+
+@dataclass
+class Contender:
+    """Something that steps: ``prepare`` (untimed) then ``step`` (timed)."""
+
+    name: str
+    step: Callable[[], Any]
+    prepare: Callable[[], Any] | None = None
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else float("nan")
+
+
+# --------------------------------------------------------------------------- #
+# Building contenders                                                          #
+# --------------------------------------------------------------------------- #
+
+
+def _dense_tensors(w: Workload, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.randn(w.size, generator=generator).to(w.dtype) for _ in range(w.count)]
+    grads = [torch.randn(w.size, generator=generator).to(w.dtype) for _ in range(w.count)]
+    return params, grads
+
+
+def _torch_params(w: Workload, seed: int) -> list[torch.nn.Parameter]:
+    params, grads = _dense_tensors(w, seed)
+    out = []
+    for p, g in zip(params, grads, strict=True):
+        parameter = torch.nn.Parameter(p)
+        parameter.grad = g
+        out.append(parameter)
+    return out
+
+
+def _tfadam_dense(w: Workload, seed: int) -> Contender:
+    import tfadam
+
+    opt = tfadam.Adam(_torch_params(w, seed), lr=1e-3)
+    return Contender("tfadam", opt.step)
+
+
+def _torch_dense(w: Workload, seed: int, flavour: str) -> Contender:
+    options = {
+        "fused": dict(fused=True),
+        "foreach": dict(foreach=True),
+        "for-loop": dict(foreach=False),
+    }[flavour]
+    opt = torch.optim.Adam(_torch_params(w, seed), lr=1e-3, **options)  # type: ignore[arg-type]
+    return Contender(f"torch {flavour}", opt.step)
+
+
+def _floor(w: Workload, seed: int) -> Contender:
+    from .kernels import cpu
+
+    params, grads = _dense_tensors(w, seed)
+    ms = [torch.zeros_like(p) for p in params]
+    vs = [torch.zeros_like(p) for p in params]
+    if w.dtype in (torch.float16, torch.bfloat16):  # the floor moves bytes; 16-bit ints
+        params, grads, ms, vs = (
+            [t.view(torch.int16) for t in ts] for ts in (params, grads, ms, vs)
+        )
+    return Contender("floor (traffic)", cpu.FloorKernel(params, grads, ms, vs))
+
+
+def _tf_dense(w: Workload, seed: int, tf: Any) -> Contender:
+    params, grads = _dense_tensors(w, seed)
+    dtype = tf.bfloat16 if w.dtype == torch.bfloat16 else tf.float32
+    variables = [tf.Variable(tf.cast(p.float().numpy(), dtype)) for p in params]
+    tf_grads = [tf.cast(g.float().numpy(), dtype) for g in grads]
+    opt = tf.compat.v1.train.AdamOptimizer(learning_rate=1e-3)
+    pairs = list(zip(tf_grads, variables, strict=True))
+    return Contender("TF1 AdamOptimizer", lambda: opt.apply_gradients(pairs))
+
+
+def _index_sets(w: Workload, seed: int, sets: int = 16) -> list[torch.Tensor]:
+    """Row indices per step: 7/8 drawn at random, 1/8 repeats of those, shuffled."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(sets):
+        fresh = torch.randint(0, w.rows, (w.touched - w.touched // 8,), generator=generator)
+        repeats = fresh[torch.randint(0, fresh.numel(), (w.touched // 8,), generator=generator)]
+        rows = torch.cat([fresh, repeats])
+        out.append(rows[torch.randperm(rows.numel(), generator=generator)])
+    return out
+
+
+def _sparse_contenders(w: Workload, seed: int, tf: Any | None) -> list[Contender]:
+    import tfadam
+
+    generator = torch.Generator().manual_seed(seed)
+    shape = (w.rows, ELEMENTS_PER_ROW)
+    index_sets = _index_sets(w, seed)
+    values = [torch.randn(w.touched, ELEMENTS_PER_ROW, generator=generator) for _ in index_sets]
+    dense_grad = torch.randn(shape, generator=generator)
+    cycle = {"n": 0}
+
+    def table() -> torch.nn.Parameter:
+        return torch.nn.Parameter(torch.randn(shape, generator=generator))
+
+    def next_coo(p: torch.Tensor) -> Callable[[], None]:
+        def prepare() -> None:
+            k = cycle["n"] = (cycle["n"] + 1) % len(index_sets)
+            p.grad = torch.sparse_coo_tensor(index_sets[k][None], values[k], shape)
+
+        return prepare
+
+    contenders = []
+    for mode, name in (("dense", "tfadam S1 (dense-equivalent)"), ("lazy", "tfadam S2 (lazy)")):
+        p = table()
+        opt = tfadam.Adam([p], lr=1e-3, sparse=mode)  # type: ignore[arg-type]
+        contenders.append(Contender(name, opt.step, next_coo(p)))
+    p = table()
+    p.grad = dense_grad
+    contenders.append(Contender("tfadam dense step, same table", tfadam.Adam([p], lr=1e-3).step))
+    p = table()
+    p.grad = dense_grad
+    fused = torch.optim.Adam([p], lr=1e-3, fused=True)
+    contenders.append(Contender("torch fused dense step, same table", fused.step))
+    p = table()
+    sparse_adam = torch.optim.SparseAdam([p], lr=1e-3)
+    contenders.append(Contender("torch SparseAdam (lazy)", sparse_adam.step, next_coo(p)))
+    if tf is not None:
+        variable = tf.Variable(torch.randn(shape, generator=generator).numpy())
+        opt_sparse = tf.compat.v1.train.AdamOptimizer(learning_rate=1e-3)
+        slices = [
+            tf.IndexedSlices(tf.constant(v.numpy()), tf.constant(i.numpy()), tf.constant(shape))
+            for i, v in zip(index_sets, values, strict=True)
+        ]
+        state = {"n": 0, "grad": slices[0]}
+
+        def tf_prepare() -> None:
+            state["n"] = (state["n"] + 1) % len(slices)
+            state["grad"] = slices[state["n"]]
+
+        contenders.append(
+            Contender(
+                "TF1 AdamOptimizer sparse (IndexedSlices)",
+                lambda: opt_sparse.apply_gradients([(state["grad"], variable)]),
+                tf_prepare,
+            )
+        )
+        dense_variable = tf.Variable(torch.randn(shape, generator=generator).numpy())
+        tf_dense_grad = tf.constant(dense_grad.numpy())
+        opt_dense = tf.compat.v1.train.AdamOptimizer(learning_rate=1e-3)
+        contenders.append(
+            Contender(
+                "TF1 AdamOptimizer dense, same table",
+                lambda: opt_dense.apply_gradients([(tf_dense_grad, dense_variable)]),
+            )
+        )
+    return contenders
+
+
+def build_contenders(w: Workload, tf: Any | None, for_loop: bool) -> list[Contender]:
+    """All contenders of a workload, each on its own copy of the same data."""
+    if w.kind == "sparse":
+        return _sparse_contenders(w, 0, tf)
+    contenders = [
+        _tfadam_dense(w, 0),
+        _torch_dense(w, 0, "fused"),
+        _torch_dense(w, 0, "foreach"),
+        _floor(w, 0),
+    ]
+    if for_loop:
+        contenders.append(_torch_dense(w, 0, "for-loop"))
+    if tf is not None:
+        contenders.append(_tf_dense(w, 0, tf))
+    return contenders
+
+
+# --------------------------------------------------------------------------- #
+# Running                                                                      #
+# --------------------------------------------------------------------------- #
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._bar = None
+        self._done = 0
+        self._total = total
+        self._enabled = enabled
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, unit="step", file=sys.stderr, leave=False)
+            except ImportError:
+                pass
+
+    def update(self, label: str) -> None:
+        self._done += 1
+        if self._bar is not None:
+            self._bar.set_description(label, refresh=False)
+            self._bar.update()
+        elif self._enabled and (self._done % 25 == 0 or self._done == self._total):
+            print(f"  {self._done}/{self._total} steps ({label})", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def run_interleaved(
+    contenders: Sequence[Contender], repeats: int, warmup: int, progress: _Progress, label: str
+) -> None:
+    """Warm up every contender, then time ``repeats`` rounds, rotating the order."""
+    for c in contenders:
+        for _ in range(warmup):
+            if c.prepare:
+                c.prepare()
+            c.step()
+            progress.update(f"{label} warm-up")
+    for r in range(repeats):
+        order = list(contenders[r % len(contenders) :]) + list(contenders[: r % len(contenders)])
+        for c in order:
+            if c.prepare:
+                c.prepare()
+            start = time.perf_counter()
+            c.step()
+            c.times.append(time.perf_counter() - start)
+            progress.update(label)
+
+
+# --------------------------------------------------------------------------- #
+# Memory and cold start: fresh subprocesses                                    #
+# --------------------------------------------------------------------------- #
+
+_MEMORY_ENV = {
+    # Every allocation of a page or more gets its own mapping, given back on
+    # free: a temporary shows in RSS while it lives (glibc would otherwise
+    # raise this threshold after the first free and recycle heap memory).
+    "MALLOC_MMAP_THRESHOLD_": "4096",
+    "MALLOC_TRIM_THRESHOLD_": "0",
+}
+
+
+def _rss_kib(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field_name} not in /proc/self/status")
+
+
+def _measure_memory_here(workload: str, contender: str, scale: int) -> dict[str, float]:
+    """In this (fresh) process: peak extra RSS during one step, over 3 steps."""
+    w = WORKLOADS[workload].scaled(scale)
+    found = [c for c in build_contenders(w, None, for_loop=False) if c.name == contender]
+    if not found:
+        raise SystemExit(f"no contender {contender!r} in {workload}")
+    c = found[0]
+    for _ in range(2):
+        if c.prepare:
+            c.prepare()
+        c.step()
+    peak = 0
+    for _ in range(3):
+        if c.prepare:
+            c.prepare()
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # resets the peak (VmHWM) to the current RSS
+        before = _rss_kib("VmRSS")
+        c.step()
+        peak = max(peak, _rss_kib("VmHWM") - before)
+    param_bytes = w.elements * torch.empty((), dtype=w.dtype).element_size()
+    return {"extra_bytes": peak * 1024.0, "param_bytes": float(param_bytes)}
+
+
+def measure_memory(workload: str, contender: str, scale: int) -> dict[str, float] | None:
+    command = [sys.executable, "-m", "tfadam.bench", "--_memory", workload, contender, str(scale)]
+    env = dict(os.environ, **_MEMORY_ENV)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode != 0:
+        print(f"memory measurement failed: {done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+_COLD_SCRIPT = """
+import json, sys, time
+start = time.perf_counter()
+import torch
+import tfadam
+imported = time.perf_counter() - start
+torch.manual_seed(0)
+params = [torch.nn.Parameter(torch.randn({size})) for _ in range({count})]
+for p in params:
+    p.grad = torch.randn_like(p)
+opt = {optimizer}
+start = time.perf_counter()
+opt.step()
+first = time.perf_counter() - start
+start = time.perf_counter()
+opt.step()
+second = time.perf_counter() - start
+print(json.dumps(dict(imported=imported, first=first, second=second)))
+"""
+
+
+def measure_cold_start(scale: int) -> dict[str, dict[str, float]]:
+    """First step of a fresh process: tfadam with an empty then warm cache, torch fused."""
+    w = WORKLOADS["D1"].scaled(scale)
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TFADAM_CACHE_DIR=cache)
+        env.pop("TFADAM_KERNELS", None)
+        runs = [
+            ("tfadam, empty cache", "tfadam.Adam(params, lr=1e-3)"),
+            ("tfadam, warm cache", "tfadam.Adam(params, lr=1e-3)"),
+            ("torch fused", "torch.optim.Adam(params, lr=1e-3, fused=True)"),
+        ]
+        for label, optimizer in runs:
+            script = _COLD_SCRIPT.format(size=w.size, count=w.count, optimizer=optimizer)
+            done = subprocess.run(
+                [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
+            )
+            if done.returncode != 0:
+                print(f"cold start ({label}) failed: {done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            results[label] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
+
+
+# --------------------------------------------------------------------------- #
+# Reporting                                                                    #
+# --------------------------------------------------------------------------- #
+
+
+def _tensorflow_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def machine_line() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    tf_version = ""
+    if "tensorflow" in sys.modules:
+        tf_version = f", tensorflow {sys.modules['tensorflow'].__version__}"
+    return (
+        f"{model}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads){tf_version}, Python {platform.python_version()}, "
+        f"{datetime.datetime.now().astimezone().isoformat(timespec='minutes')}"
+    )
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{x:.2f}x"
+
+
+def _by_name(contenders: Iterable[Contender], prefix: str) -> Contender | None:
+    for c in contenders:
+        if c.name.startswith(prefix):
+            return c
+    return None
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    bars: list[tuple[str, str, str, bool | None]] = field(default_factory=list)
+
+    def add(self, line: str = "") -> None:
+        self.lines.append(line)
+
+    def bar(self, name: str, wanted: str, measured: str, ok: bool | None) -> None:
+        self.bars.append((name, wanted, measured, ok))
+
+
+def report_dense(report: Report, w: Workload, contenders: list[Contender]) -> None:
+    tfadam = _by_name(contenders, "tfadam")
+    assert tfadam is not None
+    report.add(f"### {w.name}: {w.description}")
+    report.add("")
+    report.add("| contender | median ms/step | G elements/s | tfadam speed-up vs it |")
+    report.add("|---|---:|---:|---:|")
+    for c in contenders:
+        report.add(
+            f"| {c.name} | {c.median * 1e3:.2f} | {w.elements / c.median / 1e9:.2f} | "
+            f"{_fmt_ratio(c.median / tfadam.median)} |"
+        )
+    report.add("")
+    fused = _by_name(contenders, "torch fused")
+    floor = _by_name(contenders, "floor")
+    tf1 = _by_name(contenders, "TF1")
+    if fused:
+        r = fused.median / tfadam.median
+        report.bar(f"{w.name} vs torch fused", ">= 1.0x", _fmt_ratio(r), r >= 1.0)
+    if w.name == "D1":
+        if tf1:
+            r = tf1.median / tfadam.median
+            report.bar("D1 vs TF1", ">= 1.5x", _fmt_ratio(r), r >= 1.5)
+        else:
+            report.bar("D1 vs TF1", ">= 1.5x", "TF not run", None)
+        if floor:
+            r = floor.median / tfadam.median
+            report.bar("D1 vs memory-traffic floor", ">= 0.8x", _fmt_ratio(r), r >= 0.8)
+
+
+def report_sparse(
+    report: Report, w: Workload, contenders: list[Contender], names: set[str]
+) -> None:
+    s1 = _by_name(contenders, "tfadam S1")
+    s2 = _by_name(contenders, "tfadam S2")
+    dense = _by_name(contenders, "tfadam dense")
+    tf_sparse = _by_name(contenders, "TF1 AdamOptimizer sparse")
+    assert s1 and s2 and dense
+    report.add(
+        f"### S1 / S2: table {w.rows:,} x {ELEMENTS_PER_ROW} fp32, "
+        f"{w.touched:,} rows per step (1/8 of them repeats)"
+    )
+    report.add("")
+    report.add("| contender | median ms/step | vs tfadam S1 | vs tfadam S2 |")
+    report.add("|---|---:|---:|---:|")
+    for c in contenders:
+        report.add(
+            f"| {c.name} | {c.median * 1e3:.3f} | {_fmt_ratio(c.median / s1.median)} | "
+            f"{_fmt_ratio(c.median / s2.median)} |"
+        )
+    report.add("")
+    if "S1" in names:
+        if tf_sparse:
+            r = tf_sparse.median / s1.median
+            report.bar("S1 vs TF1 sparse", ">= 5x faster", _fmt_ratio(r), r >= 5.0)
+        else:
+            report.bar("S1 vs TF1 sparse", ">= 5x faster", "TF not run", None)
+        r = s1.median / dense.median
+        report.bar("S1 / tfadam dense step, same table", "<= 1.25x", _fmt_ratio(r), r <= 1.25)
+    if "S2" in names:
+        r = s1.median / s2.median
+        report.bar("S2 vs S1", ">= 50x faster", _fmt_ratio(r), r >= 50.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print (and optionally write as Markdown) the results.
+
+    Returns 0 (1 on bad arguments). Bars that fail are reported, not raised.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m tfadam bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--workloads", default="D1,D2,D3,S1,S2", help="comma-separated subset of D1,D2,D3,S1,S2"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 30)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per contender")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="10x smaller workloads, 5 rounds: a smoke run, not a measurement",
+    )
+    parser.add_argument("--markdown", metavar="PATH", help="also write the report there")
+    parser.add_argument("--no-tf", action="store_true", help="skip TensorFlow even if installed")
+    parser.add_argument("--no-for-loop", action="store_true", help="skip torch's for-loop Adam")
+    parser.add_argument("--no-memory", action="store_true", help="skip transient memory")
+    parser.add_argument("--no-cold", action="store_true", help="skip cold-start timing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args._memory:
+        workload, contender, scale = args._memory
+        print(json.dumps(_measure_memory_here(workload, contender, int(scale))))
+        return 0
+
+    if not args.no_tf and os.environ.get("OMP_WAIT_POLICY") is None and _tensorflow_installed():
+        # With TensorFlow in the process, torch's OpenMP threads spin-wait for
+        # cores that TF's thread pool holds, and vice versa: measured here,
+        # torch fused on 200 x 4,096 went from 7 ms to 1,560 ms per step.
+        # Passive waiting ends that; it must be set before OpenMP starts, so
+        # the benchmark runs again in a child process with it set.
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+        command = [
+            sys.executable,
+            "-m",
+            "tfadam.bench",
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
+        return subprocess.run(command, env=env).returncode
+
+    names = [n.strip().upper() for n in args.workloads.split(",") if n.strip()]
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        print(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}", file=sys.stderr)
+        return 1
+    scale = 10 if args.quick else 1
+    repeats = args.repeats if args.repeats is not None else (5 if args.quick else 30)
+    tf = None
+    if not args.no_tf:
+        try:
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+            import tensorflow as tf  # type: ignore[no-redef]
+        except ImportError:
+            tf = None
+
+    from .kernels import native
+
+    native.library()  # compile (or load) before anything is timed
+    command = "python -m tfadam bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = Report()
+    report.add(f"Machine: {machine_line()}")
+    report.add(f"Command: `{command.strip()}`")
+    report.add(
+        f"C kernels: {'loaded' if native.library() else native.unavailable_reason()}; "
+        f"TF1 contender: {'yes' if tf is not None else 'no'}; "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}"
+    )
+    load_before = os.getloadavg()
+
+    plan: list[tuple[Workload, list[Contender]]] = []
+    dense_names = [n for n in names if WORKLOADS[n].kind == "dense"]
+    for n in dense_names:
+        w = WORKLOADS[n].scaled(scale)
+        plan.append((w, build_contenders(w, tf, for_loop=not args.no_for_loop)))
+    sparse_names = {n for n in names if WORKLOADS[n].kind == "sparse"}
+    if sparse_names:
+        w = WORKLOADS["S1"].scaled(scale)
+        plan.append((w, build_contenders(w, tf, for_loop=False)))
+    total = sum(len(cs) * (repeats + args.warmup) for _, cs in plan)
+    progress = _Progress(total, not args.no_progress)
+    try:
+        for w, contenders in plan:
+            label = "S1/S2" if w.kind == "sparse" else w.name
+            run_interleaved(contenders, repeats, args.warmup, progress, label)
+    finally:
+        progress.close()
+    load_after = os.getloadavg()
+    report.add(
+        f"Load average (1 min) before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; "
+        f"{repeats} timed rounds, {args.warmup} warm-up steps per contender"
+    )
+    report.add("")
+    for w, contenders in plan:
+        if w.kind == "dense":
+            report_dense(report, w, contenders)
+        else:
+            report_sparse(report, w, contenders, sparse_names)
+
+    if not args.no_memory:
+        report.add("### Transient memory of one step (peak RSS during the step - RSS before)")
+        report.add("")
+        report.add("| workload | contender | peak extra | of parameter bytes |")
+        report.add("|---|---|---:|---:|")
+        worst = 0.0
+        for n in names:
+            w = WORKLOADS[n]
+            contender = {"S1": "tfadam S1 (dense-equivalent)", "S2": "tfadam S2 (lazy)"}.get(
+                n, "tfadam"
+            )
+            # torch foreach allocates temporaries: a control that the method sees them
+            others = [] if w.kind == "sparse" else ["torch fused", "torch foreach"]
+            for name in [contender, *others]:
+                m = measure_memory(n, name, scale)
+                if m is None:
+                    continue
+                fraction = m["extra_bytes"] / m["param_bytes"]
+                if name.startswith("tfadam"):
+                    worst = max(worst, fraction)
+                report.add(
+                    f"| {n} | {name} | {m['extra_bytes'] / 2**20:.2f} MiB | {fraction * 100:.2f}% |"
+                )
+        report.add("")
+        report.bar(
+            "transient memory (worst tfadam workload)",
+            "<= 5% of params",
+            f"{worst * 100:.2f}%",
+            worst <= 0.05,
+        )
+
+    if not args.no_cold:
+        cold = measure_cold_start(scale)
+        report.add("### Cold start: first step() of a fresh process (D1-sized model)")
+        report.add("")
+        report.add("| run | import torch+tfadam s | first step s | second step s |")
+        report.add("|---|---:|---:|---:|")
+        for label, r in cold.items():
+            report.add(f"| {label} | {r['imported']:.2f} | {r['first']:.3f} | {r['second']:.3f} |")
+        report.add("")
+        for label, limit in (("tfadam, empty cache", 5.0), ("tfadam, warm cache", 1.0)):
+            if label in cold:
+                first = cold[label]["first"]
+                report.bar(
+                    f"cold start, {label.split(', ')[1]}",
+                    f"<= {limit:g} s",
+                    f"{first:.2f} s",
+                    first <= limit,
+                )
+
+    report.add("### Bars")
+    report.add("")
+    report.add("| bar | wanted | measured | holds |")
+    report.add("|---|---|---:|---|")
+    for name, wanted, measured, ok in report.bars:
+        verdict = "n/a" if ok is None else ("yes" if ok else "**NO**")
+        report.add(f"| {name} | {wanted} | {measured} | {verdict} |")
+    text = "\n".join(report.lines) + "\n"
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as out:
+            out.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""The fused CPU kernels (``cpu_adam.c``), bitwise-equal to :mod:`tfadam.rule`.
+
+One C call updates every tensor of a dtype (multi-tensor), streaming θ, g, m,
+v once, on ``torch.get_num_threads()`` threads. The functions here only check
+layouts and gather data pointers; each returns which tensors it could not
+take (a layout the C loop cannot walk), for the reference kernels to do.
+
+Example:
+    >>> import torch
+    >>> from tfadam import rule
+    >>> from tfadam.kernels import cpu
+    >>> theta, g, m, v = torch.ones(5), torch.full((5,), 0.5), torch.zeros(5), torch.zeros(5)
+    >>> c = rule.tf1_coefficients(lr=0.1, beta1=0.9, beta2=0.999, epsilon=1e-8,
+    ...                           beta1_power=0.9, beta2_power=0.999, dtype=torch.float32)
+    >>> cpu.dense_step([theta], [g], [m], [v], None, c, nesterov=False)
+    []
+    >>> theta
+    tensor([0.9000, 0.9000, 0.9000, 0.9000, 0.9000])
+"""
+
+from __future__ import annotations
+
+import ctypes
+from array import array
+from collections.abc import Sequence
+from itertools import accumulate
+
+import torch
+
+from .. import rule
+from . import native
+
+DTYPE_NAMES = {
+    torch.float32: "f32",
+    torch.float64: "f64",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+}
+MODES = {"eager": 0, "graph": 1, "lazy": 2}
+
+_is_contiguous = torch.Tensor.is_contiguous
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
+
+
+def available() -> bool:
+    """Whether the C kernels are (or can be) loaded; compiles them on first call."""
+    return native.library() is not None
+
+
+def _coefficients(c: rule.Coefficients) -> ctypes.Array[ctypes.c_double]:
+    return (ctypes.c_double * 6)(
+        c.alpha, c.beta1, c.beta2, c.one_minus_beta1, c.one_minus_beta2, c.epsilon
+    )
+
+
+def _dense_layout(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the tensors can be walked as one flat array each, in step.
+
+    Contiguous tensors can. So can tensors that share strides and cover their
+    storage densely without overlap (channels-last, or any permuted layout),
+    because an elementwise rule does not care about the order of elements.
+    """
+    first = tensors[0]
+    strides = first.stride()
+    if any(t.stride() != strides for t in tensors[1:]):
+        return False
+    expected = 1
+    for size, stride in sorted(zip(first.shape, strides, strict=True), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def dense_step(
+    thetas: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    ms: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    vhats: Sequence[torch.Tensor] | None,
+    c: rule.Coefficients,
+    *,
+    nesterov: bool,
+) -> list[int]:
+    """Dense Adam (:func:`tfadam.rule.dense_update`) on CPU tensors of one dtype.
+
+    Returns the positions of the tensors it left alone (layouts it cannot
+    walk); everything else is updated in place. The C library must be
+    available (:func:`available`).
+    """
+    lib = native.library()
+    assert lib is not None, "cpu.dense_step needs the C kernels (see cpu.available())"
+    name = DTYPE_NAMES[thetas[0].dtype]
+    groups = [thetas, grads, ms, vs] if vhats is None else [thetas, grads, ms, vs, vhats]
+    # The common case (every tensor contiguous) costs one C-level check per
+    # tensor: with 2,000 small tensors, Python work per tensor is the bottleneck.
+    if all(all(map(_is_contiguous, group)) for group in groups):
+        chosen: Sequence[int] | range = range(len(thetas))
+        skipped: list[int] = []
+    else:
+        chosen, skipped = [], []
+        for i in range(len(thetas)):
+            (chosen if _dense_layout([g[i] for g in groups]) else skipped).append(i)
+        groups = [[g[i] for i in chosen] for g in groups]
+    if not chosen:
+        return skipped
+    pointers = [array("Q", map(_data_ptr, group)) for group in groups]
+    offsets = array("q", accumulate(map(_numel, groups[0]), initial=0))
+    status = getattr(lib, f"tfadam_dense_{name}")(
+        len(groups[0]),
+        pointers[0].buffer_info()[0],
+        pointers[1].buffer_info()[0],
+        pointers[2].buffer_info()[0],
+        pointers[3].buffer_info()[0],
+        pointers[4].buffer_info()[0] if vhats is not None else None,
+        offsets.buffer_info()[0],
+        _coefficients(c),
+        int(nesterov),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"tfadam_dense_{name} failed with status {status}")
+    return skipped
+
+
+def sparse_step(
+    theta: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    c: rule.Coefficients,
+    *,
+    lazy: bool,
+    numerics: rule.Numerics,
+) -> bool:
+    """Sparse Adam on raw (possibly repeated) row indices, deduplicated in C.
+
+    Dense-equivalent (:func:`tfadam.rule.sparse_update`) in one pass over the
+    table; lazy (:func:`tfadam.rule.lazy_sparse_update`) touching only the
+    indexed rows. Returns False (and changes nothing) when the table's layout
+    is not row-major contiguous.
+    """
+    lib = native.library()
+    assert lib is not None, "cpu.sparse_step needs the C kernels (see cpu.available())"
+    if not (theta.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
+        return False
+    name = DTYPE_NAMES[theta.dtype]
+    nrows = theta.shape[0]
+    rowlen = theta.numel() // nrows if nrows else 0
+    indices = indices.to(torch.int64).contiguous()
+    values = values.contiguous()
+    status = getattr(lib, f"tfadam_sparse_{name}")(
+        nrows,
+        rowlen,
+        theta.data_ptr(),
+        m.data_ptr(),
+        v.data_ptr(),
+        indices.numel(),
+        indices.data_ptr(),
+        values.data_ptr(),
+        _coefficients(c),
+        MODES["lazy" if lazy else numerics],
+        torch.get_num_threads(),
+    )
+    if status == -2:
+        raise ValueError(f"sparse gradient index out of range for a variable with {nrows} rows")
+    if status != 0:
+        raise MemoryError(f"tfadam_sparse_{name}: out of memory (status {status})")
+    return True
+
+
+class FloorKernel:
+    """The benchmark's memory-traffic floor: a dense step's traffic, trivial arithmetic.
+
+    Reads θ, g, m, v and writes θ, m, v (``m += g; v -= g; θ += g``, as
+    float32, 16-bit integers or float64 by element size) on the same threads
+    as the Adam kernel. Pointers are gathered once, at construction, so a call
+    is the C loop alone: the speed limit a fused Adam step can approach. Not
+    an optimizer. The tensors must stay alive and in place while it is used.
+
+    >>> t, g, m, v = torch.ones(4), torch.full((4,), 2.0), torch.zeros(4), torch.zeros(4)
+    >>> FloorKernel([t], [g], [m], [v])()
+    >>> t.tolist(), m.tolist(), v.tolist()
+    ([3.0, 3.0, 3.0, 3.0], [2.0, 2.0, 2.0, 2.0], [-2.0, -2.0, -2.0, -2.0])
+    """
+
+    _BY_SIZE = {4: "f32", 2: "u16", 8: "f64"}
+
+    def __init__(
+        self,
+        thetas: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        ms: Sequence[torch.Tensor],
+        vs: Sequence[torch.Tensor],
+    ) -> None:
+        lib = native.library()
+        assert lib is not None, "FloorKernel needs the C kernels"
+        groups = [list(thetas), list(grads), list(ms), list(vs)]
+        size = groups[0][0].element_size()
+        for group in groups:
+            for t in group:
+                if t.element_size() != size or not t.is_contiguous() or t.device.type != "cpu":
+                    raise ValueError("FloorKernel takes contiguous CPU tensors of one element size")
+        self._keep = groups
+        self._function = getattr(lib, f"tfadam_floor_{self._BY_SIZE[size]}")
+        self._pointers = [array("Q", map(_data_ptr, group)) for group in groups]
+        self._offsets = array("q", accumulate(map(_numel, groups[0]), initial=0))
+        self._count = len(groups[0])
+
+    def __call__(self) -> None:
+        self._function(
+            self._count,
+            *(p.buffer_info()[0] for p in self._pointers),
+            self._offsets.buffer_info()[0],
+            torch.get_num_threads(),
+        )

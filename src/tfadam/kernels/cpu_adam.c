@@ -1,0 +1,685 @@
+/*
+ * tfadam CPU kernels: the update rule of tfadam/rule.py, fused, multi-tensor,
+ * threaded. No torch or Python headers: compiled on first use by
+ * tfadam/kernels/native.py and called through ctypes with raw data pointers
+ * (ctypes releases the GIL for the duration of a call).
+ *
+ * Every operation of the rule is rounded to the variable's dtype T, in the
+ * rule's order. Compiled with -ffp-contract=off (an FMA would skip the
+ * rounding of the product) and without -ffast-math (which would reassociate,
+ * flush subnormals and replace sqrt/div by approximations); -fno-math-errno
+ * only lets sqrt become the IEEE sqrtps/sqrtpd instruction.
+ *
+ * float16 and bfloat16 are computed op by op in float32 and rounded back to T
+ * after EVERY operation, by explicit bit and float manipulation (never through
+ * _Float16 arithmetic, where GCC may keep excess precision). This equals correctly rounded T
+ * arithmetic for + - * / sqrt (float32 has more than 2p+2 bits for both).
+ */
+#ifndef TFADAM_PART
+#define TFADAM_PART 0 /* the whole library in one unit */
+#endif
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define RESTRICT __restrict__
+#define INLINE static inline __attribute__((always_inline))
+
+/* ------------------------------------------------------------------------ */
+/* Element types: LOAD (storage -> compute), ROUND (compute -> nearest T,     */
+/* still in compute type), STORE (rounded compute value -> storage).          */
+/* ------------------------------------------------------------------------ */
+
+INLINE float f32_load(float x) { return x; }
+INLINE float f32_round(float x) { return x; }
+INLINE float f32_store(float x) { return x; }
+
+INLINE double f64_load(double x) { return x; }
+INLINE double f64_round(double x) { return x; }
+INLINE double f64_store(double x) { return x; }
+
+INLINE uint32_t bits_of(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return u;
+}
+INLINE float float_of(uint32_t u) {
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* bfloat16: round to nearest even by bit manipulation: add 0x7FFF plus the
+ * lowest kept bit, then drop the low 16 bits.
+ *
+ * Inside the kernels no NaN test is needed: every NaN that arises there was
+ * loaded from a bfloat16 (low 16 bits zero) or made by an invalid operation
+ * (the default NaN 0xFFC00000), and arithmetic propagates a NaN's payload,
+ * so a NaN's low 16 bits are zero, the bias cannot carry out of them, and the
+ * NaN passes through unchanged (quiet, sign and payload kept). bf16_bits is
+ * the conversion for ANY float (used by the loader's self-test): it quiets a
+ * NaN and keeps its sign and top payload bits, as vcvtneps2bf16 does. */
+INLINE float bf16_round(float x) { return float_of((bits_of(x) + 0x7FFFu + ((bits_of(x) >> 16) & 1u)) & 0xFFFF0000u); }
+INLINE float bf16_load(uint16_t h) { return float_of((uint32_t)h << 16); }
+INLINE uint16_t bf16_store(float x) { return (uint16_t)(bits_of(x) >> 16); } /* x already rounded */
+INLINE uint16_t bf16_bits(float x) {
+    uint32_t u = bits_of(x);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u | 0x00400000u) >> 16);
+    return (uint16_t)(bits_of(bf16_round(x)) >> 16);
+}
+
+/* float16, by bit manipulation and float arithmetic only, so that the loops
+ * vectorise (GCC vectorises no _Float16 conversion without AVX512-FP16).
+ *
+ * f16_round: round to nearest even at float16's precision, in float. Adding
+ * M = 2^(E+13) to |x| (E = x's exponent; at least 2^-1, which gives the fixed
+ * 2^-24 quantum of float16 subnormals) makes the float addition round |x| to
+ * a multiple of 2^(E-10), float16's ulp, ties to even; subtracting M is
+ * exact. |x| >= 65520 rounds to inf. A NaN passes through (quiet, payload and
+ * sign kept): every NaN in these kernels was loaded from a float16 or made
+ * by an invalid operation, so its low 13 bits are zero already. */
+INLINE float f16_round(float x) {
+    float ax = fabsf(x);
+    uint32_t magic = (bits_of(ax) & 0x7F800000u) + (13u << 23);
+    magic = magic > 0x3F000000u ? magic : 0x3F000000u;
+    float r = (ax + float_of(magic)) - float_of(magic);
+    r = ax >= 65520.0f ? INFINITY : r;
+    return copysignf(r, x);
+}
+/* Selections are written as bit masks: a ternary would let GCC sink one arm's
+ * float operation into a branch (it may trap, so it is not speculated back),
+ * and the loop would not vectorise. */
+INLINE uint32_t select_bits(uint32_t mask, uint32_t yes, uint32_t no) {
+    return (yes & mask) | (no & ~mask);
+}
+INLINE uint32_t mask_of(int condition) { return (uint32_t)0 - (uint32_t)(condition != 0); }
+
+/* x: a float16 value held in a float (already rounded), inf or NaN. */
+INLINE uint16_t f16_store(float x) {
+    uint32_t u = bits_of(x), a = u & 0x7FFFFFFFu;
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t normal = (a >> 13) - 0x1C000u; /* rebias the exponent 127 -> 15 */
+    /* a float16 subnormal is k * 2^-24, k < 1024: 0.5 + k * 2^-24 is exact and
+     * holds k in its low bits */
+    uint32_t subnormal = bits_of(float_of(a) + 0.5f) - 0x3F000000u;
+    uint32_t special = ((a >> 13) & 0x3FFu) | 0x7C00u | (mask_of(a > 0x7F800000u) & 0x200u);
+    uint32_t h = select_bits(mask_of(a >= 0x7F800000u), special,
+                             select_bits(mask_of(a < 0x38800000u), subnormal, normal));
+    return (uint16_t)(h | sign);
+}
+INLINE float f16_load(uint16_t b) {
+    uint32_t a = b & 0x7FFFu, sign = ((uint32_t)b & 0x8000u) << 16;
+    uint32_t normal = (a << 13) + 0x38000000u; /* rebias the exponent 15 -> 127 */
+    uint32_t special = (a << 13) + 0x70000000u;  /* exponent 31 -> 255 */
+    special |= mask_of(a > 0x7C00u) & 0x00400000u; /* a NaN comes out quiet */
+    /* subnormal k * 2^-24 (k = a < 1024): (0.5 + k * 2^-24) - 0.5, exact */
+    uint32_t subnormal = bits_of(float_of(0x3F000000u | a) - 0.5f);
+    uint32_t r = select_bits(mask_of(a >= 0x7C00u), special,
+                             select_bits(mask_of(a < 0x400u), subnormal, normal));
+    return float_of(r | sign);
+}
+/* Any float to float16 bits (the loader's self-test; NaN: quiet, top payload). */
+INLINE uint16_t f16_bits(float x) {
+    if (x != x) return f16_store(float_of(bits_of(x) | 0x00400000u));
+    return f16_store(f16_round(x));
+}
+
+/* ------------------------------------------------------------------------ */
+/* The loop bodies below (macros) are written once, over an element type T:  */
+/* T_ld / T_st load and store element i of a storage array, T_ldc / T_stc    */
+/* of a compute-type scratch array, T_max is the AMSGrad maximum, T_set1 a   */
+/* constant. They run one element at a time with the scalar types, and 16   */
+/* at a time with the AVX-512 float16 type (f16v) where there is one.        */
+/* ------------------------------------------------------------------------ */
+
+#define SCALAR_ACCESS(T, S, C)                                                                \
+    INLINE C T##_ld(const S *p, int64_t i) { return T##_load(p[i]); }                         \
+    INLINE void T##_st(S *p, int64_t i, C x) { p[i] = T##_store(x); }                         \
+    INLINE C T##_ldc(const C *p, int64_t i) { return p[i]; }                                  \
+    INLINE void T##_stc(C *p, int64_t i, C x) { p[i] = x; }                                   \
+    /* torch.maximum(vhat, v): NaN if either is NaN, else the larger */                       \
+    INLINE C T##_max(C h, C v) { return (h > v || h != h) ? h : v; }                          \
+    INLINE C T##_set1(double x) { return (C)x; }
+
+SCALAR_ACCESS(f32, float, float)
+SCALAR_ACCESS(f64, double, double)
+SCALAR_ACCESS(f16, uint16_t, float)
+SCALAR_ACCESS(bf16, uint16_t, float)
+#define f32_sqrt sqrtf
+#define f64_sqrt sqrt
+#define f16_sqrt sqrtf
+#define bf16_sqrt sqrtf
+
+#if defined(__AVX512F__) && !defined(TFADAM_NO_VECTOR_F16)
+#include <immintrin.h>
+/* float16, 16 elements at a time: AVX-512's conversions vcvtph2ps and
+ * vcvtps2ph (round to nearest even) are exact IEEE conversions, so rounding
+ * to float16 is a conversion there and back, 2 instructions instead of ~10
+ * bit operations (GCC does not vectorise _Float16 conversions by itself).
+ * + - * / on __m512 are GCC vector operators: one rounding each, no FMA
+ * (-ffp-contract=off). */
+#define F16V_RNE _MM_FROUND_TO_NEAREST_INT
+INLINE __m512 f16v_ld(const uint16_t *p, int64_t i) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + i)));
+}
+INLINE void f16v_st(uint16_t *p, int64_t i, __m512 x) {
+    _mm256_storeu_si256((__m256i *)(p + i), _mm512_cvtps_ph(x, F16V_RNE));
+}
+INLINE __m512 f16v_ldc(const float *p, int64_t i) { return _mm512_loadu_ps(p + i); }
+INLINE void f16v_stc(float *p, int64_t i, __m512 x) { _mm512_storeu_ps(p + i, x); }
+INLINE __m512 f16v_round(__m512 x) { return _mm512_cvtph_ps(_mm512_cvtps_ph(x, F16V_RNE)); }
+INLINE __m512 f16v_sqrt(__m512 x) { return _mm512_sqrt_ps(x); }
+INLINE __m512 f16v_max(__m512 h, __m512 v) {
+    __mmask16 take_h = _mm512_cmp_ps_mask(h, v, _CMP_GT_OQ) | _mm512_cmp_ps_mask(h, h, _CMP_UNORD_Q);
+    return _mm512_mask_blend_ps(take_h, v, h);
+}
+INLINE __m512 f16v_set1(double x) { return _mm512_set1_ps((float)x); }
+#define f16_VECTOR(ELEMENT) LOOP(f16v, __m512, 16, ELEMENT)
+#else
+#define f16_VECTOR(ELEMENT)
+#endif
+#define f32_VECTOR(ELEMENT)
+#define f64_VECTOR(ELEMENT)
+#define bf16_VECTOR(ELEMENT)
+
+/* Elements i, i+W, ... while W of them remain, with type T; the constants of
+ * ELEMENT (ELEMENT_CONSTS) are made once, in T. */
+#define LOOP(T, C, W, ELEMENT)                                                                \
+    {                                                                                        \
+        ELEMENT##_CONSTS(T, C)                                                               \
+        for (; i + (W) <= n; i += (W)) ELEMENT(T, C, i)                                      \
+    }
+
+/* The scalars of a step, each exactly a T (see rule.Coefficients). */
+#define ADAM_CONSTS(T, C)                                                                     \
+    const C alpha = T##_set1(coef[0]), b1 = T##_set1(coef[1]), b2 = T##_set1(coef[2]);        \
+    const C omb1 = T##_set1(coef[3]), omb2 = T##_set1(coef[4]), eps = T##_set1(coef[5]);      \
+    (void)alpha, (void)b1, (void)b2, (void)omb1, (void)omb2, (void)eps;
+
+/* ------------------------------------------------------------------------ */
+/* Threads: split [0, total) into contiguous parts, one per thread.          */
+/* ------------------------------------------------------------------------ */
+
+/* part: which of the parts this is (0 .. parts-1), for per-part scratch. */
+typedef void (*range_fn)(void *ctx, int part, int64_t lo, int64_t hi);
+
+typedef struct {
+    range_fn fn;
+    void *ctx;
+    int part;
+    int64_t lo, hi;
+} part_t;
+
+static void *run_part(void *arg) {
+    part_t *p = (part_t *)arg;
+    p->fn(p->ctx, p->part, p->lo, p->hi);
+    return NULL;
+}
+
+#define MAX_THREADS 64
+
+/* Work below `grain` units per thread is not worth a thread start (~20 us).
+ * At most min(nthreads, MAX_THREADS) parts. */
+static int parts_for(int64_t total, int64_t grain, int nthreads) {
+    int64_t parts = total / (grain > 0 ? grain : 1);
+    if (parts > nthreads) parts = nthreads;
+    if (parts > MAX_THREADS) parts = MAX_THREADS;
+    return parts < 1 ? 1 : (int)parts;
+}
+
+static void parallel_for(range_fn fn, void *ctx, int64_t total, int64_t grain, int64_t align,
+                         int nthreads) {
+    if (total <= 0) return;
+    int64_t parts = parts_for(total, grain, nthreads);
+    if (parts <= 1) {
+        fn(ctx, 0, 0, total);
+        return;
+    }
+    part_t part[MAX_THREADS];
+    pthread_t thread[MAX_THREADS];
+    int started[MAX_THREADS];
+    int64_t lo = 0;
+    for (int64_t t = 0; t < parts; ++t) {
+        int64_t hi = (t == parts - 1) ? total : (total * (t + 1) / parts) / align * align;
+        if (hi < lo) hi = lo;
+        part[t] = (part_t){fn, ctx, (int)t, lo, hi};
+        lo = hi;
+    }
+    for (int64_t t = 1; t < parts; ++t)
+        started[t] = pthread_create(&thread[t], NULL, run_part, &part[t]) == 0;
+    run_part(&part[0]);
+    for (int64_t t = 1; t < parts; ++t) {
+        if (started[t])
+            pthread_join(thread[t], NULL);
+        else
+            run_part(&part[t]);
+    }
+}
+
+/* Multi-tensor ranges: tensor i owns elements [offset[i], offset[i+1]). */
+static int64_t first_tensor(const int64_t *offset, int64_t count, int64_t at) {
+    int64_t lo = 0, hi = count; /* last i with offset[i] <= at */
+    while (hi - lo > 1) {
+        int64_t mid = (lo + hi) / 2;
+        if (offset[mid] <= at)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+#define DENSE_GRAIN 32768 /* elements per thread, at least */
+#define ALIGN 64          /* part boundaries, in elements (cache lines) */
+
+/* ------------------------------------------------------------------------ */
+/* Dense: TF's ApplyAdam (rule.dense_update), per element:                   */
+/*   m = m + (g - m) * (1 - b1)                                               */
+/*   v = v + (g*g - v) * (1 - b2)                                             */
+/*   [vhat = max(vhat, v)]                                                    */
+/*   theta = theta - (num * alpha) / (sqrt(v or vhat) + eps)                  */
+/*   num = m, or nesterov: g*(1 - b1) + b1*m                                  */
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+    void **theta, **grad, **m, **v, **vhat;
+    const int64_t *offset; /* count + 1 prefix sums of the sizes */
+    int64_t count;
+    double coef[6]; /* alpha, beta1, beta2, 1-beta1, 1-beta2, epsilon: each exactly a T */
+} dense_job;
+
+/* One element (or 16) of TF's ApplyAdam; nesterov and amsgrad are constants. */
+#define DENSE_ELEMENT_CONSTS ADAM_CONSTS
+#define DENSE_ELEMENT(T, C, i)                                                                \
+    {                                                                                        \
+        C g = T##_ld(gp, i), m = T##_ld(mp, i), v = T##_ld(vp, i);                           \
+        m = T##_round(m + T##_round(T##_round(g - m) * omb1));                               \
+        v = T##_round(v + T##_round(T##_round(T##_round(g * g) - v) * omb2));                \
+        T##_st(mp, i, m);                                                                    \
+        T##_st(vp, i, v);                                                                    \
+        C d = v;                                                                             \
+        if (amsgrad) {                                                                       \
+            d = T##_max(T##_ld(hp, i), v);                                                   \
+            T##_st(hp, i, d);                                                                \
+        }                                                                                    \
+        C den = T##_round(T##_round(T##_sqrt(d)) + eps);                                     \
+        C num = m;                                                                           \
+        if (nesterov) num = T##_round(T##_round(g * omb1) + T##_round(b1 * m));              \
+        C th = T##_ld(tp, i);                                                                \
+        T##_st(tp, i, T##_round(th - T##_round(T##_round(num * alpha) / den)));              \
+    }
+
+#define DEFINE_DENSE(NAME, S, C, NESTEROV, AMSGRAD)                                            \
+    static void dense_##NAME##_##NESTEROV##AMSGRAD(S *RESTRICT tp, const S *RESTRICT gp,     \
+                                                  S *RESTRICT mp, S *RESTRICT vp,            \
+                                                  S *RESTRICT hp, int64_t n,                 \
+                                                  const double *coef) {                      \
+        const int nesterov = NESTEROV, amsgrad = AMSGRAD;                                    \
+        (void)hp, (void)nesterov, (void)amsgrad;                                             \
+        int64_t i = 0;                                                                       \
+        NAME##_VECTOR(DENSE_ELEMENT)                                                         \
+        LOOP(NAME, C, 1, DENSE_ELEMENT)                                                      \
+    }
+
+#define DEFINE_DENSE_ALL(NAME, S, C)                                                         \
+    DEFINE_DENSE(NAME, S, C, 0, 0)                                                           \
+    DEFINE_DENSE(NAME, S, C, 0, 1)                                                           \
+    DEFINE_DENSE(NAME, S, C, 1, 0)                                                           \
+    DEFINE_DENSE(NAME, S, C, 1, 1)                                                           \
+    typedef struct {                                                                         \
+        dense_job job;                                                                       \
+        int nesterov, amsgrad;                                                               \
+    } dense_##NAME##_job;                                                                    \
+    static void dense_##NAME##_range(void *ctx, int part, int64_t lo, int64_t hi) {  \
+        (void)part;                    \
+        const dense_##NAME##_job *d = (const dense_##NAME##_job *)ctx;                       \
+        const dense_job *j = &d->job;                                                        \
+        const double *k = j->coef;                                                           \
+        for (int64_t i = first_tensor(j->offset, j->count, lo); i < j->count && j->offset[i] < hi; \
+             ++i) {                                                                          \
+            int64_t a = lo > j->offset[i] ? lo - j->offset[i] : 0;                           \
+            int64_t b = (hi < j->offset[i + 1] ? hi : j->offset[i + 1]) - j->offset[i];      \
+            if (b <= a) continue;                                                            \
+            S *tp = (S *)j->theta[i] + a, *mp = (S *)j->m[i] + a, *vp = (S *)j->v[i] + a;    \
+            const S *gp = (const S *)j->grad[i] + a;                                         \
+            S *hp = j->vhat ? (S *)j->vhat[i] + a : NULL;                                    \
+            if (d->nesterov)                                                                 \
+                (d->amsgrad ? dense_##NAME##_11 : dense_##NAME##_10)(tp, gp, mp, vp, hp, b - a, k); \
+            else                                                                             \
+                (d->amsgrad ? dense_##NAME##_01 : dense_##NAME##_00)(tp, gp, mp, vp, hp, b - a, k); \
+        }                                                                                    \
+    }                                                                                        \
+    int tfadam_dense_##NAME(int64_t count, void **theta, void **grad, void **m, void **v,     \
+                            void **vhat, const int64_t *offset, const double *coef,          \
+                            int nesterov, int nthreads) {                                    \
+        dense_##NAME##_job d = {{theta, grad, m, v, vhat, offset, count, {0}},               \
+                                nesterov != 0, vhat != NULL};                                \
+        memcpy(d.job.coef, coef, sizeof d.job.coef);                                         \
+        parallel_for(dense_##NAME##_range, &d, offset[count], DENSE_GRAIN, ALIGN, nthreads); \
+        return 0;                                                                            \
+    }
+
+/* The loader compiles this file twice in parallel (TFADAM_PART 1 and 2, one
+ * per core) and links the halves: first-use compile time is the cold start.
+ * Part 2 is float16 (the costliest to compile), part 1 everything else. */
+#if TFADAM_PART != 2
+DEFINE_DENSE_ALL(f32, float, float)
+DEFINE_DENSE_ALL(f64, double, double)
+#endif
+#if TFADAM_PART != 1
+DEFINE_DENSE_ALL(f16, uint16_t, float)
+#endif
+#if TFADAM_PART != 2
+DEFINE_DENSE_ALL(bf16, uint16_t, float)
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* The memory-traffic floor of the benchmark: 4 reads, 3 writes per element, */
+/* trivial arithmetic, same threading. Not an optimizer.                     */
+/* ------------------------------------------------------------------------ */
+
+#define DEFINE_FLOOR(NAME, S)                                                                 \
+    static void floor_##NAME##_range(void *ctx, int part, int64_t lo, int64_t hi) {           \
+        (void)part;                                                                          \
+        const dense_job *j = (const dense_job *)ctx;                                         \
+        for (int64_t i = first_tensor(j->offset, j->count, lo);                              \
+             i < j->count && j->offset[i] < hi; ++i) {                                       \
+            int64_t a = lo > j->offset[i] ? lo - j->offset[i] : 0;                           \
+            int64_t b = (hi < j->offset[i + 1] ? hi : j->offset[i + 1]) - j->offset[i];      \
+            S *RESTRICT tp = (S *)j->theta[i], *RESTRICT mp = (S *)j->m[i];                  \
+            S *RESTRICT vp = (S *)j->v[i];                                                   \
+            const S *RESTRICT gp = (const S *)j->grad[i];                                    \
+            for (int64_t e = a; e < b; ++e) {                                                \
+                S g = gp[e];                                                                 \
+                mp[e] = (S)(mp[e] + g);                                                      \
+                vp[e] = (S)(vp[e] - g);                                                      \
+                tp[e] = (S)(tp[e] + g);                                                      \
+            }                                                                                \
+        }                                                                                    \
+    }                                                                                        \
+    int tfadam_floor_##NAME(int64_t count, void **theta, void **grad, void **m, void **v,     \
+                            const int64_t *offset, int nthreads) {                           \
+        dense_job j = {theta, grad, m, v, NULL, offset, count, {0}};                         \
+        parallel_for(floor_##NAME##_range, &j, offset[count], DENSE_GRAIN, ALIGN, nthreads); \
+        return 0;                                                                            \
+    }
+
+/* 4-byte elements as float32, 2-byte elements (float16/bfloat16 traffic) as
+ * 16-bit integers, 8-byte elements as float64. */
+#if TFADAM_PART != 2
+DEFINE_FLOOR(f32, float)
+DEFINE_FLOOR(u16, uint16_t)
+DEFINE_FLOOR(f64, double)
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Sparse rows (IndexedSlices over dim 0).                                    */
+/*                                                                          */
+/* Deduplication as TF: each unique row's value is accumulated from +0, in    */
+/* order of occurrence, every addition rounded to T. The occurrences are       */
+/* grouped by a stable radix sort of (row, position), so that each group       */
+/* lists its positions in order of occurrence.                               */
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+    int64_t row, pos;
+} occurrence;
+
+/* Returns 0, or -1 (out of memory), or -2 (an index out of [0, nrows)).
+ * On success *sorted holds k occurrences sorted by (row, pos). */
+static int sort_occurrences(const int64_t *indices, int64_t k, int64_t nrows,
+                            occurrence **sorted) {
+    *sorted = NULL;
+    occurrence *a = (occurrence *)malloc((size_t)(k > 0 ? k : 1) * sizeof(occurrence));
+    if (!a) return -1;
+    int ordered = 1;
+    int64_t max_row = 0;
+    for (int64_t p = 0; p < k; ++p) {
+        int64_t r = indices[p];
+        if (r < 0 || r >= nrows) {
+            free(a);
+            return -2;
+        }
+        if (p > 0 && r < indices[p - 1]) ordered = 0;
+        if (r > max_row) max_row = r;
+        a[p].row = r;
+        a[p].pos = p;
+    }
+    if (!ordered) {
+        occurrence *b = (occurrence *)malloc((size_t)k * sizeof(occurrence));
+        if (!b) {
+            free(a);
+            return -1;
+        }
+        enum { BITS = 11, BUCKETS = 1 << BITS };
+        int64_t count[BUCKETS];
+        for (int shift = 0; shift < 63 && (max_row >> shift) > 0; shift += BITS) {
+            memset(count, 0, sizeof count);
+            for (int64_t p = 0; p < k; ++p) ++count[(a[p].row >> shift) & (BUCKETS - 1)];
+            int64_t total = 0;
+            for (int q = 0; q < BUCKETS; ++q) {
+                int64_t c = count[q];
+                count[q] = total;
+                total += c;
+            }
+            for (int64_t p = 0; p < k; ++p) b[count[(a[p].row >> shift) & (BUCKETS - 1)]++] = a[p];
+            occurrence *t = a;
+            a = b;
+            b = t;
+        }
+        free(b);
+    }
+    *sorted = a;
+    return 0;
+}
+
+/* A sparse call: table (nrows x rowlen), occurrences sorted, group g spans
+ * occurrences [start[g], start[g+1]). mode: 0 eager, 1 graph, 2 lazy.
+ * scratch: one row of the compute type per part, allocated before anything
+ * is modified, so that running out of memory leaves the table untouched. */
+typedef struct {
+    void *theta, *m, *v;
+    const void *values;
+    int64_t nrows, rowlen, ngroups;
+    const occurrence *occ;
+    const int64_t *start;
+    double coef[6];
+    int mode;
+    char *scratch;
+    size_t scratch_row_bytes;
+} sparse_job;
+
+static int64_t first_group_at_or_after(const sparse_job *j, int64_t row) {
+    int64_t lo = 0, hi = j->ngroups; /* first g with occ[start[g]].row >= row */
+    while (lo < hi) {
+        int64_t mid = (lo + hi) / 2;
+        if (j->occ[j->start[mid]].row < row)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+#define PREFETCH_AHEAD 8
+#define PREFETCH_LINES 8 /* per row and array: the hardware prefetcher does the rest */
+
+static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
+    int64_t row = j->occ[j->start[g]].row;
+    size_t bytes = (size_t)j->rowlen * size;
+    size_t lines = (bytes + 63) / 64;
+    if (lines > PREFETCH_LINES) lines = PREFETCH_LINES;
+    const char *t = (const char *)j->theta + (size_t)row * bytes;
+    const char *m = (const char *)j->m + (size_t)row * bytes;
+    const char *v = (const char *)j->v + (size_t)row * bytes;
+    const char *src = (const char *)j->values + (size_t)j->occ[j->start[g]].pos * bytes;
+    for (size_t q = 0; q < lines; ++q) {
+        __builtin_prefetch(t + 64 * q, 1, 3);
+        __builtin_prefetch(m + 64 * q, 1, 3);
+        __builtin_prefetch(v + 64 * q, 1, 3);
+        __builtin_prefetch(src + 64 * q, 0, 3);
+    }
+}
+
+#define ZERO_ELEMENT_CONSTS(T, C)
+#define ZERO_ELEMENT(T, C, i) T##_stc(acc, i, T##_set1(0.0));
+#define SUM_ELEMENT_CONSTS(T, C)
+#define SUM_ELEMENT(T, C, i) T##_stc(acc, i, T##_round(T##_ldc(acc, i) + T##_ld(src, i)));
+
+/* Untouched rows of the dense-equivalent update (rule.sparse_update). */
+#define DECAY_ELEMENT_CONSTS ADAM_CONSTS
+#define DECAY_ELEMENT(T, C, i)                                                                \
+    {                                                                                        \
+        C m = T##_round(T##_ld(mp, i) * b1);                                                 \
+        C v = T##_round(T##_ld(vp, i) * b2);                                                 \
+        T##_st(mp, i, m);                                                                    \
+        T##_st(vp, i, v);                                                                    \
+        C den = T##_round(T##_round(T##_sqrt(v)) + eps);                                     \
+        C th = T##_ld(tp, i);                                                                \
+        T##_st(tp, i, T##_round(th - T##_round(T##_round(alpha * m) / den)));                \
+    }
+
+/* Touched rows: dense-equivalent (eager or graph) and lazy share this form:
+ *   m = m*b1 + G*(1-b1);  v = v*b2 + (G*G)*(1-b2)   [graph: G*(G*(1-b2))]
+ *   theta = theta - (alpha*m) / (sqrt(v) + eps) */
+#define TOUCH_ELEMENT_CONSTS ADAM_CONSTS
+#define TOUCH_ELEMENT(T, C, i)                                                                \
+    {                                                                                        \
+        C g = T##_ldc(G, i);                                                                 \
+        C m = T##_round(T##_round(T##_ld(mp, i) * b1) + T##_round(g * omb1));                \
+        C inc;                                                                               \
+        if (graph)                                                                           \
+            inc = T##_round(g * T##_round(g * omb2));                                        \
+        else                                                                                 \
+            inc = T##_round(T##_round(g * g) * omb2);                                        \
+        C v = T##_round(T##_round(T##_ld(vp, i) * b2) + inc);                                \
+        T##_st(mp, i, m);                                                                    \
+        T##_st(vp, i, v);                                                                    \
+        C den = T##_round(T##_round(T##_sqrt(v)) + eps);                                     \
+        C th = T##_ld(tp, i);                                                                \
+        T##_st(tp, i, T##_round(th - T##_round(T##_round(alpha * m) / den)));                \
+    }
+
+#define DEFINE_SPARSE(NAME, S, C)                                                             \
+    /* The summed gradient of group g, from +0 in order of occurrence. */                    \
+    INLINE void sum_##NAME(const sparse_job *j, int64_t g, C *RESTRICT acc) {                \
+        const S *values = (const S *)j->values;                                              \
+        int64_t n = j->rowlen, i = 0;                                                        \
+        NAME##_VECTOR(ZERO_ELEMENT)                                                          \
+        LOOP(NAME, C, 1, ZERO_ELEMENT)                                                       \
+        for (int64_t o = j->start[g]; o < j->start[g + 1]; ++o) {                            \
+            const S *RESTRICT src = values + j->occ[o].pos * n;                              \
+            i = 0;                                                                           \
+            NAME##_VECTOR(SUM_ELEMENT)                                                       \
+            LOOP(NAME, C, 1, SUM_ELEMENT)                                                    \
+        }                                                                                    \
+    }                                                                                        \
+    static void sparse_##NAME##_decay(S *RESTRICT tp, S *RESTRICT mp, S *RESTRICT vp,         \
+                                      int64_t n, const double *coef) {                       \
+        int64_t i = 0;                                                                       \
+        NAME##_VECTOR(DECAY_ELEMENT)                                                         \
+        LOOP(NAME, C, 1, DECAY_ELEMENT)                                                      \
+    }                                                                                        \
+    static void sparse_##NAME##_touch(S *RESTRICT tp, S *RESTRICT mp, S *RESTRICT vp,         \
+                                      const C *RESTRICT G, int64_t n, const double *coef,     \
+                                      int graph) {                                           \
+        int64_t i = 0;                                                                       \
+        NAME##_VECTOR(TOUCH_ELEMENT)                                                         \
+        LOOP(NAME, C, 1, TOUCH_ELEMENT)                                                      \
+    }                                                                                        \
+    /* Dense-equivalent: rows [lo, hi) of the table, in one pass. */                          \
+    static void sparse_##NAME##_rows(void *ctx, int part, int64_t lo, int64_t hi) {                    \
+        sparse_job *j = (sparse_job *)ctx;                                                   \
+        const double *k = j->coef;                                                           \
+        int64_t n = j->rowlen;                                                               \
+        S *theta = (S *)j->theta, *m = (S *)j->m, *v = (S *)j->v;                            \
+        C *acc = (C *)(j->scratch + (size_t)part * j->scratch_row_bytes);                   \
+        int64_t g = first_group_at_or_after(j, lo);                                          \
+        int64_t r = lo;                                                                      \
+        while (r < hi) {                                                                     \
+            int64_t next = (g < j->ngroups) ? j->occ[j->start[g]].row : hi;                  \
+            if (next > hi) next = hi;                                                        \
+            if (next > r) {                                                                  \
+                sparse_##NAME##_decay(theta + r * n, m + r * n, v + r * n, (next - r) * n, k); \
+                r = next;                                                                    \
+                continue;                                                                    \
+            }                                                                                \
+            sum_##NAME(j, g, acc);                                                           \
+            sparse_##NAME##_touch(theta + r * n, m + r * n, v + r * n, acc, n, k, j->mode == 1); \
+            ++g;                                                                             \
+            ++r;                                                                             \
+        }                                                                                    \
+    }                                                                                        \
+    /* Lazy: groups [lo, hi) only (cost proportional to the touched rows). */                 \
+    static void sparse_##NAME##_groups(void *ctx, int part, int64_t lo, int64_t hi) {                  \
+        sparse_job *j = (sparse_job *)ctx;                                                   \
+        const double *k = j->coef;                                                           \
+        int64_t n = j->rowlen;                                                               \
+        S *theta = (S *)j->theta, *m = (S *)j->m, *v = (S *)j->v;                            \
+        C *acc = (C *)(j->scratch + (size_t)part * j->scratch_row_bytes);                   \
+        for (int64_t g = lo; g < hi; ++g) {                                                  \
+            /* Random rows of a large table: memory latency, not bandwidth, is the   \
+             * cost; ask for the rows of a later group while this one computes. */   \
+            if (g + PREFETCH_AHEAD < hi) prefetch_rows(j, g + PREFETCH_AHEAD, sizeof(S));    \
+            int64_t r = j->occ[j->start[g]].row;                                             \
+            sum_##NAME(j, g, acc);                                                           \
+            sparse_##NAME##_touch(theta + r * n, m + r * n, v + r * n, acc, n, k, 0);        \
+        }                                                                                    \
+    }                                                                                        \
+    int tfadam_sparse_##NAME(int64_t nrows, int64_t rowlen, void *theta, void *m, void *v,   \
+                             int64_t k, const int64_t *indices, const void *values,          \
+                             const double *coef, int mode, int nthreads) {                   \
+        occurrence *occ;                                                                     \
+        int status = sort_occurrences(indices, k, nrows, &occ);                              \
+        if (status) return status;                                                           \
+        int64_t *start = (int64_t *)malloc((size_t)(k + 1) * sizeof(int64_t));              \
+        if (!start) {                                                                        \
+            free(occ);                                                                       \
+            return -1;                                                                       \
+        }                                                                                    \
+        int64_t groups = 0;                                                                  \
+        for (int64_t o = 0; o < k; ++o)                                                      \
+            if (o == 0 || occ[o].row != occ[o - 1].row) start[groups++] = o;                 \
+        start[groups] = k;                                                                   \
+        sparse_job j = {theta, m, v, values, nrows, rowlen, groups, occ, start, {0}, mode,   \
+                        NULL, 0};                                                            \
+        memcpy(j.coef, coef, sizeof j.coef);                                                 \
+        int lazy = mode == 2;                                                                \
+        int64_t units = lazy ? groups : nrows;                                               \
+        int64_t grain = rowlen > 0 ? DENSE_GRAIN / rowlen + 1 : 1;                           \
+        int parts = parts_for(units, grain, nthreads);                                       \
+        j.scratch_row_bytes = ((size_t)(rowlen > 0 ? rowlen : 1) * sizeof(C) + 63) / 64 * 64; \
+        j.scratch = (char *)malloc(j.scratch_row_bytes * (size_t)parts);                    \
+        if (!j.scratch) status = -1;                                                         \
+        else if (rowlen > 0)                                                                 \
+            parallel_for(lazy ? sparse_##NAME##_groups : sparse_##NAME##_rows, &j, units,    \
+                         grain, lazy ? 1 : ALIGN / rowlen + 1, parts);                       \
+        free(j.scratch);                                                                     \
+        free(start);                                                                         \
+        free(occ);                                                                           \
+        return status;                                                                       \
+    }
+
+#if TFADAM_PART != 2
+DEFINE_SPARSE(f32, float, float)
+DEFINE_SPARSE(f64, double, double)
+#endif
+#if TFADAM_PART != 1
+DEFINE_SPARSE(f16, uint16_t, float)
+#endif
+#if TFADAM_PART != 2
+DEFINE_SPARSE(bf16, uint16_t, float)
+#endif
+
+/* Self-checks the loader runs once: the ABI version, and the conversions. */
+#if TFADAM_PART != 2
+int tfadam_abi_version(void) { return 1; }
+#endif
+#if TFADAM_PART != 1
+uint16_t tfadam_f16_bits(float x) { return f16_bits(x); }
+float tfadam_f16_load(uint16_t b) { return f16_load(b); }
+uint16_t tfadam_bf16_bits(float x) { return bf16_bits(x); }
+#endif

@@ -1,0 +1,197 @@
+"""The per-step scalars of :mod:`tfadam.rule`, computed without torch ops.
+
+:func:`tfadam.rule.tf1_coefficients` builds ~15 tiny tensors per dtype and
+step (~90 µs); :func:`tf1_coefficients` here computes the same numbers with
+Python floats (~10 µs), which matters when the step itself is short (many
+small parameters, lazy sparse steps). It is proven equal to the rule by the
+tests, and falls back to the rule whenever a hyperparameter is a tensor of a
+dtype other than float32 (TF casts such a tensor from its own dtype; that cast
+is torch's to reproduce, not ours).
+
+Why Python floats are exact here: every operation is computed in float64 and
+rounded once to ``T``. For ``+ - * / sqrt`` on ``T`` values, rounding the
+float64 result to ``T`` equals the correctly rounded ``T`` result whenever
+float64 carries at least ``2p + 2`` bits for ``T``'s ``p`` (53 >= 50 for
+float32, and more so for float16 and bfloat16) — the classical
+innocuous-double-rounding bound. float64 itself is Python's IEEE arithmetic.
+
+Example:
+    >>> import torch
+    >>> from tfadam import rule
+    >>> args = dict(lr=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-8,
+    ...             beta1_power=torch.tensor(0.9), beta2_power=torch.tensor(0.999))
+    >>> tf1_coefficients(**args, dtype=torch.bfloat16) == rule.tf1_coefficients(
+    ...     **args, dtype=torch.bfloat16)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+
+from .. import rule
+
+# (significand bits p, minimum normal exponent, largest finite value)
+_FORMATS = {
+    torch.float16: (11, -14, 65504.0),
+    torch.bfloat16: (8, -126, float.fromhex("0x1.fep127")),
+    torch.float32: (24, -126, float.fromhex("0x1.fffffep127")),
+}
+
+
+_F32 = struct.Struct("f")
+_F16 = struct.Struct("e")
+
+
+def round_to(x: float, dtype: torch.dtype) -> float:
+    """``x`` rounded to the nearest value of ``dtype`` (ties to even), as a float.
+
+    Overflow gives ±inf; NaN, ±inf and ±0 are kept.
+
+    >>> round_to(0.1, torch.float16), round_to(65520.0, torch.float16)
+    (0.0999755859375, inf)
+    """
+    if dtype == torch.float64:
+        return float(x)
+    # struct's float32/float16 packing rounds to nearest even (C's cast and
+    # PyFloat_Pack2), but raises on overflow: that case goes the long way.
+    try:
+        if dtype == torch.float32:
+            return _F32.unpack(_F32.pack(x))[0]
+        if dtype == torch.float16:
+            return _F16.unpack(_F16.pack(x))[0]
+    except OverflowError:
+        pass
+    return _round_format(x, *_FORMATS[dtype])
+
+
+def _round_format(x: float, p: int, emin: int, largest: float) -> float:
+    """Round to ``p`` significand bits, exponents >= ``emin`` (then subnormal)."""
+    if x == 0.0 or not math.isfinite(x):
+        return float(x)
+    if abs(x) >= 2 * largest:  # certainly inf, and the scaling below could overflow
+        return math.copysign(math.inf, x)
+    _, e = math.frexp(x)  # |x| = m * 2**e, 0.5 <= m < 1: x's exponent is e - 1
+    quantum = max(e - 1, emin) - (p - 1)  # the exponent of one ulp (subnormals: fixed)
+    # Scaling by a power of two is exact; round() of a float is exact, ties to even.
+    y = math.ldexp(round(math.ldexp(x, -quantum)), quantum)
+    if abs(y) > largest:
+        return math.copysign(math.inf, x)
+    return math.copysign(y, x)  # a tiny negative x rounds to -0.0
+
+
+def _divide(a: float, b: float) -> float:
+    """IEEE division (Python raises on a zero divisor; TF gives ±inf or NaN)."""
+    if b != 0.0:
+        return a / b
+    if a == 0.0 or a != a:
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def _sqrt(x: float) -> float:
+    """IEEE square root (Python raises below zero; TF gives NaN)."""
+    return math.sqrt(x) if x >= 0.0 or x != x else math.nan
+
+
+def _float32(value: float) -> float:
+    try:
+        return _F32.unpack(_F32.pack(value))[0]
+    except OverflowError:
+        return _round_format(value, *_FORMATS[torch.float32])
+
+
+def _as_float32(value: rule.HyperValue) -> float | None:
+    """The float32 value TF uses for a hyperparameter; None if it is not ours to cast."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.float32:
+            return None
+        return float(value.item())
+    return _float32(float(value))
+
+
+def tf1_coefficients(
+    *,
+    lr: rule.HyperValue,
+    beta1: rule.HyperValue,
+    beta2: rule.HyperValue,
+    epsilon: rule.HyperValue,
+    beta1_power: rule.HyperValue,
+    beta2_power: rule.HyperValue,
+    dtype: torch.dtype,
+) -> rule.Coefficients:
+    """Exactly :func:`tfadam.rule.tf1_coefficients`, with Python floats::
+
+    b1p, b2p = T(beta1_power), T(beta2_power)
+    alpha = (T(lr) * sqrt(T(1) - b2p)) / (T(1) - b1p)
+    one_minus_beta = T(1) - T(β)
+
+    every operation rounded to ``T``; numbers are float32 before they are ``T``.
+
+    >>> c = tf1_coefficients(lr=0.1, beta1=0.9, beta2=0.999, epsilon=1e-8,
+    ...                      beta1_power=0.9, beta2_power=0.999, dtype=torch.float32)
+    >>> c.alpha, c.one_minus_beta1
+    (0.031622566282749176, 0.10000002384185791)
+    """
+    values = [_as_float32(x) for x in (lr, beta1, beta2, epsilon, beta1_power, beta2_power)]
+    if None in values:
+        return rule.tf1_coefficients(
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            epsilon=epsilon,
+            beta1_power=beta1_power,
+            beta2_power=beta2_power,
+            dtype=dtype,
+        )
+    lr_t, b1, b2, eps, b1p, b2p = (round_to(x, dtype) for x in values)  # type: ignore[arg-type]
+    if dtype == torch.float64:
+        alpha = _divide(lr_t * _sqrt(1.0 - b2p), 1.0 - b1p)
+        return rule.Coefficients(alpha, b1, b2, 1.0 - b1, 1.0 - b2, eps)
+
+    def t(x: float) -> float:
+        return round_to(x, dtype)
+
+    alpha = t(_divide(t(lr_t * t(_sqrt(t(1.0 - b2p)))), t(1.0 - b1p)))
+    return rule.Coefficients(
+        alpha=alpha,
+        beta1=b1,
+        beta2=b2,
+        one_minus_beta1=t(1.0 - b1),
+        one_minus_beta2=t(1.0 - b2),
+        epsilon=eps,
+    )
+
+
+def advance_accumulators(
+    beta1_power: torch.Tensor,
+    beta2_power: torch.Tensor,
+    beta1: rule.HyperValue,
+    beta2: rule.HyperValue,
+) -> None:
+    """Exactly :func:`tfadam.rule.advance_accumulators`, in place, without temporaries::
+
+    beta_power = float32(beta_power * float32(β))
+
+    (the product of two float32 values is exact in float64, so one rounding
+    to float32 is the float32 product).
+
+    >>> b1p, b2p = torch.tensor(0.9), torch.tensor(0.999)
+    >>> advance_accumulators(b1p, b2p, 0.9, 0.999)
+    >>> float(b1p)
+    0.809999942779541
+    """
+    betas = [_as_float32(beta1), _as_float32(beta2)]
+    powers = (beta1_power, beta2_power)
+    if (
+        betas[0] is None
+        or betas[1] is None
+        or any(p.dtype != torch.float32 or p.device.type != "cpu" for p in powers)
+    ):
+        rule.advance_accumulators(beta1_power, beta2_power, beta1, beta2)
+        return
+    for power, beta in zip(powers, betas, strict=True):
+        power.fill_(_float32(float(power.item()) * beta))

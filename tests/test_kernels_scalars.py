@@ -1,0 +1,133 @@
+"""The torch-free per-step scalars equal the rule's, bit for bit."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kernel_cases import DTYPES
+
+from tfadam import rule
+from tfadam.kernels import scalars
+
+FORMATS = {  # p, emin, largest
+    torch.float16: (11, -14, 65504.0),
+    torch.bfloat16: (8, -126, float.fromhex("0x1.fep127")),
+    torch.float32: (24, -126, float.fromhex("0x1.fffffep127")),
+}
+
+
+def exact_round(x: float, dtype: torch.dtype) -> float:
+    """Round-to-nearest-even by exact rational arithmetic (slow, obviously right)."""
+    if dtype == torch.float64 or x == 0 or not math.isfinite(x):
+        return x
+    p, emin, largest = FORMATS[dtype]
+    value = Fraction(x)
+    exponent = max(math.floor(math.log2(abs(x))), emin)
+    # math.log2 can be off by one near powers of two: fix the binade exactly
+    while Fraction(2) ** exponent > abs(value) and exponent > emin:
+        exponent -= 1
+    while Fraction(2) ** (exponent + 1) <= abs(value):
+        exponent += 1
+    quantum = Fraction(2) ** (exponent - p + 1)
+    q, r = divmod(value / quantum, 1)
+    if r > Fraction(1, 2) or (r == Fraction(1, 2) and q % 2 == 1):
+        q += 1
+    y = q * quantum
+    if abs(y) > largest:
+        return math.copysign(math.inf, x)
+    return math.copysign(float(y), x)
+
+
+doubles = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@settings(max_examples=300, deadline=None)
+@given(x=doubles, dtype=st.sampled_from(list(FORMATS)))
+def test_round_to_is_round_to_nearest_even(x: float, dtype: torch.dtype) -> None:
+    expected = exact_round(x, dtype)
+    got = scalars.round_to(x, dtype)
+    assert math.copysign(1, got) == math.copysign(1, expected)
+    assert got == expected
+
+
+@pytest.mark.parametrize("dtype", list(FORMATS), ids=str)
+def test_round_to_matches_torch_on_float32_values(dtype: torch.dtype) -> None:
+    # torch's float32 -> T cast rounds once, so float32 inputs compare directly
+    generator = torch.Generator().manual_seed(0)
+    raw = torch.randint(-(2**31), 2**31, (20_000,), generator=generator, dtype=torch.int64)
+    values = raw.to(torch.int32).view(torch.float32)
+    values = values[torch.isfinite(values)]
+    expected = values.to(dtype).double().tolist()
+    got = [scalars.round_to(x, dtype) for x in values.double().tolist()]
+    same = [
+        (g == e and math.copysign(1, g) == math.copysign(1, e))
+        for g, e in zip(got, expected, strict=True)
+    ]
+    assert all(same)
+
+
+hyper = st.one_of(
+    st.floats(min_value=0.0, max_value=1e4, allow_nan=False),
+    st.floats(min_value=1e-12, max_value=1e-2),
+)
+beta = st.one_of(st.sampled_from([0.0, 0.5, 0.9, 0.99, 0.999, 0.9999]), st.floats(0.0, 0.99999))
+power = st.floats(min_value=1e-30, max_value=1.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lr=hyper,
+    beta1=beta,
+    beta2=beta,
+    epsilon=hyper,
+    beta1_power=power,
+    beta2_power=power,
+    dtype=st.sampled_from(DTYPES),
+    as_tensor=st.sampled_from([None, torch.float32, torch.float64]),
+)
+def test_coefficients_equal_the_rule(
+    lr: float,
+    beta1: float,
+    beta2: float,
+    epsilon: float,
+    beta1_power: float,
+    beta2_power: float,
+    dtype: torch.dtype,
+    as_tensor: torch.dtype | None,
+) -> None:
+    # the accumulators are float32 tensors in the engine; lr may be a tensor (any dtype)
+    powers = dict(
+        beta1_power=torch.tensor(beta1_power, dtype=torch.float32),
+        beta2_power=torch.tensor(beta2_power, dtype=torch.float32),
+    )
+    lr_value = lr if as_tensor is None else torch.tensor(lr, dtype=as_tensor)
+    args = dict(lr=lr_value, beta1=beta1, beta2=beta2, epsilon=epsilon, **powers, dtype=dtype)
+    expected = rule.tf1_coefficients(**args)  # type: ignore[arg-type]
+    got = scalars.tf1_coefficients(**args)  # type: ignore[arg-type]
+    for name in ("alpha", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "epsilon"):
+        e, g = getattr(expected, name), getattr(got, name)
+        assert (e == g and math.copysign(1, e) == math.copysign(1, g)) or (e != e and g != g), (
+            name,
+            e,
+            g,
+        )
+
+
+@settings(max_examples=200, deadline=None)
+@given(beta1=beta, beta2=beta, b1p=power, b2p=power, as_tensor=st.booleans())
+def test_advance_accumulators_equals_the_rule(
+    beta1: float, beta2: float, b1p: float, b2p: float, as_tensor: bool
+) -> None:
+    expected = [torch.tensor(b1p), torch.tensor(b2p)]
+    got = [t.clone() for t in expected]
+    b1 = torch.tensor(beta1, dtype=torch.float64) if as_tensor else beta1
+    rule.advance_accumulators(*expected, b1, beta2)
+    scalars.advance_accumulators(*got, b1, beta2)
+    for e, g in zip(expected, got, strict=True):
+        assert g.dtype == torch.float32 and g.shape == ()
+        assert torch.equal(e.view(torch.int32), g.view(torch.int32))
