@@ -7,6 +7,8 @@ Every comparison is ``==`` on integer views of θ, m, v (and vhat); see
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -415,3 +417,45 @@ def test_floor_kernel_does_its_trivial_arithmetic() -> None:
     m16, v16 = torch.zeros(70, dtype=torch.int16), torch.zeros(70, dtype=torch.int16)
     cpu.FloorKernel([t16], [g16], [m16], [v16])()
     assert t16.tolist() == [3] * 70 and v16.tolist() == [-2] * 70
+
+
+def _dense_agrees(seed: int) -> bool:
+    shapes = [(150_001,), (70_000,)]
+    expected = dense_state(shapes, torch.float32, seed=seed, amsgrad=False)
+    actual = {k: clones(v) for k, v in expected.items()}
+    grads = gradients(shapes, torch.float32, seed=seed)
+    c = coefficients(torch.float32, 2)
+    for _ in range(3):
+        run_dense(reference.dense_step, expected, grads, c=c, nesterov=False)
+        run_dense(kernels.dense_step, actual, grads, c=c, nesterov=False)
+    try:
+        assert_states_equal(actual, expected)
+    except AssertionError:
+        return False
+    return True
+
+
+def test_concurrent_python_threads() -> None:
+    # ctypes drops the GIL: several Python threads may be inside the C kernels
+    # at once; the thread pool serves one job, the others run on their own thread.
+    results: dict[int, bool] = {}
+    workers = [
+        threading.Thread(target=lambda s=s: results.__setitem__(s, _dense_agrees(s)))
+        for s in range(4)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert results == {0: True, 1: True, 2: True, 3: True}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_kernels_work_in_a_forked_child() -> None:
+    assert _dense_agrees(11)  # the helper threads exist in this process now
+    pid = os.fork()
+    if pid == 0:  # the child has no helper threads: the pool must start afresh
+        torch.set_num_threads(2)
+        os._exit(0 if _dense_agrees(12) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -21,6 +21,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -200,29 +201,104 @@ INLINE __m512 f16v_set1(double x) { return _mm512_set1_ps((float)x); }
     (void)alpha, (void)b1, (void)b2, (void)omb1, (void)omb2, (void)eps;
 
 /* ------------------------------------------------------------------------ */
-/* Threads: split [0, total) into contiguous parts, one per thread.          */
+/* Threads: a small persistent pool, work handed out in chunks.              */
+/*                                                                          */
+/* The caller's thread works too, and takes chunks until none are left; it  */
+/* then waits only for chunks already being worked on, never for a helper   */
+/* that the OS has not scheduled yet (on a busy machine that wait can last a */
+/* whole time slice). Idle helpers sleep on a condition variable: no         */
+/* spinning to steal cores from other threads (torch's, TensorFlow's).       */
+/* Which thread computes an element never changes its bits.                  */
 /* ------------------------------------------------------------------------ */
 
-/* part: which of the parts this is (0 .. parts-1), for per-part scratch. */
-typedef void (*range_fn)(void *ctx, int part, int64_t lo, int64_t hi);
+/* slot: 0 for the calling thread, 1.. for helpers: an index for scratch. */
+typedef void (*range_fn)(void *ctx, int slot, int64_t lo, int64_t hi);
+
+#define MAX_THREADS 64
+#define CHUNKS_PER_THREAD 8
 
 typedef struct {
     range_fn fn;
     void *ctx;
-    int part;
-    int64_t lo, hi;
-} part_t;
+    int64_t total, chunk, nchunks;
+    int helpers; /* helpers 1..helpers may take chunks */
+} job_t;
 
-static void *run_part(void *arg) {
-    part_t *p = (part_t *)arg;
-    p->fn(p->ctx, p->part, p->lo, p->hi);
+static struct {
+    pthread_mutex_t lock; /* guards generation, job, started */
+    pthread_cond_t wake, done;
+    uint32_t generation;
+    job_t job;
+    int started;
+    /* (generation << 32) | next chunk: a helper that read an old job can
+     * never take a chunk of a newer one (its compare-and-swap fails) */
+    _Atomic uint64_t next;
+    _Atomic int64_t finished;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+/* One job at a time; a second caller (another Python thread) runs alone. */
+static pthread_mutex_t pool_user = PTHREAD_MUTEX_INITIALIZER;
+
+static void run_chunks(const job_t *job, uint32_t generation, int slot) {
+    for (;;) {
+        uint64_t current = atomic_load(&pool.next);
+        if ((uint32_t)(current >> 32) != generation) return;
+        int64_t c = (int64_t)(current & 0xFFFFFFFFu);
+        if (c >= job->nchunks) return;
+        if (!atomic_compare_exchange_weak(&pool.next, &current, current + 1)) continue;
+        int64_t lo = c * job->chunk, hi = lo + job->chunk;
+        job->fn(job->ctx, slot, lo, hi < job->total ? hi : job->total);
+        if (atomic_fetch_add(&pool.finished, 1) + 1 == job->nchunks) {
+            pthread_mutex_lock(&pool.lock);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.lock);
+        }
+    }
+}
+
+static void *helper(void *arg) {
+    int slot = (int)(intptr_t)arg;
+    pthread_mutex_lock(&pool.lock);
+    uint32_t seen = pool.generation;
+    for (;;) {
+        while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+        seen = pool.generation;
+        job_t job = pool.job;
+        pthread_mutex_unlock(&pool.lock);
+        if (slot <= job.helpers) run_chunks(&job, seen, slot);
+        pthread_mutex_lock(&pool.lock);
+    }
     return NULL;
 }
 
-#define MAX_THREADS 64
+/* In a child after fork() the helpers do not exist: start afresh. */
+static void pool_after_fork_in_child(void) {
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    pthread_mutex_init(&pool_user, NULL);
+    pool.started = 0;
+}
 
-/* Work below `grain` units per thread is not worth a thread start (~20 us).
- * At most min(nthreads, MAX_THREADS) parts. */
+/* Make sure `wanted` helpers exist (under pool.lock); returns how many do. */
+static int pool_grow(int wanted) {
+    static int registered = 0;
+    if (!registered) {
+        pthread_atfork(NULL, NULL, pool_after_fork_in_child);
+        registered = 1;
+    }
+    while (pool.started < wanted) {
+        pthread_t thread;
+        if (pthread_create(&thread, NULL, helper, (void *)(intptr_t)(pool.started + 1)) != 0)
+            break;
+        pthread_detach(thread);
+        ++pool.started;
+    }
+    return pool.started < wanted ? pool.started : wanted;
+}
+
+/* Work below `grain` units per thread is not worth waking a helper.
+ * At most min(nthreads, MAX_THREADS) threads. */
 static int parts_for(int64_t total, int64_t grain, int nthreads) {
     int64_t parts = total / (grain > 0 ? grain : 1);
     if (parts > nthreads) parts = nthreads;
@@ -230,33 +306,35 @@ static int parts_for(int64_t total, int64_t grain, int nthreads) {
     return parts < 1 ? 1 : (int)parts;
 }
 
+/* fn over [0, total) on up to `nthreads` threads; chunk bounds are multiples
+ * of `align` (cache lines, or table rows). Slots used: 0 .. parts_for() - 1. */
 static void parallel_for(range_fn fn, void *ctx, int64_t total, int64_t grain, int64_t align,
                          int nthreads) {
     if (total <= 0) return;
-    int64_t parts = parts_for(total, grain, nthreads);
-    if (parts <= 1) {
+    int parts = parts_for(total, grain, nthreads);
+    if (parts <= 1 || pthread_mutex_trylock(&pool_user) != 0) {
         fn(ctx, 0, 0, total);
         return;
     }
-    part_t part[MAX_THREADS];
-    pthread_t thread[MAX_THREADS];
-    int started[MAX_THREADS];
-    int64_t lo = 0;
-    for (int64_t t = 0; t < parts; ++t) {
-        int64_t hi = (t == parts - 1) ? total : (total * (t + 1) / parts) / align * align;
-        if (hi < lo) hi = lo;
-        part[t] = (part_t){fn, ctx, (int)t, lo, hi};
-        lo = hi;
+    int64_t chunk = (total + (int64_t)parts * CHUNKS_PER_THREAD - 1) / ((int64_t)parts * CHUNKS_PER_THREAD);
+    if (align < 1) align = 1;
+    chunk = (chunk + align - 1) / align * align;
+    job_t job = {fn, ctx, total, chunk, (total + chunk - 1) / chunk, 0};
+    pthread_mutex_lock(&pool.lock);
+    job.helpers = pool_grow(parts - 1);
+    uint32_t generation = ++pool.generation;
+    pool.job = job;
+    atomic_store(&pool.finished, 0);
+    atomic_store(&pool.next, (uint64_t)generation << 32);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    run_chunks(&job, generation, 0);
+    if (atomic_load(&pool.finished) < job.nchunks) {
+        pthread_mutex_lock(&pool.lock);
+        while (atomic_load(&pool.finished) < job.nchunks) pthread_cond_wait(&pool.done, &pool.lock);
+        pthread_mutex_unlock(&pool.lock);
     }
-    for (int64_t t = 1; t < parts; ++t)
-        started[t] = pthread_create(&thread[t], NULL, run_part, &part[t]) == 0;
-    run_part(&part[0]);
-    for (int64_t t = 1; t < parts; ++t) {
-        if (started[t])
-            pthread_join(thread[t], NULL);
-        else
-            run_part(&part[t]);
-    }
+    pthread_mutex_unlock(&pool_user);
 }
 
 /* Multi-tensor ranges: tensor i owns elements [offset[i], offset[i+1]). */
@@ -273,7 +351,7 @@ static int64_t first_tensor(const int64_t *offset, int64_t count, int64_t at) {
 }
 
 #define DENSE_GRAIN 32768 /* elements per thread, at least */
-#define ALIGN 64          /* part boundaries, in elements (cache lines) */
+#define ALIGN 64          /* chunk boundaries, in elements (cache lines) */
 
 /* ------------------------------------------------------------------------ */
 /* Dense: TF's ApplyAdam (rule.dense_update), per element:                   */
@@ -333,8 +411,8 @@ typedef struct {
         dense_job job;                                                                       \
         int nesterov, amsgrad;                                                               \
     } dense_##NAME##_job;                                                                    \
-    static void dense_##NAME##_range(void *ctx, int part, int64_t lo, int64_t hi) {  \
-        (void)part;                    \
+    static void dense_##NAME##_range(void *ctx, int slot, int64_t lo, int64_t hi) {  \
+        (void)slot;                    \
         const dense_##NAME##_job *d = (const dense_##NAME##_job *)ctx;                       \
         const dense_job *j = &d->job;                                                        \
         const double *k = j->coef;                                                           \
@@ -382,8 +460,8 @@ DEFINE_DENSE_ALL(bf16, uint16_t, float)
 /* ------------------------------------------------------------------------ */
 
 #define DEFINE_FLOOR(NAME, S)                                                                 \
-    static void floor_##NAME##_range(void *ctx, int part, int64_t lo, int64_t hi) {           \
-        (void)part;                                                                          \
+    static void floor_##NAME##_range(void *ctx, int slot, int64_t lo, int64_t hi) {           \
+        (void)slot;                                                                          \
         const dense_job *j = (const dense_job *)ctx;                                         \
         for (int64_t i = first_tensor(j->offset, j->count, lo);                              \
              i < j->count && j->offset[i] < hi; ++i) {                                       \
@@ -478,7 +556,7 @@ static int sort_occurrences(const int64_t *indices, int64_t k, int64_t nrows,
 
 /* A sparse call: table (nrows x rowlen), occurrences sorted, group g spans
  * occurrences [start[g], start[g+1]). mode: 0 eager, 1 graph, 2 lazy.
- * scratch: one row of the compute type per part, allocated before anything
+ * scratch: one row of the compute type per thread slot, allocated before anything
  * is modified, so that running out of memory leaves the table untouched. */
 typedef struct {
     void *theta, *m, *v;
@@ -591,12 +669,12 @@ static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
         LOOP(NAME, C, 1, TOUCH_ELEMENT)                                                      \
     }                                                                                        \
     /* Dense-equivalent: rows [lo, hi) of the table, in one pass. */                          \
-    static void sparse_##NAME##_rows(void *ctx, int part, int64_t lo, int64_t hi) {                    \
+    static void sparse_##NAME##_rows(void *ctx, int slot, int64_t lo, int64_t hi) {                    \
         sparse_job *j = (sparse_job *)ctx;                                                   \
         const double *k = j->coef;                                                           \
         int64_t n = j->rowlen;                                                               \
         S *theta = (S *)j->theta, *m = (S *)j->m, *v = (S *)j->v;                            \
-        C *acc = (C *)(j->scratch + (size_t)part * j->scratch_row_bytes);                   \
+        C *acc = (C *)(j->scratch + (size_t)slot * j->scratch_row_bytes);                   \
         int64_t g = first_group_at_or_after(j, lo);                                          \
         int64_t r = lo;                                                                      \
         while (r < hi) {                                                                     \
@@ -614,12 +692,12 @@ static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
         }                                                                                    \
     }                                                                                        \
     /* Lazy: groups [lo, hi) only (cost proportional to the touched rows). */                 \
-    static void sparse_##NAME##_groups(void *ctx, int part, int64_t lo, int64_t hi) {                  \
+    static void sparse_##NAME##_groups(void *ctx, int slot, int64_t lo, int64_t hi) {                  \
         sparse_job *j = (sparse_job *)ctx;                                                   \
         const double *k = j->coef;                                                           \
         int64_t n = j->rowlen;                                                               \
         S *theta = (S *)j->theta, *m = (S *)j->m, *v = (S *)j->v;                            \
-        C *acc = (C *)(j->scratch + (size_t)part * j->scratch_row_bytes);                   \
+        C *acc = (C *)(j->scratch + (size_t)slot * j->scratch_row_bytes);                   \
         for (int64_t g = lo; g < hi; ++g) {                                                  \
             /* Random rows of a large table: memory latency, not bandwidth, is the   \
              * cost; ask for the rows of a later group while this one computes. */   \
