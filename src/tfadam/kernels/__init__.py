@@ -108,8 +108,12 @@ def sparse_step(
     rounding each addition), then :func:`rule.sparse_update` (every row decays
     and moves) or, with ``lazy``, :func:`rule.lazy_sparse_update` (touched rows only).
     """
+    if numerics == "graph" and theta.dtype not in (torch.float32, torch.float64):
+        numerics = "eager"  # Grappler folds float32/float64 only (see rule.sparse_update)
+    graph_rsqrt = numerics == "graph" and c.epsilon == 0 and not lazy
     if (
-        theta.device.type == "cpu"
+        not graph_rsqrt  # Grappler's x * rsqrt(v) form: rare, left to the reference
+        and theta.device.type == "cpu"
         and _plain((theta, m, v, indices, values))
         and cpu.available()
         and cpu.sparse_step(theta, m, v, indices, values, c, lazy=lazy, numerics=numerics)

@@ -21,6 +21,17 @@
 
 #include <math.h>
 #include <pthread.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+/* TF quirk: TF runs its CPU kernels with flush-to-zero and denormals-are-zero
+ * on (rule.TFArithmetic), so every thread that computes here does too. */
+#define TF_MXCSR_FTZ_DAZ 0x8040u
+#define TF_FLOAT_MODE_ENTER unsigned tf_saved_csr = _mm_getcsr(); _mm_setcsr(tf_saved_csr | TF_MXCSR_FTZ_DAZ)
+#define TF_FLOAT_MODE_LEAVE _mm_setcsr(tf_saved_csr)
+#define TF_FLOAT_MODE_SET _mm_setcsr(_mm_getcsr() | TF_MXCSR_FTZ_DAZ)
+#else
+#error "tfadam's C kernels need x86-64 (flush-to-zero as TF's CPU kernels); the reference is used elsewhere"
+#endif
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -141,10 +152,16 @@ INLINE uint16_t f16_bits(float x) {
     INLINE void T##_st(S *p, int64_t i, C x) { p[i] = T##_store(x); }                         \
     INLINE C T##_ldc(const C *p, int64_t i) { return p[i]; }                                  \
     INLINE void T##_stc(C *p, int64_t i, C x) { p[i] = x; }                                   \
-    /* torch.maximum(vhat, v): NaN if either is NaN, else the larger */                       \
-    INLINE C T##_max(C h, C v) { return (h > v || h != h) ? h : v; }                          \
+    /* TF's cwiseMax(vhat, v): v if vhat < v, else vhat (a NaN v keeps vhat); a select, so  \
+     * denormals-are-zero is applied by hand (rule.TFArithmetic.maximum) */                   \
+    INLINE C T##_max(C h, C v) { return T##_daz((h < v) ? v : h); }                           \
     INLINE C T##_set1(double x) { return (C)x; }
 
+#include <float.h>
+INLINE float f32_daz(float x) { return fabsf(x) < FLT_MIN ? copysignf(0.0f, x) : x; }
+INLINE double f64_daz(double x) { return fabs(x) < DBL_MIN ? copysign(0.0, x) : x; }
+INLINE float bf16_daz(float x) { return f32_daz(x); }
+INLINE float f16_daz(float x) { return x; } /* float16 is computed in float32: never subnormal */
 SCALAR_ACCESS(f32, float, float)
 SCALAR_ACCESS(f64, double, double)
 SCALAR_ACCESS(f16, uint16_t, float)
@@ -174,8 +191,7 @@ INLINE void f16v_stc(float *p, int64_t i, __m512 x) { _mm512_storeu_ps(p + i, x)
 INLINE __m512 f16v_round(__m512 x) { return _mm512_cvtph_ps(_mm512_cvtps_ph(x, F16V_RNE)); }
 INLINE __m512 f16v_sqrt(__m512 x) { return _mm512_sqrt_ps(x); }
 INLINE __m512 f16v_max(__m512 h, __m512 v) {
-    __mmask16 take_h = _mm512_cmp_ps_mask(h, v, _CMP_GT_OQ) | _mm512_cmp_ps_mask(h, h, _CMP_UNORD_Q);
-    return _mm512_mask_blend_ps(take_h, v, h);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(h, v, _CMP_LT_OQ), h, v);
 }
 INLINE __m512 f16v_set1(double x) { return _mm512_set1_ps((float)x); }
 #define f16_VECTOR(ELEMENT) LOOP(f16v, __m512, 16, ELEMENT)
@@ -258,6 +274,7 @@ static void run_chunks(const job_t *job, uint32_t generation, int slot) {
 
 static void *helper(void *arg) {
     int slot = (int)(intptr_t)arg;
+    TF_FLOAT_MODE_SET; /* helpers run only these kernels */
     pthread_mutex_lock(&pool.lock);
     uint32_t seen = pool.generation;
     for (;;) {
@@ -311,9 +328,11 @@ static int parts_for(int64_t total, int64_t grain, int nthreads) {
 static void parallel_for(range_fn fn, void *ctx, int64_t total, int64_t grain, int64_t align,
                          int nthreads) {
     if (total <= 0) return;
+    TF_FLOAT_MODE_ENTER;
     int parts = parts_for(total, grain, nthreads);
     if (parts <= 1 || pthread_mutex_trylock(&pool_user) != 0) {
         fn(ctx, 0, 0, total);
+        TF_FLOAT_MODE_LEAVE;
         return;
     }
     int64_t chunk = (total + (int64_t)parts * CHUNKS_PER_THREAD - 1) / ((int64_t)parts * CHUNKS_PER_THREAD);
@@ -335,6 +354,7 @@ static void parallel_for(range_fn fn, void *ctx, int64_t total, int64_t grain, i
         pthread_mutex_unlock(&pool.lock);
     }
     pthread_mutex_unlock(&pool_user);
+    TF_FLOAT_MODE_LEAVE;
 }
 
 /* Multi-tensor ranges: tensor i owns elements [offset[i], offset[i+1]). */

@@ -147,14 +147,10 @@ def tf1_coefficients(
             beta2_power=beta2_power,
             dtype=dtype,
         )
-    lr_t, b1, b2, eps, b1p, b2p = (round_to(x, dtype) for x in values)  # type: ignore[arg-type]
-    if dtype == torch.float64:
-        alpha = _divide(lr_t * _sqrt(1.0 - b2p), 1.0 - b1p)
-        return rule.Coefficients(alpha, b1, b2, 1.0 - b1, 1.0 - b2, eps)
-
     def t(x: float) -> float:
-        return round_to(x, dtype)
+        return _tf_round(x, dtype)
 
+    lr_t, b1, b2, eps, b1p, b2p = (t(x) for x in values)  # type: ignore[arg-type]
     alpha = t(_divide(t(lr_t * t(_sqrt(t(1.0 - b2p)))), t(1.0 - b1p)))
     return rule.Coefficients(
         alpha=alpha,
@@ -164,6 +160,26 @@ def tf1_coefficients(
         one_minus_beta2=t(1.0 - b2),
         epsilon=eps,
     )
+
+
+_TINY = {torch.float32: 2.0**-126, torch.float64: 2.0**-1022}
+
+
+def _tf_round(x: float, dtype: torch.dtype) -> float:
+    """``x`` as a TF CPU kernel leaves it in ``T``: rounded to the compute type
+    (float32 for float16/bfloat16), a subnormal flushed to a signed zero (not
+    for float16, see :class:`tfadam.rule.TFArithmetic`), then rounded to ``T``.
+
+    >>> _tf_round(1e-39, torch.float32), _tf_round(-1e-39, torch.bfloat16)
+    (0.0, -0.0)
+    """
+    if dtype == torch.float16:
+        return round_to(x, dtype)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    y = round_to(x, compute)
+    if abs(y) < _TINY[compute]:
+        y = math.copysign(0.0, y)
+    return round_to(y, dtype)
 
 
 def advance_accumulators(
@@ -194,4 +210,4 @@ def advance_accumulators(
         rule.advance_accumulators(beta1_power, beta2_power, beta1, beta2)
         return
     for power, beta in zip(powers, betas, strict=True):
-        power.fill_(_float32(float(power.item()) * beta))
+        power.fill_(_tf_round(float(power.item()) * beta, torch.float32))
