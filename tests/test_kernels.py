@@ -453,9 +453,25 @@ def test_concurrent_python_threads() -> None:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
 def test_kernels_work_in_a_forked_child() -> None:
     assert _dense_agrees(11)  # the helper threads exist in this process now
+    shapes = [(150_001,), (70_000,)]
+    expected = dense_state(shapes, torch.float32, seed=12, amsgrad=False)
+    actual = {k: clones(v) for k, v in expected.items()}
+    grads = gradients(shapes, torch.float32, seed=12)
+    c = coefficients(torch.float32, 2)
+    run_dense(reference.dense_step, expected, grads, c=c, nesterov=False)
+    threads_before = torch.get_num_threads()
     pid = os.fork()
     if pid == 0:  # the child has no helper threads: the pool must start afresh
-        torch.set_num_threads(2)
-        os._exit(0 if _dense_agrees(12) else 1)
+        # torch's own OpenMP pool is not fork-safe (a parallel torch op hangs in
+        # the child, as DataLoader workers know): only our kernels run threaded.
+        torch.set_num_threads(1)
+        try:
+            with threads(2):
+                run_dense(kernels.dense_step, actual, grads, c=c, nesterov=False)
+            assert_states_equal(actual, expected)
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
     _, status = os.waitpid(pid, 0)
+    assert torch.get_num_threads() == threads_before
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
