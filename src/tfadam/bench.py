@@ -285,12 +285,15 @@ def build_contenders(w: Workload, tf: Any | None, for_loop: bool) -> list[Conten
         return contenders
     if tf is not None:
         return [_tfadam_dense(w, 0), _tf_dense(w, 0, tf)]
+    from .kernels import cpu
+
     contenders = [
         _tfadam_dense(w, 0),
         _torch_dense(w, 0, "fused"),
         _torch_dense(w, 0, "foreach"),
-        _floor(w, 0),
     ]
+    if cpu.available():  # the floor is a C loop too
+        contenders.append(_floor(w, 0))
     if for_loop:
         contenders.append(_torch_dense(w, 0, "for-loop"))
     return contenders
@@ -354,6 +357,7 @@ def run_interleaved(
 # --------------------------------------------------------------------------- #
 
 TF_PROCESS = ", TF process"
+_TF_VERSION = [""]  # filled in by the TF phase, for the report
 
 
 def _tf_phase(names: list[str], scale: int, repeats: int, warmup: int) -> int:
@@ -408,6 +412,7 @@ def _run_tf_phase(
         print("the TF phase failed; no TF1 numbers", file=sys.stderr)
         return {}
     payload = json.loads(done.stdout.strip().splitlines()[-1])
+    _TF_VERSION[0] = payload["tensorflow"]
     out: dict[str, list[Contender]] = {}
     for key, contenders in payload["results"].items():
         out[key] = []
@@ -729,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Load average (1 min) before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; "
         f"{repeats} timed rounds, {args.warmup} warm-up steps per contender"
     )
+    if _TF_VERSION[0]:
+        report.lines[0] += f"; tensorflow {_TF_VERSION[0]} (TF process)"
     if want_tf:
         report.add(
             "TF1 runs in a second process, interleaved with tfadam there (`tfadam, TF process` "
