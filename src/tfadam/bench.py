@@ -16,11 +16,13 @@ contender rotating each round) after a warm-up, and the median time of a
 step is reported, with ratios taken within the run: absolute times on a
 shared machine drift, ratios from one run do not (much). Contenders:
 tfadam (``tfadam.Adam.step``), ``torch.optim.Adam`` fused / foreach /
-for-loop, TF1 (``tf.compat.v1.train.AdamOptimizer`` in eager mode on
-``tf.Variable``, dense and ``IndexedSlices``) when TensorFlow is installed,
-and the memory-traffic floor (:class:`tfadam.kernels.cpu.FloorKernel`: a
-fused loop with a dense step's traffic, 4 reads and 3 writes per element,
-and trivial arithmetic).
+for-loop, and the memory-traffic floor (:class:`tfadam.kernels.cpu.FloorKernel`:
+a fused loop with a dense step's traffic, 4 reads and 3 writes per element,
+and trivial arithmetic), all in this process; then, when TensorFlow is
+installed, TF1 (``tf.compat.v1.train.AdamOptimizer`` in eager mode on
+``tf.Variable``, dense and ``IndexedSlices``) interleaved with tfadam in a
+second process, because TensorFlow's thread pool and torch's OpenMP threads
+starve each other in one process (the report gives the numbers).
 
 Also measured, each in a fresh subprocess: the transient memory of a step
 (peak RSS during the step minus RSS before it, with glibc's mmap threshold
@@ -272,19 +274,28 @@ def _sparse_contenders(w: Workload, seed: int, tf: Any | None) -> list[Contender
 
 
 def build_contenders(w: Workload, tf: Any | None, for_loop: bool) -> list[Contender]:
-    """All contenders of a workload, each on its own copy of the same data."""
+    """All contenders of a workload, each on its own copy of the same data.
+
+    With ``tf`` (the TF phase): tfadam and the TF1 contenders only.
+    """
     if w.kind == "sparse":
-        return _sparse_contenders(w, 0, tf)
+        contenders = _sparse_contenders(w, 0, tf)
+        if tf is not None:
+            contenders = [c for c in contenders if c.name.startswith(("tfadam S", "TF1"))]
+        return contenders
+    if tf is not None:
+        return [_tfadam_dense(w, 0), _tf_dense(w, 0, tf)]
+    from .kernels import cpu
+
     contenders = [
         _tfadam_dense(w, 0),
         _torch_dense(w, 0, "fused"),
         _torch_dense(w, 0, "foreach"),
-        _floor(w, 0),
     ]
+    if cpu.available():  # the floor is a C loop too
+        contenders.append(_floor(w, 0))
     if for_loop:
         contenders.append(_torch_dense(w, 0, "for-loop"))
-    if tf is not None:
-        contenders.append(_tf_dense(w, 0, tf))
     return contenders
 
 
@@ -339,6 +350,76 @@ def run_interleaved(
             c.step()
             c.times.append(time.perf_counter() - start)
             progress.update(label)
+
+
+# --------------------------------------------------------------------------- #
+# The TF phase: TF1 against tfadam, in a process of its own                    #
+# --------------------------------------------------------------------------- #
+
+TF_PROCESS = ", TF process"
+_TF_VERSION = [""]  # filled in by the TF phase, for the report
+
+
+def _tf_phase(names: list[str], scale: int, repeats: int, warmup: int) -> int:
+    """(Child process) TF1 and tfadam interleaved; prints their times as JSON."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    results: dict[str, dict[str, list[float]]] = {}
+    plan = []
+    for n in [n for n in names if WORKLOADS[n].kind == "dense"]:
+        plan.append((n, build_contenders(WORKLOADS[n].scaled(scale), tf, for_loop=False)))
+    if any(WORKLOADS[n].kind == "sparse" for n in names):
+        plan.append(("S", build_contenders(WORKLOADS["S1"].scaled(scale), tf, for_loop=False)))
+    progress = _Progress(sum(len(cs) * (repeats + warmup) for _, cs in plan), True)
+    try:
+        for key, contenders in plan:
+            run_interleaved(contenders, repeats, warmup, progress, f"{key} (TF process)")
+            results[key] = {c.name: c.times for c in contenders}
+    finally:
+        progress.close()
+    print(json.dumps({"tensorflow": tf.__version__, "results": results}))
+    return 0
+
+
+def _run_tf_phase(
+    names: list[str], args: argparse.Namespace, progress: bool
+) -> dict[str, list[Contender]]:
+    command = [
+        sys.executable,
+        "-m",
+        "tfadam.bench",
+        "--_tf-phase",
+        "--workloads",
+        ",".join(names),
+        "--warmup",
+        str(args.warmup),
+    ]
+    if args.repeats is not None:
+        command += ["--repeats", str(args.repeats)]
+    if args.quick:
+        command.append("--quick")
+    # Passive OpenMP waiting: torch's threads must not spin against TF's pool.
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=None if progress else subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    if done.returncode != 0:
+        print("the TF phase failed; no TF1 numbers", file=sys.stderr)
+        return {}
+    payload = json.loads(done.stdout.strip().splitlines()[-1])
+    _TF_VERSION[0] = payload["tensorflow"]
+    out: dict[str, list[Contender]] = {}
+    for key, contenders in payload["results"].items():
+        out[key] = []
+        for name, times in contenders.items():
+            label = name + TF_PROCESS if name.startswith("tfadam") else name
+            out[key].append(Contender(label, lambda: None, times=times))
+    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -495,28 +576,32 @@ class Report:
         self.bars.append((name, wanted, measured, ok))
 
 
-def report_dense(report: Report, w: Workload, contenders: list[Contender]) -> None:
+def report_dense(
+    report: Report, w: Workload, contenders: list[Contender], extra: list[Contender]
+) -> None:
     tfadam = _by_name(contenders, "tfadam")
     assert tfadam is not None
     report.add(f"### {w.name}: {w.description}")
     report.add("")
     report.add("| contender | median ms/step | G elements/s | tfadam speed-up vs it |")
     report.add("|---|---:|---:|---:|")
-    for c in contenders:
+    tfadam_tf = _by_name(extra, "tfadam")
+    for c in [*contenders, *extra]:
+        mine = tfadam_tf if (c in extra and tfadam_tf is not None) else tfadam
         report.add(
             f"| {c.name} | {c.median * 1e3:.2f} | {w.elements / c.median / 1e9:.2f} | "
-            f"{_fmt_ratio(c.median / tfadam.median)} |"
+            f"{_fmt_ratio(c.median / mine.median)} |"
         )
     report.add("")
     fused = _by_name(contenders, "torch fused")
     floor = _by_name(contenders, "floor")
-    tf1 = _by_name(contenders, "TF1")
+    tf1 = _by_name(extra, "TF1")
     if fused:
         r = fused.median / tfadam.median
         report.bar(f"{w.name} vs torch fused", ">= 1.0x", _fmt_ratio(r), r >= 1.0)
     if w.name == "D1":
-        if tf1:
-            r = tf1.median / tfadam.median
+        if tf1 and tfadam_tf:
+            r = tf1.median / tfadam_tf.median
             report.bar("D1 vs TF1", ">= 1.5x", _fmt_ratio(r), r >= 1.5)
         else:
             report.bar("D1 vs TF1", ">= 1.5x", "TF not run", None)
@@ -526,12 +611,18 @@ def report_dense(report: Report, w: Workload, contenders: list[Contender]) -> No
 
 
 def report_sparse(
-    report: Report, w: Workload, contenders: list[Contender], names: set[str]
+    report: Report,
+    w: Workload,
+    contenders: list[Contender],
+    names: set[str],
+    extra: list[Contender],
 ) -> None:
     s1 = _by_name(contenders, "tfadam S1")
     s2 = _by_name(contenders, "tfadam S2")
     dense = _by_name(contenders, "tfadam dense")
-    tf_sparse = _by_name(contenders, "TF1 AdamOptimizer sparse")
+    s1_tf = _by_name(extra, "tfadam S1")
+    s2_tf = _by_name(extra, "tfadam S2")
+    tf_sparse = _by_name(extra, "TF1 AdamOptimizer sparse")
     assert s1 and s2 and dense
     report.add(
         f"### S1 / S2: table {w.rows:,} x {ELEMENTS_PER_ROW} fp32, "
@@ -540,15 +631,16 @@ def report_sparse(
     report.add("")
     report.add("| contender | median ms/step | vs tfadam S1 | vs tfadam S2 |")
     report.add("|---|---:|---:|---:|")
-    for c in contenders:
+    for c in [*contenders, *extra]:
+        one, two = (s1_tf, s2_tf) if (c in extra and s1_tf and s2_tf) else (s1, s2)
         report.add(
-            f"| {c.name} | {c.median * 1e3:.3f} | {_fmt_ratio(c.median / s1.median)} | "
-            f"{_fmt_ratio(c.median / s2.median)} |"
+            f"| {c.name} | {c.median * 1e3:.3f} | {_fmt_ratio(c.median / one.median)} | "
+            f"{_fmt_ratio(c.median / two.median)} |"
         )
     report.add("")
     if "S1" in names:
-        if tf_sparse:
-            r = tf_sparse.median / s1.median
+        if tf_sparse and s1_tf:
+            r = tf_sparse.median / s1_tf.median
             report.bar("S1 vs TF1 sparse", ">= 5x faster", _fmt_ratio(r), r >= 5.0)
         else:
             report.bar("S1 vs TF1 sparse", ">= 5x faster", "TF not run", None)
@@ -586,27 +678,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cold", action="store_true", help="skip cold-start timing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--_tf-phase", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args._memory:
         workload, contender, scale = args._memory
         print(json.dumps(_measure_memory_here(workload, contender, int(scale))))
         return 0
-
-    if not args.no_tf and os.environ.get("OMP_WAIT_POLICY") is None and _tensorflow_installed():
-        # With TensorFlow in the process, torch's OpenMP threads spin-wait for
-        # cores that TF's thread pool holds, and vice versa: measured here,
-        # torch fused on 200 x 4,096 went from 7 ms to 1,560 ms per step.
-        # Passive waiting ends that; it must be set before OpenMP starts, so
-        # the benchmark runs again in a child process with it set.
-        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-        command = [
-            sys.executable,
-            "-m",
-            "tfadam.bench",
-            *(argv if argv is not None else sys.argv[1:]),
-        ]
-        return subprocess.run(command, env=env).returncode
 
     names = [n.strip().upper() for n in args.workloads.split(",") if n.strip()]
     unknown = [n for n in names if n not in WORKLOADS]
@@ -615,37 +693,31 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     scale = 10 if args.quick else 1
     repeats = args.repeats if args.repeats is not None else (5 if args.quick else 30)
-    tf = None
-    if not args.no_tf:
-        try:
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-            import tensorflow as tf  # type: ignore[no-redef]
-        except ImportError:
-            tf = None
-
     from .kernels import native
 
     native.library()  # compile (or load) before anything is timed
+    if args._tf_phase:
+        return _tf_phase(names, scale, repeats, args.warmup)
+
+    want_tf = not args.no_tf and _tensorflow_installed()
     command = "python -m tfadam bench " + " ".join(argv if argv is not None else sys.argv[1:])
     report = Report()
     report.add(f"Machine: {machine_line()}")
     report.add(f"Command: `{command.strip()}`")
     report.add(
         f"C kernels: {'loaded' if native.library() else native.unavailable_reason()}; "
-        f"TF1 contender: {'yes' if tf is not None else 'no'}; "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}"
+        f"TF1 contenders: {'yes, in their own process (see below)' if want_tf else 'no'}"
     )
     load_before = os.getloadavg()
 
     plan: list[tuple[Workload, list[Contender]]] = []
-    dense_names = [n for n in names if WORKLOADS[n].kind == "dense"]
-    for n in dense_names:
+    for n in [n for n in names if WORKLOADS[n].kind == "dense"]:
         w = WORKLOADS[n].scaled(scale)
-        plan.append((w, build_contenders(w, tf, for_loop=not args.no_for_loop)))
+        plan.append((w, build_contenders(w, None, for_loop=not args.no_for_loop)))
     sparse_names = {n for n in names if WORKLOADS[n].kind == "sparse"}
     if sparse_names:
         w = WORKLOADS["S1"].scaled(scale)
-        plan.append((w, build_contenders(w, tf, for_loop=False)))
+        plan.append((w, build_contenders(w, None, for_loop=False)))
     total = sum(len(cs) * (repeats + args.warmup) for _, cs in plan)
     progress = _Progress(total, not args.no_progress)
     try:
@@ -654,17 +726,33 @@ def main(argv: list[str] | None = None) -> int:
             run_interleaved(contenders, repeats, args.warmup, progress, label)
     finally:
         progress.close()
+    tf_results: dict[str, list[Contender]] = {}
+    if want_tf:
+        tf_results = _run_tf_phase(names, args, progress=not args.no_progress)
     load_after = os.getloadavg()
     report.add(
         f"Load average (1 min) before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; "
         f"{repeats} timed rounds, {args.warmup} warm-up steps per contender"
     )
+    if _TF_VERSION[0]:
+        report.lines[0] += f"; tensorflow {_TF_VERSION[0]} (TF process)"
+    if want_tf:
+        report.add(
+            "TF1 runs in a second process, interleaved with tfadam there (`tfadam, TF process` "
+            "rows), and the TF ratios come from that process. In one process TensorFlow's "
+            "thread pool and torch's OpenMP threads starve each other: measured here, torch "
+            "fused on 200 x 4,096 params went from 7 ms to 1,560 ms per step; "
+            "OMP_WAIT_POLICY=PASSIVE cures that but makes torch pay a thread wake-up per "
+            "tensor (D2: 129 ms instead of ~20 ms)."
+        )
     report.add("")
     for w, contenders in plan:
+        key = "S" if w.kind == "sparse" else w.name
+        extra = tf_results.get(key, [])
         if w.kind == "dense":
-            report_dense(report, w, contenders)
+            report_dense(report, w, contenders, extra)
         else:
-            report_sparse(report, w, contenders, sparse_names)
+            report_sparse(report, w, contenders, sparse_names, extra)
 
     if not args.no_memory:
         report.add("### Transient memory of one step (peak RSS during the step - RSS before)")

@@ -231,7 +231,9 @@ INLINE __m512 f16v_set1(double x) { return _mm512_set1_ps((float)x); }
 typedef void (*range_fn)(void *ctx, int slot, int64_t lo, int64_t hi);
 
 #define MAX_THREADS 64
-#define CHUNKS_PER_THREAD 8
+#ifndef CHUNKS_PER_THREAD
+#define CHUNKS_PER_THREAD 64 /* small chunks: a thread idles at most ~one chunk at the end */
+#endif
 
 typedef struct {
     range_fn fn;
