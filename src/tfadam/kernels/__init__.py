@@ -108,15 +108,18 @@ def sparse_step(
     rounding each addition), then :func:`rule.sparse_update` (every row decays
     and moves) or, with ``lazy``, :func:`rule.lazy_sparse_update` (touched rows only).
     """
-    if numerics == "graph" and theta.dtype not in (torch.float32, torch.float64):
-        numerics = "eager"  # Grappler folds float32/float64 only (see rule.sparse_update)
+    # Grappler folds float32/float64 only (see rule.sparse_update); its
+    # x * rsqrt(v) form when ε is 0 in T is rare and left to the reference.
+    folded = numerics == "graph" and theta.dtype in (torch.float32, torch.float64)
     graph_rsqrt = numerics == "graph" and c.epsilon == 0 and not lazy
     if (
-        not graph_rsqrt  # Grappler's x * rsqrt(v) form: rare, left to the reference
+        not graph_rsqrt
         and theta.device.type == "cpu"
         and _plain((theta, m, v, indices, values))
         and cpu.available()
-        and cpu.sparse_step(theta, m, v, indices, values, c, lazy=lazy, numerics=numerics)
+        and cpu.sparse_step(
+            theta, m, v, indices, values, c, lazy=lazy, numerics="graph" if folded else "eager"
+        )
     ):
         return
     reference.sparse_step(theta, m, v, indices, values, c, lazy=lazy, numerics=numerics)
