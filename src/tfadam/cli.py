@@ -1,4 +1,4 @@
-"""``python -m tfadam {compare,convert}``."""
+"""``python -m tfadam {compare,bench,convert}``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "compare": ("tfadam.compare", "main", "same gradients into tfadam, torch.optim.Adam and TF"),
+    "bench": ("tfadam.bench", "main", "throughput against torch's fused Adam and TF"),
     "convert": ("tfadam.checkpoint.convert", "main", "TF checkpoint -> torch file"),
 }
 
