@@ -19,20 +19,10 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    """``actual`` and ``expected`` are bit-identical, except the payload of a NaN.
-
-    Where both are NaN, their payloads are not compared: the reference's own
-    NaN bits depend on an element's position (torch's vectorised loop body
-    writes 0xFFFF for a bfloat16 NaN and ``torch.maximum`` writes an all-ones
-    NaN, the scalar tail writes 0x7FC0 and a canonical NaN; the thread split
-    moves the tail), so no kernel can match them element for element. Every
-    other bit pattern, ±0 and ±inf included, must be equal; a NaN on one side
-    only is a difference.
-    """
+    """``actual`` and ``expected`` are bit-identical: ±0, ±inf and NaN sign and payload too."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
     a, e = bits(actual), bits(expected)
-    both_nan = torch.isnan(actual.detach()) & torch.isnan(expected.detach())
-    differ = (a != e) & ~both_nan
+    differ = a != e
     if differ.any():
         where = differ.nonzero()[0].tolist()
         flat = differ.flatten().nonzero()[0].item()
@@ -42,6 +32,21 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor, what: str = "
             f"(bits {a.flatten()[flat].item():#x}), expected "
             f"{expected.detach().flatten()[flat].item()!r} (bits {e.flatten()[flat].item():#x})"
         )
+
+
+# NaNs of both signs, with and without payload, quiet and signalling: where two
+# of them meet, which one an operation returns depends on operand order.
+NAN_BITS = {
+    torch.float16: [0x7E00, -0x0200, 0x7E15, -0x0301, 0x7C01],
+    torch.bfloat16: [0x7FC0, -0x0040, 0x7FC5, -0x003F, 0x7F81],
+    torch.float32: [0x7FC00000, -0x00400000, 0x7FC01234, -0x003FFFFF, 0x7F800001],
+    torch.float64: [
+        0x7FF8000000000000,
+        -0x0008000000000000,
+        0x7FF8000000001234,
+        0x7FF0000000000001,
+    ],
+}
 
 
 def specials(dtype: torch.dtype) -> list[float]:
@@ -72,8 +77,8 @@ def random_tensor(
 ) -> torch.Tensor:
     """Normal values at scales 10**low .. 10**high per element, in ``dtype``.
 
-    With ``special_fraction``, that share of elements becomes NaN, ±inf, ±0,
-    subnormals or ±max.
+    With ``special_fraction``, that share of elements becomes NaN (of the
+    bit patterns in ``NAN_BITS``), ±inf, ±0, subnormals or ±max.
     """
     n = 1
     for d in shape:
@@ -89,4 +94,11 @@ def random_tensor(
         chosen = torch.rand(n, generator=generator) < special_fraction
         picks = torch.randint(0, len(values), (n,), generator=generator)
         x = torch.where(chosen, values[picks], x)
-    return x.to(dtype).reshape(shape)
+    out = x.to(dtype)
+    if special_fraction and n and not positive:
+        nan = torch.isnan(out)
+        patterns = torch.tensor(NAN_BITS[dtype], dtype=INT_VIEW[dtype])
+        picks = torch.randint(0, len(patterns), (n,), generator=generator)
+        ints = torch.where(nan, patterns[picks], out.view(INT_VIEW[dtype]))
+        out = ints.view(dtype)
+    return out.reshape(shape)

@@ -58,8 +58,22 @@ def exact_sqrt(x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":
         return torch.sqrt(x)
     if x.dtype == torch.float64:
-        return torch.from_numpy(np.asarray(np.sqrt(x.detach().numpy())))
-    return torch.sqrt(x.double()).to(x.dtype)
+        root = torch.from_numpy(np.asarray(np.sqrt(x.detach().numpy())))
+    else:
+        root = torch.sqrt(x.double()).to(x.dtype)
+    if x.dtype in _DEFAULT_NAN:
+        # The square root of a negative number (-inf too) is x86's default NaN,
+        # sign set, as in TF (measured); torch's sqrt gives +NaN.
+        negative = x < 0
+        if bool(negative.any()):
+            bits = torch.tensor(_DEFAULT_NAN[x.dtype], dtype=_INT_OF[x.dtype]).view(x.dtype)
+            root = torch.where(negative, bits, root)
+    return root
+
+
+# x86's default NaN (what an invalid operation returns): sign set, quiet, no payload.
+_DEFAULT_NAN = {torch.float32: -0x00400000, torch.float64: -0x0008000000000000}
+_INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
 def flush_subnormal(x: torch.Tensor) -> torch.Tensor:
@@ -116,17 +130,25 @@ class TFArithmetic:
         """``x`` rounded to ``T`` (TF's Cast)."""
         return self._result(self.operand(x))
 
-    def add(self, a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
-        return self._result(self.operand(a) + self.operand(b))
+    def add(
+        self, a: torch.Tensor | float, b: torch.Tensor | float, *, swapped: bool = False
+    ) -> torch.Tensor:
+        """``a + b``; where both are NaN, ``a``'s NaN (``b``'s if ``swapped``: TF's
+        compiler swapped the operands)."""
+        a, b = self.operand(a), self.operand(b)
+        return self._result(_first_nan(b, a, a + b) if swapped else _first_nan(a, b, a + b))
 
     def sub(self, a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
-        return self._result(self.operand(a) - self.operand(b))
+        a, b = self.operand(a), self.operand(b)
+        return self._result(_first_nan(a, b, a - b))
 
     def mul(self, a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
-        return self._result(self.operand(a) * self.operand(b))
+        a, b = self.operand(a), self.operand(b)
+        return self._result(_first_nan(a, b, a * b))
 
     def div(self, a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
-        return self._result(self.operand(a) / self.operand(b))
+        a, b = self.operand(a), self.operand(b)
+        return self._result(_first_nan(a, b, a / b))
 
     def sqrt(self, a: torch.Tensor) -> torch.Tensor:
         return self._result(exact_sqrt(self.operand(a)))
@@ -153,6 +175,27 @@ class TFArithmetic:
         if self.dtype == torch.bfloat16 and x.dtype == torch.float32:
             return _float32_to_bfloat16(x)
         return x.to(self.dtype)
+
+
+def _first_nan(a: torch.Tensor, b: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """``result`` where ``a`` and ``b`` are both NaN replaced by ``a``'s NaN, made quiet.
+
+    x86's rule for two NaN operands (SSE/AVX ``op dst, a, b`` returns ``a``'s),
+    applied in the order TF's source writes each operation; measured on the
+    oracle, TF follows it except where its compiler swapped operands or Eigen's
+    loop position decides (see the README). Torch's own kernels give no such
+    guarantee: for ``a + b`` or ``a - b`` their choice can depend on the
+    element's position (vectorised body or scalar tail).
+    """
+    if a.dim() == 0 and b.dim() == 0 and not (bool(torch.isnan(a)) and bool(torch.isnan(b))):
+        return result
+    both = torch.isnan(a) & torch.isnan(b)
+    if not bool(both.any()):
+        return result
+    quiet = {torch.float32: (torch.int32, 0x00400000), torch.float64: (torch.int64, 1 << 51)}
+    integer, bit = quiet[a.dtype]
+    a_quiet = (a.expand_as(result).contiguous().view(integer) | bit).view(a.dtype)
+    return torch.where(both, a_quiet, result)
 
 
 def _float16_to_float32(x: torch.Tensor) -> torch.Tensor:
@@ -503,8 +546,12 @@ def dense_update(
     divides by ``sqrt(vhat) + ε``.
     """
     t = TFArithmetic(theta.dtype)
-    m.copy_(t.add(m, t.mul(t.sub(g, m), c.one_minus_beta1)))
-    v.copy_(t.add(v, t.mul(t.sub(t.mul(g, g), v), c.one_minus_beta2)))
+    # TF quirk (measured): in its float32/float64 AMSGrad kernel the compiled
+    # code adds these two the other way round, so where m (v) and the increment
+    # are both NaN, the increment's NaN wins.
+    swapped = vhat is not None and theta.dtype in (torch.float32, torch.float64)
+    m.copy_(t.add(m, t.mul(t.sub(g, m), c.one_minus_beta1), swapped=swapped))
+    v.copy_(t.add(v, t.mul(t.sub(t.mul(g, g), v), c.one_minus_beta2), swapped=swapped))
     if vhat is not None:
         vhat.copy_(t.maximum(vhat, v))
     denominator = t.add(t.sqrt(v if vhat is None else vhat), c.epsilon)

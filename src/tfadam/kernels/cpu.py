@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import ctypes
 from array import array
+from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import accumulate
 
 import torch
 
 from .. import rule
-from . import native
+from . import native, reference
 
 DTYPE_NAMES = {
     torch.float32: "f32",
@@ -109,6 +110,7 @@ def dense_step(
         return skipped
     pointers = [array("Q", map(_data_ptr, group)) for group in groups]
     offsets = array("q", accumulate(map(_numel, groups[0]), initial=0))
+    nan_blocks = bytearray(-(-offsets[-1] // lib.tfadam_nan_block()))
     status = getattr(lib, f"tfadam_dense_{name}")(
         len(groups[0]),
         pointers[0].buffer_info()[0],
@@ -120,10 +122,53 @@ def dense_step(
         _coefficients(c),
         int(nesterov),
         torch.get_num_threads(),
+        (ctypes.c_uint8 * len(nan_blocks)).from_buffer(nan_blocks) if nan_blocks else None,
     )
-    if status != 0:
+    if status < 0:
         raise RuntimeError(f"tfadam_dense_{name} failed with status {status}")
+    if status:
+        _dense_nan_blocks(groups, offsets, nan_blocks, lib.tfadam_nan_block(), c, nesterov)
     return skipped
+
+
+def _dense_nan_blocks(
+    groups: list[list[torch.Tensor]],
+    offsets: array,
+    nan_blocks: bytearray,
+    size: int,
+    c: rule.Coefficients,
+    nesterov: bool,
+) -> None:
+    """The reference on the blocks the C loop left alone because they hold a NaN.
+
+    Where two different NaNs meet, which one the C code's result carries
+    depends on operand order inside the machine instructions (its compiler may
+    swap the operands of + and *); the reference's is the specified one. The
+    rule is elementwise, so running it on a block is running it on those
+    elements. Block ``k`` is elements ``[k*size, (k+1)*size)`` of the
+    concatenated tensors, as in the C loop.
+    """
+    total = offsets[-1]
+    flat = [[_memory_order(t) for t in group] for group in groups]
+    block = nan_blocks.find(1)
+    while block >= 0:
+        lo, hi = block * size, min((block + 1) * size, total)
+        pieces: list[list[torch.Tensor]] = [[] for _ in groups]
+        i = bisect_right(offsets, lo) - 1
+        while i < len(groups[0]) and offsets[i] < hi:
+            a, b = max(lo, offsets[i]) - offsets[i], min(hi, offsets[i + 1]) - offsets[i]
+            if b > a:
+                for piece, tensors in zip(pieces, flat, strict=True):
+                    piece.append(tensors[i][a:b])
+            i += 1
+        vhats = pieces[4] if len(pieces) == 5 else None
+        reference.dense_step(*pieces[:4], vhats, c, nesterov=nesterov)
+        block = nan_blocks.find(1, block + 1)
+
+
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A 1-d view of a densely laid out tensor's elements, in memory order (as C walks it)."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
 def sparse_step(
@@ -153,6 +198,7 @@ def sparse_step(
     rowlen = theta.numel() // nrows if nrows else 0
     indices = indices.to(torch.int64).contiguous()
     values = values.contiguous()
+    nan_rows = bytearray(nrows)
     status = getattr(lib, f"tfadam_sparse_{name}")(
         nrows,
         rowlen,
@@ -165,12 +211,48 @@ def sparse_step(
         _coefficients(c),
         MODES["lazy" if lazy else numerics],
         torch.get_num_threads(),
+        (ctypes.c_uint8 * nrows).from_buffer(nan_rows) if nrows else None,
     )
     if status == -2:
         raise ValueError(f"sparse gradient index out of range for a variable with {nrows} rows")
-    if status != 0:
+    if status < 0:
         raise MemoryError(f"tfadam_sparse_{name}: out of memory (status {status})")
+    if status:
+        _sparse_nan_rows(theta, m, v, indices, values, c, nan_rows, lazy, numerics)
     return True
+
+
+def _sparse_nan_rows(
+    theta: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    c: rule.Coefficients,
+    nan_rows: bytearray,
+    lazy: bool,
+    numerics: rule.Numerics,
+) -> None:
+    """The reference on the rows the C loop left alone because they hold a NaN.
+
+    (See :func:`_dense_nan_blocks` for why.) Rows are independent, so the
+    reference runs on a table made of those rows, with their gradient rows in
+    their order of occurrence, and the result is written back.
+    """
+    marked = torch.frombuffer(nan_rows, dtype=torch.uint8).bool()
+    rows = marked.nonzero().flatten()
+    mine = marked[indices]
+    sub = [t[rows] for t in (theta, m, v)]
+    reference.sparse_step(
+        *sub,
+        torch.searchsorted(rows, indices[mine]),
+        values[mine],
+        c,
+        lazy=lazy,
+        numerics=numerics,
+    )
+    for table, part in zip((theta, m, v), sub, strict=True):
+        table[rows] = part
 
 
 class FloorKernel:

@@ -64,6 +64,14 @@ INLINE float float_of(uint32_t u) {
     return x;
 }
 
+/* Selections are written as bit masks: a ternary would let GCC sink one arm's
+ * float operation into a branch (it may trap, so it is not speculated back),
+ * and the loop would not vectorise. */
+INLINE uint32_t select_bits(uint32_t mask, uint32_t yes, uint32_t no) {
+    return (yes & mask) | (no & ~mask);
+}
+INLINE uint32_t mask_of(int condition) { return (uint32_t)0 - (uint32_t)(condition != 0); }
+
 /* bfloat16: round to nearest even by bit manipulation: add 0x7FFF plus the
  * lowest kept bit, then drop the low 16 bits.
  *
@@ -71,15 +79,23 @@ INLINE float float_of(uint32_t u) {
  * loaded from a bfloat16 (low 16 bits zero) or made by an invalid operation
  * (the default NaN 0xFFC00000), and arithmetic propagates a NaN's payload,
  * so a NaN's low 16 bits are zero, the bias cannot carry out of them, and the
- * NaN passes through unchanged (quiet, sign and payload kept). bf16_bits is
- * the conversion for ANY float (used by the loader's self-test): it quiets a
- * NaN and keeps its sign and top payload bits, as vcvtneps2bf16 does. */
+ * NaN passes through unchanged. bf16_bits is the conversion for ANY float
+ * (used by the loader's self-test): a NaN becomes ±0x7FC0, as in Eigen. */
 INLINE float bf16_round(float x) { return float_of((bits_of(x) + 0x7FFFu + ((bits_of(x) >> 16) & 1u)) & 0xFFFF0000u); }
-INLINE float bf16_load(uint16_t h) { return float_of((uint32_t)h << 16); }
+/* A NaN loads as ±0x7FC00000: TF converts every result to bfloat16 with
+ * Eigen, which drops a NaN's payload; so does rule.TFArithmetic, after each
+ * operation. Dropping it at the load is the same, the rounding below then
+ * never meets a payload, and AMSGrad's maximum (no arithmetic) sees the
+ * rule's bits too. */
+INLINE float bf16_load(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    uint32_t nan = mask_of((u & 0x7FFFFFFFu) > 0x7F800000u);
+    return float_of(select_bits(nan, (u & 0x80000000u) | 0x7FC00000u, u));
+}
 INLINE uint16_t bf16_store(float x) { return (uint16_t)(bits_of(x) >> 16); } /* x already rounded */
 INLINE uint16_t bf16_bits(float x) {
     uint32_t u = bits_of(x);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u | 0x00400000u) >> 16);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)(((u >> 16) & 0x8000u) | 0x7FC0u);
     return (uint16_t)(bits_of(bf16_round(x)) >> 16);
 }
 
@@ -99,16 +115,10 @@ INLINE float f16_round(float x) {
     magic = magic > 0x3F000000u ? magic : 0x3F000000u;
     float r = (ax + float_of(magic)) - float_of(magic);
     r = ax >= 65520.0f ? INFINITY : r;
-    return copysignf(r, x);
+    /* The sign by bits, not copysignf(r, x): GCC takes x = g*g to be
+     * non-negative and would make it fabsf(r), turning a -NaN into +NaN. */
+    return float_of(bits_of(r) | (bits_of(x) & 0x80000000u));
 }
-/* Selections are written as bit masks: a ternary would let GCC sink one arm's
- * float operation into a branch (it may trap, so it is not speculated back),
- * and the loop would not vectorise. */
-INLINE uint32_t select_bits(uint32_t mask, uint32_t yes, uint32_t no) {
-    return (yes & mask) | (no & ~mask);
-}
-INLINE uint32_t mask_of(int condition) { return (uint32_t)0 - (uint32_t)(condition != 0); }
-
 /* x: a float16 value held in a float (already rounded), inf or NaN. */
 INLINE uint16_t f16_store(float x) {
     uint32_t u = bits_of(x), a = u & 0x7FFFFFFFu;
@@ -155,7 +165,9 @@ INLINE uint16_t f16_bits(float x) {
     /* TF's cwiseMax(vhat, v): v if vhat < v, else vhat (a NaN v keeps vhat); a select, so  \
      * denormals-are-zero is applied by hand (rule.TFArithmetic.maximum) */                   \
     INLINE C T##_max(C h, C v) { return T##_daz((h < v) ? v : h); }                           \
-    INLINE C T##_set1(double x) { return (C)x; }
+    INLINE C T##_set1(double x) { return (C)x; }                                              \
+    INLINE void T##_keep(S *RESTRICT to, const S *RESTRICT from, int64_t i) { to[i] = from[i]; } \
+    INLINE int T##_isnan(C x) { return x != x; }
 
 #include <float.h>
 INLINE float f32_daz(float x) { return fabsf(x) < FLT_MIN ? copysignf(0.0f, x) : x; }
@@ -194,6 +206,10 @@ INLINE __m512 f16v_max(__m512 h, __m512 v) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(h, v, _CMP_LT_OQ), h, v);
 }
 INLINE __m512 f16v_set1(double x) { return _mm512_set1_ps((float)x); }
+INLINE void f16v_keep(uint16_t *to, const uint16_t *from, int64_t i) {
+    _mm256_storeu_si256((__m256i *)(to + i), _mm256_loadu_si256((const __m256i *)(from + i)));
+}
+INLINE int f16v_isnan(__m512 x) { return (int)_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q); }
 #define f16_VECTOR(ELEMENT) LOOP(f16v, __m512, 16, ELEMENT)
 #else
 #define f16_VECTOR(ELEMENT)
@@ -359,6 +375,47 @@ static void parallel_for(range_fn fn, void *ctx, int64_t total, int64_t grain, i
     TF_FLOAT_MODE_LEAVE;
 }
 
+/* ------------------------------------------------------------------------ */
+/* NaN blocks. When two different NaNs meet in one operation, which one the   */
+/* result carries (sign, payload) depends on the order of the operands in the  */
+/* machine instruction, which the compiler is free to swap for + and *. With   */
+/* at most one NaN among an element's inputs every NaN in its computation is  */
+/* that one (or the default NaN of an invalid operation), whatever the order.  */
+/* So a block of elements whose inputs hold a NaN is left untouched here and   */
+/* reported; the caller runs the reference on it (bitwise-equal by design).    */
+/* ------------------------------------------------------------------------ */
+
+#define NAN_BLOCK 256 /* elements; chunk bounds are multiples of it */
+/* Each thread's copy of a block's old θ, m, v, vhat (in cache: 32 KB at most). */
+static __thread double keep_buffer[4 * NAN_BLOCK] __attribute__((aligned(64)));
+
+/* Whether p[0..n) holds a NaN other than the default NaN (the one an invalid
+ * operation makes: sign set, quiet, no payload). When every NaN is that one,
+ * the order of operands cannot matter either. Integer tests: they vectorise. */
+static int f32_any_nan(const float *RESTRICT p, int64_t n) {
+    const uint32_t *u = (const uint32_t *)p;
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < n; ++i) bad |= ((u[i] & 0x7FFFFFFFu) > 0x7F800000u) & (u[i] != 0xFFC00000u);
+    return bad != 0;
+}
+static int f64_any_nan(const double *RESTRICT p, int64_t n) {
+    const uint64_t *u = (const uint64_t *)p;
+    uint64_t bad = 0;
+    for (int64_t i = 0; i < n; ++i)
+        bad |= ((u[i] & 0x7FFFFFFFFFFFFFFFull) > 0x7FF0000000000000ull) & (u[i] != 0xFFF8000000000000ull);
+    return bad != 0;
+}
+static int f16_any_nan(const uint16_t *RESTRICT p, int64_t n) {
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < n; ++i) bad |= ((p[i] & 0x7FFFu) > 0x7C00u) & (p[i] != 0xFE00u);
+    return bad != 0;
+}
+static int bf16_any_nan(const uint16_t *RESTRICT p, int64_t n) {
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < n; ++i) bad |= ((p[i] & 0x7FFFu) > 0x7F80u) & (p[i] != 0xFFC0u);
+    return bad != 0;
+}
+
 /* Multi-tensor ranges: tensor i owns elements [offset[i], offset[i+1]). */
 static int64_t first_tensor(const int64_t *offset, int64_t count, int64_t at) {
     int64_t lo = 0, hi = count; /* last i with offset[i] <= at */
@@ -391,37 +448,51 @@ typedef struct {
     double coef[6]; /* alpha, beta1, beta2, 1-beta1, 1-beta2, epsilon: each exactly a T */
 } dense_job;
 
+
 /* One element (or 16) of TF's ApplyAdam; nesterov and amsgrad are constants. */
 #define DENSE_ELEMENT_CONSTS ADAM_CONSTS
 #define DENSE_ELEMENT(T, C, i)                                                                \
     {                                                                                        \
         C g = T##_ld(gp, i), m = T##_ld(mp, i), v = T##_ld(vp, i);                           \
+        C th = T##_ld(tp, i);                                                                \
+        nan |= T##_isnan(g) | T##_isnan(m) | T##_isnan(v) | T##_isnan(th);                   \
+        T##_keep(km, mp, i);                                                                 \
+        T##_keep(kv, vp, i);                                                                 \
+        T##_keep(kt, tp, i);                                                                 \
         m = T##_round(m + T##_round(T##_round(g - m) * omb1));                               \
         v = T##_round(v + T##_round(T##_round(T##_round(g * g) - v) * omb2));                \
         T##_st(mp, i, m);                                                                    \
         T##_st(vp, i, v);                                                                    \
         C d = v;                                                                             \
         if (amsgrad) {                                                                       \
-            d = T##_max(T##_ld(hp, i), v);                                                   \
+            C h = T##_ld(hp, i);                                                             \
+            nan |= T##_isnan(h);                                                             \
+            T##_keep(kh, hp, i);                                                             \
+            d = T##_max(h, v);                                                               \
             T##_st(hp, i, d);                                                                \
         }                                                                                    \
         C den = T##_round(T##_round(T##_sqrt(d)) + eps);                                     \
         C num = m;                                                                           \
         if (nesterov) num = T##_round(T##_round(g * omb1) + T##_round(b1 * m));              \
-        C th = T##_ld(tp, i);                                                                \
         T##_st(tp, i, T##_round(th - T##_round(T##_round(num * alpha) / den)));              \
     }
 
+/* Updates n elements in place and keeps their old θ, m, v (and vhat) in kt, km,
+ * kv (kh); returns whether any input was a NaN. */
 #define DEFINE_DENSE(NAME, S, C, NESTEROV, AMSGRAD)                                            \
-    static void dense_##NAME##_##NESTEROV##AMSGRAD(S *RESTRICT tp, const S *RESTRICT gp,     \
-                                                  S *RESTRICT mp, S *RESTRICT vp,            \
-                                                  S *RESTRICT hp, int64_t n,                 \
-                                                  const double *coef) {                      \
+    static int dense_##NAME##_##NESTEROV##AMSGRAD(S *RESTRICT tp, const S *RESTRICT gp,      \
+                                                 S *RESTRICT mp, S *RESTRICT vp,             \
+                                                 S *RESTRICT hp, int64_t n,                  \
+                                                 const double *coef, S *RESTRICT kt,          \
+                                                 S *RESTRICT km, S *RESTRICT kv,              \
+                                                 S *RESTRICT kh) {                            \
         const int nesterov = NESTEROV, amsgrad = AMSGRAD;                                    \
-        (void)hp, (void)nesterov, (void)amsgrad;                                             \
+        (void)hp, (void)kh, (void)nesterov, (void)amsgrad;                                   \
+        int nan = 0;                                                                         \
         int64_t i = 0;                                                                       \
         NAME##_VECTOR(DENSE_ELEMENT)                                                         \
         LOOP(NAME, C, 1, DENSE_ELEMENT)                                                      \
+        return nan;                                                                          \
     }
 
 #define DEFINE_DENSE_ALL(NAME, S, C)                                                         \
@@ -432,34 +503,70 @@ typedef struct {
     typedef struct {                                                                         \
         dense_job job;                                                                       \
         int nesterov, amsgrad;                                                               \
+        uint8_t *nan_blocks;                                                                 \
+        _Atomic int skipped;                                                                 \
     } dense_##NAME##_job;                                                                    \
-    static void dense_##NAME##_range(void *ctx, int slot, int64_t lo, int64_t hi) {  \
-        (void)slot;                    \
-        const dense_##NAME##_job *d = (const dense_##NAME##_job *)ctx;                       \
+    /* Elements [lo, hi) of the concatenated tensors, in NaN blocks: each block is      \
+     * updated with its old values kept aside (in cache), and put back if it held a NaN  \
+     * other than the default one. */                                                    \
+    static void dense_##NAME##_range(void *ctx, int slot, int64_t lo, int64_t hi) {           \
+        (void)slot;                                                                          \
+        dense_##NAME##_job *d = (dense_##NAME##_job *)ctx;                                   \
         const dense_job *j = &d->job;                                                        \
         const double *k = j->coef;                                                           \
-        for (int64_t i = first_tensor(j->offset, j->count, lo); i < j->count && j->offset[i] < hi; \
-             ++i) {                                                                          \
-            int64_t a = lo > j->offset[i] ? lo - j->offset[i] : 0;                           \
-            int64_t b = (hi < j->offset[i + 1] ? hi : j->offset[i + 1]) - j->offset[i];      \
-            if (b <= a) continue;                                                            \
-            S *tp = (S *)j->theta[i] + a, *mp = (S *)j->m[i] + a, *vp = (S *)j->v[i] + a;    \
-            const S *gp = (const S *)j->grad[i] + a;                                         \
-            S *hp = j->vhat ? (S *)j->vhat[i] + a : NULL;                                    \
-            if (d->nesterov)                                                                 \
-                (d->amsgrad ? dense_##NAME##_11 : dense_##NAME##_10)(tp, gp, mp, vp, hp, b - a, k); \
-            else                                                                             \
-                (d->amsgrad ? dense_##NAME##_01 : dense_##NAME##_00)(tp, gp, mp, vp, hp, b - a, k); \
+        S *keep = (S *)keep_buffer;                                                          \
+        S *kt = keep, *km = keep + NAN_BLOCK, *kv = keep + 2 * NAN_BLOCK;                    \
+        S *kh = keep + 3 * NAN_BLOCK;                                                        \
+        for (int64_t blo = lo; blo < hi; blo += NAN_BLOCK) {                                 \
+            int64_t bhi = blo + NAN_BLOCK < hi ? blo + NAN_BLOCK : hi;                       \
+            int64_t first = first_tensor(j->offset, j->count, blo);                          \
+            int nan = 0;                                                                     \
+            for (int pass = 0; pass < 3; ++pass) {                                           \
+                for (int64_t i = first; i < j->count && j->offset[i] < bhi; ++i) {           \
+                    int64_t a = blo > j->offset[i] ? blo - j->offset[i] : 0;                 \
+                    int64_t b = (bhi < j->offset[i + 1] ? bhi : j->offset[i + 1]) - j->offset[i]; \
+                    if (b <= a) continue;                                                    \
+                    S *tp = (S *)j->theta[i] + a, *mp = (S *)j->m[i] + a;                    \
+                    S *vp = (S *)j->v[i] + a, *hp = j->vhat ? (S *)j->vhat[i] + a : NULL;    \
+                    const S *gp = (const S *)j->grad[i] + a;                                 \
+                    int64_t n = b - a, at = j->offset[i] + a - blo;                          \
+                    if (pass == 0) { /* update, keeping the old values */                    \
+                        int (*update)(S *, const S *, S *, S *, S *, int64_t, const double *, \
+                                      S *, S *, S *, S *) =                                  \
+                            d->nesterov ? (d->amsgrad ? dense_##NAME##_11 : dense_##NAME##_10) \
+                                        : (d->amsgrad ? dense_##NAME##_01 : dense_##NAME##_00); \
+                        nan |= update(tp, gp, mp, vp, hp, n, k, kt + at, km + at, kv + at,   \
+                                      kh + at);                                              \
+                    } else if (pass == 1) { /* which NaNs: the old values, in cache */       \
+                        nan = NAME##_any_nan(gp, n) | NAME##_any_nan(kt + at, n) |           \
+                              NAME##_any_nan(km + at, n) | NAME##_any_nan(kv + at, n) |      \
+                              (hp ? NAME##_any_nan(kh + at, n) : 0);                         \
+                        if (nan) break;                                                      \
+                    } else { /* put the block back as it was */                              \
+                        memcpy(tp, kt + at, (size_t)n * sizeof(S));                          \
+                        memcpy(mp, km + at, (size_t)n * sizeof(S));                          \
+                        memcpy(vp, kv + at, (size_t)n * sizeof(S));                          \
+                        if (hp) memcpy(hp, kh + at, (size_t)n * sizeof(S));                  \
+                    }                                                                        \
+                }                                                                            \
+                if (!nan) break;                                                             \
+            }                                                                                \
+            if (nan) {                                                                       \
+                d->nan_blocks[blo / NAN_BLOCK] = 1;                                          \
+                atomic_fetch_add(&d->skipped, 1);                                            \
+            }                                                                                \
         }                                                                                    \
     }                                                                                        \
+    /* Returns how many NaN blocks it left to the caller (marked in nan_blocks, one byte    \
+     * per NAN_BLOCK elements of the concatenated tensors). */                               \
     int tfadam_dense_##NAME(int64_t count, void **theta, void **grad, void **m, void **v,     \
                             void **vhat, const int64_t *offset, const double *coef,          \
-                            int nesterov, int nthreads) {                                    \
+                            int nesterov, int nthreads, uint8_t *nan_blocks) {               \
         dense_##NAME##_job d = {{theta, grad, m, v, vhat, offset, count, {0}},               \
-                                nesterov != 0, vhat != NULL};                                \
+                                nesterov != 0, vhat != NULL, nan_blocks, 0};                 \
         memcpy(d.job.coef, coef, sizeof d.job.coef);                                         \
-        parallel_for(dense_##NAME##_range, &d, offset[count], DENSE_GRAIN, ALIGN, nthreads); \
-        return 0;                                                                            \
+        parallel_for(dense_##NAME##_range, &d, offset[count], DENSE_GRAIN, NAN_BLOCK, nthreads); \
+        return (int)atomic_load(&d.skipped);                                                 \
     }
 
 /* The loader compiles this file twice in parallel (TFADAM_PART 1 and 2, one
@@ -589,7 +696,9 @@ typedef struct {
     double coef[6];
     int mode;
     char *scratch;
-    size_t scratch_row_bytes;
+    size_t scratch_row_bytes, keep_elements; /* per thread slot: one summed row, 3 kept blocks */
+    uint8_t *nan_rows;
+    _Atomic int64_t skipped;
 } sparse_job;
 
 static int64_t first_group_at_or_after(const sparse_job *j, int64_t row) {
@@ -633,12 +742,16 @@ static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
 #define DECAY_ELEMENT_CONSTS ADAM_CONSTS
 #define DECAY_ELEMENT(T, C, i)                                                                \
     {                                                                                        \
-        C m = T##_round(T##_ld(mp, i) * b1);                                                 \
-        C v = T##_round(T##_ld(vp, i) * b2);                                                 \
+        C m0 = T##_ld(mp, i), v0 = T##_ld(vp, i), th = T##_ld(tp, i);                        \
+        nan |= T##_isnan(m0) | T##_isnan(v0) | T##_isnan(th);                                \
+        T##_keep(km, mp, i);                                                                 \
+        T##_keep(kv, vp, i);                                                                 \
+        T##_keep(kt, tp, i);                                                                 \
+        C m = T##_round(m0 * b1);                                                            \
+        C v = T##_round(v0 * b2);                                                            \
         T##_st(mp, i, m);                                                                    \
         T##_st(vp, i, v);                                                                    \
         C den = T##_round(T##_round(T##_sqrt(v)) + eps);                                     \
-        C th = T##_ld(tp, i);                                                                \
         T##_st(tp, i, T##_round(th - T##_round(T##_round(alpha * m) / den)));                \
     }
 
@@ -649,17 +762,21 @@ static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
 #define TOUCH_ELEMENT(T, C, i)                                                                \
     {                                                                                        \
         C g = T##_ldc(G, i);                                                                 \
-        C m = T##_round(T##_round(T##_ld(mp, i) * b1) + T##_round(g * omb1));                \
+        C m0 = T##_ld(mp, i), v0 = T##_ld(vp, i), th = T##_ld(tp, i);                        \
+        nan |= T##_isnan(g) | T##_isnan(m0) | T##_isnan(v0) | T##_isnan(th);                 \
+        T##_keep(km, mp, i);                                                                 \
+        T##_keep(kv, vp, i);                                                                 \
+        T##_keep(kt, tp, i);                                                                 \
+        C m = T##_round(T##_round(m0 * b1) + T##_round(g * omb1));                           \
         C inc;                                                                               \
         if (graph)                                                                           \
             inc = T##_round(g * T##_round(g * omb2));                                        \
         else                                                                                 \
             inc = T##_round(T##_round(g * g) * omb2);                                        \
-        C v = T##_round(T##_round(T##_ld(vp, i) * b2) + inc);                                \
+        C v = T##_round(T##_round(v0 * b2) + inc);                                           \
         T##_st(mp, i, m);                                                                    \
         T##_st(vp, i, v);                                                                    \
         C den = T##_round(T##_round(T##_sqrt(v)) + eps);                                     \
-        C th = T##_ld(tp, i);                                                                \
         T##_st(tp, i, T##_round(th - T##_round(T##_round(alpha * m) / den)));                \
     }
 
@@ -677,61 +794,102 @@ static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
             LOOP(NAME, C, 1, SUM_ELEMENT)                                                    \
         }                                                                                    \
     }                                                                                        \
-    static void sparse_##NAME##_decay(S *RESTRICT tp, S *RESTRICT mp, S *RESTRICT vp,         \
-                                      int64_t n, const double *coef) {                       \
+    /* Update n elements in place, keeping the old θ, m, v in kt, km, kv; return     \
+     * whether any input was a NaN. */                                                   \
+    static int sparse_##NAME##_decay(S *RESTRICT tp, S *RESTRICT mp, S *RESTRICT vp,          \
+                                     int64_t n, const double *coef, S *RESTRICT kt,          \
+                                     S *RESTRICT km, S *RESTRICT kv) {                       \
+        int nan = 0;                                                                         \
         int64_t i = 0;                                                                       \
         NAME##_VECTOR(DECAY_ELEMENT)                                                         \
         LOOP(NAME, C, 1, DECAY_ELEMENT)                                                      \
+        return nan;                                                                          \
     }                                                                                        \
-    static void sparse_##NAME##_touch(S *RESTRICT tp, S *RESTRICT mp, S *RESTRICT vp,         \
-                                      const C *RESTRICT G, int64_t n, const double *coef,     \
-                                      int graph) {                                           \
+    static int sparse_##NAME##_touch(S *RESTRICT tp, S *RESTRICT mp, S *RESTRICT vp,          \
+                                     const C *RESTRICT G, int64_t n, const double *coef,     \
+                                     int graph, S *RESTRICT kt, S *RESTRICT km,              \
+                                     S *RESTRICT kv) {                                       \
+        int nan = 0;                                                                         \
         int64_t i = 0;                                                                       \
         NAME##_VECTOR(TOUCH_ELEMENT)                                                         \
         LOOP(NAME, C, 1, TOUCH_ELEMENT)                                                      \
+        return nan;                                                                          \
+    }                                                                                        \
+    /* After an update of rows [r, r + count) that met a NaN: if a NaN other than the      \
+     * default one was among the inputs (the old rows, kept; for a touched row also its   \
+     * gradient rows), put the rows back and mark them for the caller's reference. */      \
+    static void sparse_##NAME##_settle(sparse_job *j, int64_t r, int64_t count,               \
+                                       const S *kt, const S *km, const S *kv, int64_t g) {   \
+        int64_t n = count * j->rowlen;                                                       \
+        int odd = NAME##_any_nan(kt, n) | NAME##_any_nan(km, n) | NAME##_any_nan(kv, n);    \
+        if (g >= 0)                                                                          \
+            for (int64_t o = j->start[g]; o < j->start[g + 1] && !odd; ++o)                  \
+                odd = NAME##_any_nan((const S *)j->values + j->occ[o].pos * j->rowlen,       \
+                                     j->rowlen);                                             \
+        if (!odd) return;                                                                    \
+        size_t off = (size_t)r * (size_t)j->rowlen, bytes = (size_t)n * sizeof(S);          \
+        memcpy((S *)j->theta + off, kt, bytes);                                              \
+        memcpy((S *)j->m + off, km, bytes);                                                  \
+        memcpy((S *)j->v + off, kv, bytes);                                                  \
+        memset(j->nan_rows + r, 1, (size_t)count);                                           \
+        atomic_fetch_add(&j->skipped, count);                                                \
     }                                                                                        \
     /* Dense-equivalent: rows [lo, hi) of the table, in one pass. */                          \
-    static void sparse_##NAME##_rows(void *ctx, int slot, int64_t lo, int64_t hi) {                    \
+    static void sparse_##NAME##_rows(void *ctx, int slot, int64_t lo, int64_t hi) {          \
         sparse_job *j = (sparse_job *)ctx;                                                   \
         const double *k = j->coef;                                                           \
         int64_t n = j->rowlen;                                                               \
         S *theta = (S *)j->theta, *m = (S *)j->m, *v = (S *)j->v;                            \
-        C *acc = (C *)(j->scratch + (size_t)slot * j->scratch_row_bytes);                   \
+        char *mine = j->scratch + (size_t)slot * (j->scratch_row_bytes + 3 * j->keep_elements * sizeof(S)); \
+        C *acc = (C *)mine;                                                                  \
+        S *kt = (S *)(mine + j->scratch_row_bytes), *km = kt + j->keep_elements;            \
+        S *kv = km + j->keep_elements;                                                       \
+        int64_t per_block = n <= NAN_BLOCK ? NAN_BLOCK / n : 1; /* rows */                   \
         int64_t g = first_group_at_or_after(j, lo);                                          \
         int64_t r = lo;                                                                      \
         while (r < hi) {                                                                     \
             int64_t next = (g < j->ngroups) ? j->occ[j->start[g]].row : hi;                  \
             if (next > hi) next = hi;                                                        \
             if (next > r) {                                                                  \
-                sparse_##NAME##_decay(theta + r * n, m + r * n, v + r * n, (next - r) * n, k); \
-                r = next;                                                                    \
+                int64_t count = next - r < per_block ? next - r : per_block;                 \
+                if (sparse_##NAME##_decay(theta + r * n, m + r * n, v + r * n, count * n, k, \
+                                          kt, km, kv))                                       \
+                    sparse_##NAME##_settle(j, r, count, kt, km, kv, -1);                     \
+                r += count;                                                                  \
                 continue;                                                                    \
             }                                                                                \
             sum_##NAME(j, g, acc);                                                           \
-            sparse_##NAME##_touch(theta + r * n, m + r * n, v + r * n, acc, n, k, j->mode == 1); \
+            if (sparse_##NAME##_touch(theta + r * n, m + r * n, v + r * n, acc, n, k,        \
+                                      j->mode == 1, kt, km, kv))                             \
+                sparse_##NAME##_settle(j, r, 1, kt, km, kv, g);                              \
             ++g;                                                                             \
             ++r;                                                                             \
         }                                                                                    \
     }                                                                                        \
     /* Lazy: groups [lo, hi) only (cost proportional to the touched rows). */                 \
-    static void sparse_##NAME##_groups(void *ctx, int slot, int64_t lo, int64_t hi) {                  \
+    static void sparse_##NAME##_groups(void *ctx, int slot, int64_t lo, int64_t hi) {        \
         sparse_job *j = (sparse_job *)ctx;                                                   \
         const double *k = j->coef;                                                           \
         int64_t n = j->rowlen;                                                               \
         S *theta = (S *)j->theta, *m = (S *)j->m, *v = (S *)j->v;                            \
-        C *acc = (C *)(j->scratch + (size_t)slot * j->scratch_row_bytes);                   \
+        char *mine = j->scratch + (size_t)slot * (j->scratch_row_bytes + 3 * j->keep_elements * sizeof(S)); \
+        C *acc = (C *)mine;                                                                  \
+        S *kt = (S *)(mine + j->scratch_row_bytes), *km = kt + j->keep_elements;            \
+        S *kv = km + j->keep_elements;                                                       \
         for (int64_t g = lo; g < hi; ++g) {                                                  \
             /* Random rows of a large table: memory latency, not bandwidth, is the   \
              * cost; ask for the rows of a later group while this one computes. */   \
             if (g + PREFETCH_AHEAD < hi) prefetch_rows(j, g + PREFETCH_AHEAD, sizeof(S));    \
             int64_t r = j->occ[j->start[g]].row;                                             \
             sum_##NAME(j, g, acc);                                                           \
-            sparse_##NAME##_touch(theta + r * n, m + r * n, v + r * n, acc, n, k, 0);        \
+            if (sparse_##NAME##_touch(theta + r * n, m + r * n, v + r * n, acc, n, k, 0, kt, \
+                                      km, kv))                                               \
+                sparse_##NAME##_settle(j, r, 1, kt, km, kv, g);                              \
         }                                                                                    \
     }                                                                                        \
     int tfadam_sparse_##NAME(int64_t nrows, int64_t rowlen, void *theta, void *m, void *v,   \
                              int64_t k, const int64_t *indices, const void *values,          \
-                             const double *coef, int mode, int nthreads) {                   \
+                             const double *coef, int mode, int nthreads, uint8_t *nan_rows) { \
         occurrence *occ;                                                                     \
         int status = sort_occurrences(indices, k, nrows, &occ);                              \
         if (status) return status;                                                           \
@@ -745,14 +903,15 @@ static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
             if (o == 0 || occ[o].row != occ[o - 1].row) start[groups++] = o;                 \
         start[groups] = k;                                                                   \
         sparse_job j = {theta, m, v, values, nrows, rowlen, groups, occ, start, {0}, mode,   \
-                        NULL, 0};                                                            \
+                        NULL, 0, 0, nan_rows, 0};                                            \
         memcpy(j.coef, coef, sizeof j.coef);                                                 \
         int lazy = mode == 2;                                                                \
         int64_t units = lazy ? groups : nrows;                                               \
         int64_t grain = rowlen > 0 ? DENSE_GRAIN / rowlen + 1 : 1;                           \
         int parts = parts_for(units, grain, nthreads);                                       \
         j.scratch_row_bytes = ((size_t)(rowlen > 0 ? rowlen : 1) * sizeof(C) + 63) / 64 * 64; \
-        j.scratch = (char *)malloc(j.scratch_row_bytes * (size_t)parts);                    \
+        j.keep_elements = ((size_t)(rowlen > NAN_BLOCK ? rowlen : NAN_BLOCK) * sizeof(S) + 63) / 64 * 64 / sizeof(S); \
+        j.scratch = (char *)malloc((j.scratch_row_bytes + 3 * j.keep_elements * sizeof(S)) * (size_t)parts); \
         if (!j.scratch) status = -1;                                                         \
         else if (rowlen > 0)                                                                 \
             parallel_for(lazy ? sparse_##NAME##_groups : sparse_##NAME##_rows, &j, units,    \
@@ -760,7 +919,7 @@ static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
         free(j.scratch);                                                                     \
         free(start);                                                                         \
         free(occ);                                                                           \
-        return status;                                                                       \
+        return status ? status : (int)(atomic_load(&j.skipped) > 0);                         \
     }
 
 #if TFADAM_PART != 2
@@ -776,7 +935,8 @@ DEFINE_SPARSE(bf16, uint16_t, float)
 
 /* Self-checks the loader runs once: the ABI version, and the conversions. */
 #if TFADAM_PART != 2
-int tfadam_abi_version(void) { return 1; }
+int tfadam_abi_version(void) { return 2; }
+int tfadam_nan_block(void) { return NAN_BLOCK; }
 #endif
 #if TFADAM_PART != 1
 uint16_t tfadam_f16_bits(float x) { return f16_bits(x); }

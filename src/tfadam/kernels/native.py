@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 SOURCE = Path(__file__).with_name("cpu_adam.c")
 
 # -ffp-contract=off: an FMA would skip the rounding of a product (the rule
@@ -58,6 +58,7 @@ P = ctypes.c_void_p
 I64 = ctypes.c_int64
 _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "tfadam_abi_version": (ctypes.c_int, []),
+    "tfadam_nan_block": (ctypes.c_int, []),
     "tfadam_f16_bits": (ctypes.c_uint16, [ctypes.c_float]),
     "tfadam_f16_load": (ctypes.c_float, [ctypes.c_uint16]),
     "tfadam_bf16_bits": (ctypes.c_uint16, [ctypes.c_float]),
@@ -67,11 +68,11 @@ for _name in ("f32", "u16", "f64"):
 for _name in ("f32", "f64", "f16", "bf16"):
     _SIGNATURES[f"tfadam_dense_{_name}"] = (
         ctypes.c_int,
-        [I64, P, P, P, P, P, P, P, ctypes.c_int, ctypes.c_int],
+        [I64, P, P, P, P, P, P, P, ctypes.c_int, ctypes.c_int, P],
     )
     _SIGNATURES[f"tfadam_sparse_{_name}"] = (
         ctypes.c_int,
-        [I64, I64, P, P, P, I64, P, P, P, ctypes.c_int, ctypes.c_int],
+        [I64, I64, P, P, P, I64, P, P, P, ctypes.c_int, ctypes.c_int, P],
     )
 
 

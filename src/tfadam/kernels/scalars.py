@@ -147,6 +147,7 @@ def tf1_coefficients(
             beta2_power=beta2_power,
             dtype=dtype,
         )
+
     def t(x: float) -> float:
         return _tf_round(x, dtype)
 
