@@ -39,6 +39,8 @@
 
 #define RESTRICT __restrict__
 #define INLINE static inline __attribute__((always_inline))
+/* Loops that must keep their restrict pointers (vectorised without alias checks). */
+#define NOINLINE static __attribute__((noinline))
 
 /* ------------------------------------------------------------------------ */
 /* Element types: LOAD (storage -> compute), ROUND (compute -> nearest T,     */
@@ -789,7 +791,7 @@ static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
     }                                                                                        \
     /* Update n elements in place, keeping the old θ, m, v in kt, km, kv; return     \
      * whether any input was a NaN. */                                                   \
-    static int sparse_##NAME##_decay(S *RESTRICT tp, S *RESTRICT mp, S *RESTRICT vp,          \
+    NOINLINE int sparse_##NAME##_decay(S *RESTRICT tp, S *RESTRICT mp, S *RESTRICT vp,          \
                                      int64_t n, const double *coef, S *RESTRICT kt,          \
                                      S *RESTRICT km, S *RESTRICT kv) {                       \
         int nan = 0;                                                                         \
@@ -798,7 +800,7 @@ static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
         LOOP(NAME, C, 1, DECAY_ELEMENT)                                                      \
         return nan;                                                                          \
     }                                                                                        \
-    static int sparse_##NAME##_touch(S *RESTRICT tp, S *RESTRICT mp, S *RESTRICT vp,          \
+    NOINLINE int sparse_##NAME##_touch(S *RESTRICT tp, S *RESTRICT mp, S *RESTRICT vp,          \
                                      const C *RESTRICT G, int64_t n, const double *coef,     \
                                      int graph, S *RESTRICT kt, S *RESTRICT km,              \
                                      S *RESTRICT kv) {                                       \
@@ -837,7 +839,7 @@ static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
         C *acc = (C *)mine;                                                                  \
         S *kt = (S *)(mine + j->scratch_row_bytes), *km = kt + j->keep_elements;            \
         S *kv = km + j->keep_elements;                                                       \
-        int64_t per_block = n <= NAN_BLOCK ? NAN_BLOCK / n : 1; /* rows */                   \
+        int64_t per_block = n <= NAN_BLOCK ? NAN_BLOCK / n : 1; /* rows */             \
         int64_t g = first_group_at_or_after(j, lo);                                          \
         int64_t r = lo;                                                                      \
         while (r < hi) {                                                                     \
