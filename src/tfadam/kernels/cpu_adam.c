@@ -512,9 +512,10 @@ typedef struct {
         S *keep = (S *)keep_buffer;                                                          \
         S *kt = keep, *km = keep + NAN_BLOCK, *kv = keep + 2 * NAN_BLOCK;                    \
         S *kh = keep + 3 * NAN_BLOCK;                                                        \
+        int64_t first = first_tensor(j->offset, j->count, lo);                               \
         for (int64_t blo = lo; blo < hi; blo += NAN_BLOCK) {                                 \
             int64_t bhi = blo + NAN_BLOCK < hi ? blo + NAN_BLOCK : hi;                       \
-            int64_t first = first_tensor(j->offset, j->count, blo);                          \
+            while (first + 1 < j->count && j->offset[first + 1] <= blo) ++first;             \
             int nan = 0;                                                                     \
             for (int pass = 0; pass < 3; ++pass) {                                           \
                 for (int64_t i = first; i < j->count && j->offset[i] < bhi; ++i) {           \
