@@ -776,6 +776,13 @@ static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
         T##_st(tp, i, T##_round(th - T##_round(T##_round(alpha * m) / den)));                \
     }
 
+/* This thread slot's scratch: the summed row (acc) and the kept θ, m, v. */
+#define SLOT_SCRATCH(S, C)                                                                    \
+    char *mine = j->scratch + (size_t)slot * (j->scratch_row_bytes + 3 * j->keep_elements * sizeof(S)); \
+    C *acc = (C *)mine;                                                                      \
+    S *kt = (S *)(mine + j->scratch_row_bytes), *km = kt + j->keep_elements;                \
+    S *kv = km + j->keep_elements;
+
 #define DEFINE_SPARSE(NAME, S, C)                                                             \
     /* The summed gradient of group g, from +0 in order of occurrence. */                    \
     INLINE void sum_##NAME(const sparse_job *j, int64_t g, C *RESTRICT acc) {                \
@@ -836,10 +843,7 @@ static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
         const double *k = j->coef;                                                           \
         int64_t n = j->rowlen;                                                               \
         S *theta = (S *)j->theta, *m = (S *)j->m, *v = (S *)j->v;                            \
-        char *mine = j->scratch + (size_t)slot * (j->scratch_row_bytes + 3 * j->keep_elements * sizeof(S)); \
-        C *acc = (C *)mine;                                                                  \
-        S *kt = (S *)(mine + j->scratch_row_bytes), *km = kt + j->keep_elements;            \
-        S *kv = km + j->keep_elements;                                                       \
+        SLOT_SCRATCH(S, C)                                                                   \
         int64_t per_block = n <= NAN_BLOCK ? NAN_BLOCK / n : 1; /* rows */             \
         int64_t g = first_group_at_or_after(j, lo);                                          \
         int64_t r = lo;                                                                      \
@@ -868,10 +872,7 @@ static inline void prefetch_rows(const sparse_job *j, int64_t g, size_t size) {
         const double *k = j->coef;                                                           \
         int64_t n = j->rowlen;                                                               \
         S *theta = (S *)j->theta, *m = (S *)j->m, *v = (S *)j->v;                            \
-        char *mine = j->scratch + (size_t)slot * (j->scratch_row_bytes + 3 * j->keep_elements * sizeof(S)); \
-        C *acc = (C *)mine;                                                                  \
-        S *kt = (S *)(mine + j->scratch_row_bytes), *km = kt + j->keep_elements;            \
-        S *kv = km + j->keep_elements;                                                       \
+        SLOT_SCRATCH(S, C)                                                                   \
         for (int64_t g = lo; g < hi; ++g) {                                                  \
             /* Random rows of a large table: memory latency, not bandwidth, is the   \
              * cost; ask for the rows of a later group while this one computes. */   \
