@@ -243,6 +243,7 @@ def test_sparse_matches_reference(dtype: torch.dtype, mode: str) -> None:
         ((100, 16), 1500, "sorted"),  # coalesced-like order, many duplicates
         ((2000, 40), 2000, "random"),  # big enough for two threads
         ((7, 5), 50, "int32"),
+        ((30, 700), 40, "random"),  # rows wider than a NaN block
     ]
     lazy = mode == "lazy"
     numerics = "eager" if lazy else mode
