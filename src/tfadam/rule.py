@@ -71,8 +71,10 @@ def exact_sqrt(x: torch.Tensor) -> torch.Tensor:
     return root
 
 
-# x86's default NaN (what an invalid operation returns): sign set, quiet, no payload.
+# x86's default NaN (what an invalid operation returns): sign set, quiet, no
+# payload; and the bit that makes a NaN quiet. In the compute dtypes only.
 _DEFAULT_NAN = {torch.float32: -0x00400000, torch.float64: -0x0008000000000000}
+_QUIET_BIT = {torch.float32: 0x00400000, torch.float64: 1 << 51}
 _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
@@ -192,9 +194,8 @@ def _first_nan(a: torch.Tensor, b: torch.Tensor, result: torch.Tensor) -> torch.
     both = torch.isnan(a) & torch.isnan(b)
     if not bool(both.any()):
         return result
-    quiet = {torch.float32: (torch.int32, 0x00400000), torch.float64: (torch.int64, 1 << 51)}
-    integer, bit = quiet[a.dtype]
-    a_quiet = (a.expand_as(result).contiguous().view(integer) | bit).view(a.dtype)
+    quiet_bits = a.expand_as(result).contiguous().view(_INT_OF[a.dtype]) | _QUIET_BIT[a.dtype]
+    a_quiet = quiet_bits.view(a.dtype)
     return torch.where(both, a_quiet, result)
 
 

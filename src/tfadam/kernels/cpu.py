@@ -110,7 +110,8 @@ def dense_step(
         return skipped
     pointers = [array("Q", map(_data_ptr, group)) for group in groups]
     offsets = array("q", accumulate(map(_numel, groups[0]), initial=0))
-    nan_blocks = bytearray(-(-offsets[-1] // lib.tfadam_nan_block()))
+    block = lib.tfadam_nan_block()
+    nan_blocks = bytearray(-(-offsets[-1] // block))
     status = getattr(lib, f"tfadam_dense_{name}")(
         len(groups[0]),
         pointers[0].buffer_info()[0],
@@ -127,7 +128,7 @@ def dense_step(
     if status < 0:
         raise RuntimeError(f"tfadam_dense_{name} failed with status {status}")
     if status:
-        _dense_nan_blocks(groups, offsets, nan_blocks, lib.tfadam_nan_block(), c, nesterov)
+        _dense_nan_blocks(groups, offsets, nan_blocks, block, c, nesterov)
     return skipped
 
 
