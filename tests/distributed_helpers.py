@@ -143,3 +143,16 @@ def assert_same(actual: Any, expected: Any, what: str) -> None:
         assert_bitwise_equal(actual, expected, what)
     else:
         assert actual == expected, f"{what}: {actual!r} != {expected!r}"
+
+
+def train_single_process(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    steps: range,
+    grads: list[dict[str, torch.Tensor]],
+) -> None:
+    """The reference run: ``optimizer`` steps ``model`` in this process with the recorded gradients."""
+    for step in steps:
+        for name, p in model.named_parameters():
+            p.grad = grads[step][name].clone()
+        optimizer.step()

@@ -99,6 +99,19 @@ def check_final(model: Model, state_of, run: Run, beta_powers) -> None:
     assert_same_bits(beta_powers[1], run.beta_powers[1], "beta2_power")
 
 
+def resume_in_torch_face(model: Model, opt: tfadam.Adam, run: Run) -> None:
+    """Apply the rest of the TF run's gradients with ``opt``; every bit must match TF's end."""
+    for dense, sparse in zip(run.dense_grads, run.sparse_grads, strict=True):
+        model.set_grads(dense, sparse)
+        opt.step()
+    check_final(
+        model,
+        lambda p: (opt.state[p]["m"], opt.state[p]["v"]),
+        run,
+        (opt.param_groups[0]["beta1_power"], opt.param_groups[0]["beta2_power"]),
+    )
+
+
 TORCH_DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -119,15 +132,7 @@ def test_tf1_session_run_resumes_bitwise_in_tfadam_adam(tmp_path, dtype):
     assert result.accumulators == ("beta1_power", "beta2_power")
     assert result.without_slots == ["frozen"]  # TF never created slots for it
     assert sorted(result.slots) == ["dense/bias", "dense/kernel", "emb", "part"]
-    for dense, sparse in zip(run.dense_grads, run.sparse_grads, strict=True):
-        model.set_grads(dense, sparse)
-        opt.step()
-    check_final(
-        model,
-        lambda p: (opt.state[p]["m"], opt.state[p]["v"]),
-        run,
-        (opt.param_groups[0]["beta1_power"], opt.param_groups[0]["beta2_power"]),
-    )
+    resume_in_torch_face(model, opt, run)
     assert_same_bits(frozen, run.final["frozen"], "frozen")
     assert "m" not in opt.state[frozen]
 
@@ -144,15 +149,7 @@ def test_tf2_eager_checkpoint_resumes_bitwise_in_tfadam_adam(tmp_path, dtype):
         "m": "model/bias/.OPTIMIZER_SLOT/optimizer/m/.ATTRIBUTES/VARIABLE_VALUE",
         "v": "model/bias/.OPTIMIZER_SLOT/optimizer/v/.ATTRIBUTES/VARIABLE_VALUE",
     }
-    for dense, sparse in zip(run.dense_grads, run.sparse_grads, strict=True):
-        model.set_grads(dense, sparse)
-        opt.step()
-    check_final(
-        model,
-        lambda p: (opt.state[p]["m"], opt.state[p]["v"]),
-        run,
-        (opt.param_groups[0]["beta1_power"], opt.param_groups[0]["beta2_power"]),
-    )
+    resume_in_torch_face(model, opt, run)
 
 
 def test_tf1_session_run_resumes_bitwise_in_tf1_face(tmp_path):

@@ -22,6 +22,7 @@ from distributed_helpers import (
     save_rank,
     single_thread,
     spawn,
+    train_single_process,
 )
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
@@ -149,15 +150,6 @@ def averaged_gradients(model: SparseNet, step: int) -> dict[str, torch.Tensor]:
                 total = total + grads[name]
             averaged[name] = total
     return averaged
-
-
-def train_single_process(
-    model: SparseNet, optimizer: tfadam.Adam, steps: range, grads: list[dict[str, torch.Tensor]]
-) -> None:
-    for step in steps:
-        for name, p in model.named_parameters():
-            p.grad = grads[step][name].clone()
-        optimizer.step()
 
 
 @pytest.fixture(scope="module")

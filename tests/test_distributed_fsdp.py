@@ -26,6 +26,7 @@ from distributed_helpers import (
     save_rank,
     single_thread,
     spawn,
+    train_single_process,
 )
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -207,15 +208,6 @@ def averaged_gradients(model: ShardedNet, step: int) -> dict[str, torch.Tensor]:
         per_rank.append({name: p.grad / WORLD_SIZE for name, p in model.named_parameters()})
     model.zero_grad(set_to_none=True)
     return {name: per_rank[0][name] + per_rank[1][name] for name in per_rank[0]}
-
-
-def train_single_process(
-    model: ShardedNet, optimizer: tfadam.Adam, steps: range, grads: list[dict[str, torch.Tensor]]
-) -> None:
-    for step in steps:
-        for name, p in model.named_parameters():
-            p.grad = grads[step][name].clone()
-        optimizer.step()
 
 
 def shard_of(full: torch.Tensor, rank: int) -> torch.Tensor:
