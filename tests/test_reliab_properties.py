@@ -258,6 +258,15 @@ def test_sparse_dispatch_matches_reference(case):
 # -- invariants, on the dispatched kernels -------------------------------------------------------
 
 
+def finite_dense_or_sparse_cases():
+    """(sparse, case): a dense or a sparse case of finite values."""
+    return st.booleans().flatmap(
+        lambda sparse: st.tuples(
+            st.just(sparse), (sparse_cases(finite=True) if sparse else dense_cases(finite=True))
+        )
+    )
+
+
 def finite_in_dtype(case) -> bool:
     """A special like 3e38 is finite as a double but Inf in float16."""
     limit = torch.finfo(case["dtype"]).max
@@ -266,13 +275,7 @@ def finite_in_dtype(case) -> bool:
 
 
 @ci(200)
-@given(
-    st.booleans().flatmap(
-        lambda sparse: st.tuples(
-            st.just(sparse), (sparse_cases(finite=True) if sparse else dense_cases(finite=True))
-        )
-    )
-)
+@given(finite_dense_or_sparse_cases())
 def test_v_stays_nonnegative(sparse_and_case):
     sparse, case = sparse_and_case
     assume(finite_in_dtype(case))
@@ -297,13 +300,7 @@ def test_lazy_mode_leaves_untouched_rows_bitwise_unchanged(data):
 
 
 @ci(175)
-@given(
-    st.booleans().flatmap(
-        lambda sparse: st.tuples(
-            st.just(sparse), (sparse_cases(finite=True) if sparse else dense_cases(finite=True))
-        )
-    )
-)
+@given(finite_dense_or_sparse_cases())
 def test_zero_learning_rate_leaves_theta_unchanged(sparse_and_case):
     sparse, case = sparse_and_case
     assume(finite_in_dtype(case))
