@@ -424,6 +424,58 @@ def test_floor_kernel_does_its_trivial_arithmetic() -> None:
     assert t16.tolist() == [3] * 70 and v16.tolist() == [-2] * 70
 
 
+def test_threads_are_torchs_own_where_torch_uses_gnu_openmp() -> None:
+    """The kernels run on torch's OpenMP team, not a second set of threads.
+
+    torch's workers spin for a while after each parallel op; helper threads
+    of our own would wait for those cores (measured: +20-30% on a D1 step
+    right after torch's fused step).
+    """
+    runtime = native.openmp_runtime()
+    if runtime is None or native.compiler() is None or "gcc" not in os.path.realpath(
+        native.compiler() or ""
+    ):
+        pytest.skip("torch does not thread with GNU OpenMP here, or the compiler is not GCC")
+    lib = native.library()
+    assert lib is not None and lib.tfadam_threading() == 1
+    assert native._loaded_openmp_runtimes() == {runtime}  # one runtime: one team
+
+
+def test_kernels_leave_torchs_threads_float_mode_alone() -> None:
+    # TF's flush-to-zero is set for our chunks only: torch's own ops on the
+    # same threads must still see subnormals afterwards.
+    assert _dense_agrees(21)
+    tiny = torch.full((1_000_000,), 1e-40)  # subnormal in float32
+    with threads(2):
+        assert _dense_agrees(22)
+        assert torch.equal(tiny * 1.0, tiny)
+        assert bool((tiny + tiny > 0).all())
+
+
+def test_own_thread_pool_build_agrees(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The build for torch builds without GNU OpenMP: the kernels' own pool."""
+    monkeypatch.setenv("TFADAM_OPENMP", "0")
+    pooled = native.build(tmp_path)
+    assert pooled.tfadam_threading() == 0
+    monkeypatch.setattr(native, "_library", pooled)
+    monkeypatch.setattr(native, "_loaded", True)
+    for n in (2, 7):
+        with threads(n):
+            assert _dense_agrees(23 + n)
+            generator = torch.Generator().manual_seed(n)
+            table = [random_tensor((5000, 24), torch.float32, generator) for _ in range(3)]
+            table[2] = table[2].abs()
+            indices = torch.randint(0, 5000, (3000,), generator=generator)
+            values = random_tensor((3000, 24), torch.float32, generator)
+            for lazy in (False, True):
+                expected_table, actual_table = clones(table), clones(table)
+                c = coefficients(torch.float32, 2)
+                reference.sparse_step(*expected_table, indices, values, c, lazy=lazy, numerics="eager")
+                kernels.sparse_step(*actual_table, indices, values, c, lazy=lazy, numerics="eager")
+                for a, e in zip(actual_table, expected_table, strict=True):
+                    assert_same_bits(a, e, f"pool, {n} threads, lazy={lazy}")
+
+
 def _dense_agrees(seed: int) -> bool:
     shapes = [(150_001,), (70_000,)]
     expected = dense_state(shapes, torch.float32, seed=seed, amsgrad=False)

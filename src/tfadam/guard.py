@@ -144,6 +144,9 @@ def unwritable(param: torch.Tensor) -> str | None:
 
 # What each optimizer was already warned about; weak so that it can be collected.
 _warned: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+# The (ε, β1, β2, dtypes) each optimizer's last check saw: the check rounds
+# each value in torch (~50 µs), so a step with the same values skips it.
+_last_checked: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 
 
 def warn_numerics(owner: object, plan: Plan) -> None:
@@ -169,10 +172,14 @@ def warn_numerics(owner: object, plan: Plan) -> None:
     >>> [w.category.__name__ for w in caught]
     ['EpsilonUnderflowWarning']
     """
-    warned = _warned.setdefault(owner, set())
     dtypes = sorted({u.param.dtype for u in plan.updates}, key=str)
-    name = type(owner).__name__
     epsilon = plan.hyper.epsilon
+    key = (float(epsilon), float(plan.hyper.beta1), float(plan.hyper.beta2), *dtypes)
+    if _last_checked.get(owner) == key:
+        return
+    _last_checked[owner] = key
+    warned = _warned.setdefault(owner, set())
+    name = type(owner).__name__
     if "epsilon" not in warned and float(epsilon) != 0.0:
         lost = [d for d in dtypes if rule._scalar(epsilon, d).item() == 0.0]
         if lost:

@@ -12,6 +12,9 @@ Environment:
     ``TFADAM_CACHE_DIR``: where to keep compiled kernels (default
     ``$XDG_CACHE_HOME/tfadam`` or ``~/.cache/tfadam``).
     ``TFADAM_CC``, then ``CC``: the C compiler (default: ``cc``, ``gcc``, ``clang``).
+    ``TFADAM_OPENMP``: ``auto`` (default: run on torch's OpenMP threads where
+    torch uses GNU OpenMP and the compiler is GCC) or ``0`` (always use the
+    kernels' own thread pool).
 
 Example:
     >>> from tfadam.kernels import native
@@ -34,7 +37,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 SOURCE = Path(__file__).with_name("cpu_adam.c")
 
 # -ffp-contract=off: an FMA would skip the rounding of a product (the rule
@@ -47,6 +50,8 @@ NATIVE_FLAGS = ["-march=native"]
 # GCC only: no second (narrower) vectorised epilogue per loop; at most 15
 # elements per tensor run scalar instead, and the compile takes ~25% less.
 GCC_FLAGS = ["--param", "vect-epilogues-nomask=0"]
+# With torch's OpenMP runtime (see openmp_runtime): the kernels' threads are torch's.
+OPENMP_FLAGS = ["-fopenmp", "-DTFADAM_OPENMP"]
 PARTS = (1, 2)  # compiled in parallel, then linked (see TFADAM_PART in the C source)
 
 _lock = threading.Lock()
@@ -59,6 +64,7 @@ I64 = ctypes.c_int64
 _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "tfadam_abi_version": (ctypes.c_int, []),
     "tfadam_nan_block": (ctypes.c_int, []),
+    "tfadam_threading": (ctypes.c_int, []),
     "tfadam_f16_bits": (ctypes.c_uint16, [ctypes.c_float]),
     "tfadam_f16_load": (ctypes.c_float, [ctypes.c_uint16]),
     "tfadam_bf16_bits": (ctypes.c_uint16, [ctypes.c_float]),
@@ -113,18 +119,46 @@ def _cpu_identity() -> str:
     return "\n".join(identity)
 
 
-def _key(cc: str, flags: list[str]) -> str:
+def _loaded_openmp_runtimes() -> set[str]:
+    """The OpenMP runtime libraries mapped into this process (Linux), by path."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split(None, 5)[-1].strip() for line in maps if "/" in line}
+    except OSError:
+        return set()
+    return {p for p in paths if os.path.basename(p).startswith(("libgomp", "libiomp5", "libomp"))}
+
+
+def openmp_runtime() -> str | None:
+    """The GNU OpenMP runtime torch threads with, if it does (a path), else ``None``.
+
+    Kernels linked against it share torch's thread team: no second set of
+    threads competes for the cores with torch's workers, which spin for a
+    while after every parallel torch op.
+    """
+    import torch
+
+    if os.environ.get("TFADAM_OPENMP", "auto").lower() in ("0", "off", "no", "false"):
+        return None
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    runtimes = [p for p in _loaded_openmp_runtimes() if "libgomp" in os.path.basename(p)]
+    return runtimes[0] if len(runtimes) == 1 else None
+
+
+def _key(cc: str, flags: list[str], link: Sequence[str] = ()) -> str:
     digest = hashlib.sha256()
     digest.update(SOURCE.read_bytes())
-    stat = os.stat(cc)
-    digest.update(f"{os.path.realpath(cc)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    for tool in (cc, *link):
+        stat = os.stat(tool)
+        digest.update(f"{os.path.realpath(tool)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     digest.update(" ".join(flags).encode())
     digest.update(_cpu_identity().encode())
     digest.update(str(ABI_VERSION).encode())
     return digest.hexdigest()[:20]
 
 
-def _compile(cc: str, flags: list[str], target: Path) -> str | None:
+def _compile(cc: str, flags: list[str], target: Path, link: Sequence[str] = ()) -> str | None:
     """Compile into ``target`` atomically; returns an error text or None.
 
     The source is compiled as two halves at once (two cores: half the wait
@@ -138,7 +172,7 @@ def _compile(cc: str, flags: list[str], target: Path) -> str | None:
             for part, obj in zip(PARTS, objects, strict=True)
         ]
         library = os.path.join(work, target.name)
-        commands.append([cc, *LINK_FLAGS, "-o", library, *objects, "-lm"])
+        commands.append([cc, *LINK_FLAGS, "-o", library, *objects, *link, "-lm"])
         try:
             running = [
                 subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -191,21 +225,33 @@ def build(directory: Path | None = None, extra_flags: Sequence[str] = ()) -> cty
     # -march=native first (AVX-512 where there is one); a compiler that does
     # not know it (or the GCC-only flags) gets a simpler build.
     is_gcc = "gcc" in os.path.basename(os.path.realpath(cc))
-    attempts = [COMPILE_FLAGS + NATIVE_FLAGS, COMPILE_FLAGS]
+    attempts: list[tuple[list[str], list[str]]] = [
+        (COMPILE_FLAGS + NATIVE_FLAGS, []),
+        (COMPILE_FLAGS, []),
+    ]
     if is_gcc:
-        attempts.insert(0, COMPILE_FLAGS + NATIVE_FLAGS + GCC_FLAGS)
-    for flags in attempts:
+        attempts.insert(0, (COMPILE_FLAGS + NATIVE_FLAGS + GCC_FLAGS, []))
+        runtime = openmp_runtime()
+        if runtime is not None:  # linked to torch's libgomp by path: the same library
+            attempts.insert(0, (COMPILE_FLAGS + NATIVE_FLAGS + GCC_FLAGS + OPENMP_FLAGS, [runtime]))
+    for flags, link in attempts:
         flags = flags + list(extra_flags)
-        target = directory / f"tfadam_cpu_{_key(cc, flags)}.so"
+        target = directory / f"tfadam_cpu_{_key(cc, flags, link)}.so"
         if not target.exists():
-            error = _compile(cc, flags, target)
+            error = _compile(cc, flags, target, link)
             if error is not None:
                 errors.append(error)
                 continue
+        before = _loaded_openmp_runtimes()
         try:
-            return _open(target)
+            lib = _open(target)
         except OSError as error:
             errors.append(str(error))
+            continue
+        if link and _loaded_openmp_runtimes() != before:  # a second runtime: two thread teams
+            errors.append(f"{target}: loading it brought a second OpenMP runtime")
+            continue
+        return lib
     raise OSError("\n".join(errors))
 
 
