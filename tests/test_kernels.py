@@ -432,8 +432,10 @@ def test_threads_are_torchs_own_where_torch_uses_gnu_openmp() -> None:
     right after torch's fused step).
     """
     runtime = native.openmp_runtime()
-    if runtime is None or native.compiler() is None or "gcc" not in os.path.realpath(
-        native.compiler() or ""
+    if (
+        runtime is None
+        or native.compiler() is None
+        or "gcc" not in os.path.realpath(native.compiler() or "")
     ):
         pytest.skip("torch does not thread with GNU OpenMP here, or the compiler is not GCC")
     lib = native.library()
@@ -470,7 +472,9 @@ def test_own_thread_pool_build_agrees(tmp_path, monkeypatch: pytest.MonkeyPatch)
             for lazy in (False, True):
                 expected_table, actual_table = clones(table), clones(table)
                 c = coefficients(torch.float32, 2)
-                reference.sparse_step(*expected_table, indices, values, c, lazy=lazy, numerics="eager")
+                reference.sparse_step(
+                    *expected_table, indices, values, c, lazy=lazy, numerics="eager"
+                )
                 kernels.sparse_step(*actual_table, indices, values, c, lazy=lazy, numerics="eager")
                 for a, e in zip(actual_table, expected_table, strict=True):
                     assert_same_bits(a, e, f"pool, {n} threads, lazy={lazy}")
