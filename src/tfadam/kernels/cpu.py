@@ -111,7 +111,7 @@ def dense_step(
     pointers = [array("Q", map(_data_ptr, group)) for group in groups]
     offsets = array("q", accumulate(map(_numel, groups[0]), initial=0))
     block = lib.tfadam_nan_block()
-    nan_blocks = bytearray(-(-offsets[-1] // block))
+    nan_blocks = bytearray(2 * -(-offsets[-1] // block))  # a uint16 per block
     status = getattr(lib, f"tfadam_dense_{name}")(
         len(groups[0]),
         pointers[0].buffer_info()[0],
@@ -123,7 +123,7 @@ def dense_step(
         _coefficients(c),
         int(nesterov),
         torch.get_num_threads(),
-        (ctypes.c_uint8 * len(nan_blocks)).from_buffer(nan_blocks) if nan_blocks else None,
+        (ctypes.c_uint16 * (len(nan_blocks) // 2)).from_buffer(nan_blocks) if nan_blocks else None,
     )
     if status < 0:
         raise RuntimeError(f"tfadam_dense_{name} failed with status {status}")
@@ -140,20 +140,21 @@ def _dense_nan_blocks(
     c: rule.Coefficients,
     nesterov: bool,
 ) -> None:
-    """The reference on the blocks the C loop left alone because they hold a NaN.
+    """The reference on the elements the C loop left alone because of a NaN.
 
     Where two different NaNs meet, which one the C code's result carries
     depends on operand order inside the machine instructions (its compiler may
     swap the operands of + and *); the reference's is the specified one. The
-    rule is elementwise, so running it on a block is running it on those
+    rule is elementwise, so running it on some elements is running it on those
     elements. Block ``k`` is elements ``[k*size, (k+1)*size)`` of the
-    concatenated tensors, as in the C loop.
+    concatenated tensors, as in the C loop; its mark is 0 (done) or ``1 + r``:
+    its elements from offset ``r`` on are untouched.
     """
     total = offsets[-1]
     flat = [[_memory_order(t) for t in group] for group in groups]
-    block = nan_blocks.find(1)
-    while block >= 0:
-        lo, hi = block * size, min((block + 1) * size, total)
+    marks = torch.frombuffer(nan_blocks, dtype=torch.int16)
+    for block in marks.nonzero().flatten().tolist():
+        lo, hi = block * size + int(marks[block]) - 1, min((block + 1) * size, total)
         pieces: list[list[torch.Tensor]] = [[] for _ in groups]
         i = bisect_right(offsets, lo) - 1
         while i < len(groups[0]) and offsets[i] < hi:
@@ -164,7 +165,6 @@ def _dense_nan_blocks(
             i += 1
         vhats = pieces[4] if len(pieces) == 5 else None
         reference.dense_step(*pieces[:4], vhats, c, nesterov=nesterov)
-        block = nan_blocks.find(1, block + 1)
 
 
 def _memory_order(t: torch.Tensor) -> torch.Tensor:

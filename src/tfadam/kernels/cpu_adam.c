@@ -204,14 +204,88 @@ INLINE __m512 f16v_set1(double x) { return _mm512_set1_ps((float)x); }
 INLINE void f16v_keep(uint16_t *to, const uint16_t *from, int64_t i) {
     _mm256_storeu_si256((__m256i *)(to + i), _mm256_loadu_si256((const __m256i *)(from + i)));
 }
+INLINE int f16v_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, const uint16_t *v,
+                    const uint16_t *h, int64_t i) { /* float16 is never checked */
+    (void)t, (void)g, (void)m, (void)v, (void)h, (void)i;
+    return 0;
+}
 INLINE int f16v_isnan(__m512 x) { return (int)_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q); }
 #define f16_VECTOR(ELEMENT) LOOP(f16v, __m512, 16, ELEMENT)
 #else
 #define f16_VECTOR(ELEMENT)
 #endif
+
+#if defined(__AVX512F__) && !defined(TFADAM_NO_CHECKED_DENSE)
+#include <immintrin.h>
+/* float32 and float64, 16 and 8 at a time, for the dense step's checked loop
+ * (see DENSE_ELEMENT): GCC does not vectorise a loop that can stop early.
+ * Plain IEEE operations, as GCC's own vectorised loops use. */
+INLINE __m512 f32v_ld(const float *p, int64_t i) { return _mm512_loadu_ps(p + i); }
+INLINE void f32v_st(float *p, int64_t i, __m512 x) { _mm512_storeu_ps(p + i, x); }
+INLINE __m512 f32v_round(__m512 x) { return x; }
+INLINE __m512 f32v_sqrt(__m512 x) { return _mm512_sqrt_ps(x); }
+INLINE __m512 f32v_set1(double x) { return _mm512_set1_ps((float)x); }
+INLINE void f32v_keep(float *to, const float *from, int64_t i) { _mm512_storeu_ps(to + i, _mm512_loadu_ps(from + i)); }
+INLINE int f32v_isnan(__m512 x) { return (int)_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q); }
+INLINE __m512 f32v_max(__m512 h, __m512 v) { /* as f32_max: TF's select, then DAZ */
+    __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(h, v, _CMP_LT_OQ), h, v);
+    __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_abs_ps(r), _mm512_set1_ps(FLT_MIN), _CMP_LT_OQ);
+    return _mm512_mask_and_ps(r, tiny, r, _mm512_set1_ps(-0.0f));
+}
+INLINE __m512d f64v_ld(const double *p, int64_t i) { return _mm512_loadu_pd(p + i); }
+INLINE void f64v_st(double *p, int64_t i, __m512d x) { _mm512_storeu_pd(p + i, x); }
+INLINE __m512d f64v_round(__m512d x) { return x; }
+INLINE __m512d f64v_sqrt(__m512d x) { return _mm512_sqrt_pd(x); }
+INLINE __m512d f64v_set1(double x) { return _mm512_set1_pd(x); }
+INLINE void f64v_keep(double *to, const double *from, int64_t i) { _mm512_storeu_pd(to + i, _mm512_loadu_pd(from + i)); }
+INLINE int f64v_isnan(__m512d x) { return (int)_mm512_cmp_pd_mask(x, x, _CMP_UNORD_Q); }
+INLINE __m512d f64v_max(__m512d h, __m512d v) {
+    __m512d r = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(h, v, _CMP_LT_OQ), h, v);
+    __mmask8 tiny = _mm512_cmp_pd_mask(_mm512_abs_pd(r), _mm512_set1_pd(DBL_MIN), _CMP_LT_OQ);
+    return _mm512_mask_and_pd(r, tiny, r, _mm512_set1_pd(-0.0));
+}
+/* Lanes [i, i + 16) (8) of p that hold a NaN other than the default one. */
+INLINE __mmask16 f32v_odd1(const float *p, int64_t i) {
+    __m512i u = _mm512_loadu_si512((const void *)(p + i));
+    __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(a, _mm512_set1_epi32(0x7F800000));
+    return _mm512_mask_cmpneq_epu32_mask(nan, u, _mm512_set1_epi32((int)0xFFC00000u));
+}
+INLINE __mmask8 f64v_odd1(const double *p, int64_t i) {
+    __m512i u = _mm512_loadu_si512((const void *)(p + i));
+    __m512i a = _mm512_and_si512(u, _mm512_set1_epi64(0x7FFFFFFFFFFFFFFFll));
+    __mmask8 nan = _mm512_cmpgt_epu64_mask(a, _mm512_set1_epi64(0x7FF0000000000000ll));
+    return _mm512_mask_cmpneq_epu64_mask(nan, u, _mm512_set1_epi64((long long)0xFFF8000000000000ull));
+}
+/* Whether the inputs of a vector hold such a NaN (inline: a diverged model has
+ * default NaNs everywhere, and tests this for every vector). */
+INLINE int f32v_odd(const float *t, const float *g, const float *m, const float *v,
+                    const float *h, int64_t i) {
+    return (f32v_odd1(t, i) | f32v_odd1(g, i) | f32v_odd1(m, i) | f32v_odd1(v, i) |
+            (h ? f32v_odd1(h, i) : 0)) != 0;
+}
+INLINE int f64v_odd(const double *t, const double *g, const double *m, const double *v,
+                    const double *h, int64_t i) {
+    return (f64v_odd1(t, i) | f64v_odd1(g, i) | f64v_odd1(m, i) | f64v_odd1(v, i) |
+            (h ? f64v_odd1(h, i) : 0)) != 0;
+}
+#define f32_DENSE_VECTOR(ELEMENT) LOOP(f32v, __m512, 16, ELEMENT)
+#define f64_DENSE_VECTOR(ELEMENT) LOOP(f64v, __m512d, 8, ELEMENT)
+#define f32_CHECKED 1
+#define f64_CHECKED 1
+#else /* the kept-copies loop, which GCC vectorises by itself */
+#define f32_DENSE_VECTOR(ELEMENT)
+#define f64_DENSE_VECTOR(ELEMENT)
+#define f32_CHECKED 0
+#define f64_CHECKED 0
+#endif
 #define f32_VECTOR(ELEMENT)
 #define f64_VECTOR(ELEMENT)
 #define bf16_VECTOR(ELEMENT)
+#define f16_DENSE_VECTOR f16_VECTOR
+#define bf16_DENSE_VECTOR(ELEMENT)
+#define f16_CHECKED 0
+#define bf16_CHECKED 0
 
 /* Elements i, i+W, ... while W of them remain, with type T; the constants of
  * ELEMENT (ELEMENT_CONSTS) are made once, in T. */
@@ -503,57 +577,82 @@ typedef struct {
 } dense_job;
 
 
-/* One element (or 16) of TF's ApplyAdam; nesterov and amsgrad are constants.
+/* One element (or a vector) of TF's ApplyAdam; nesterov, amsgrad and checked
+ * are constants.
+ *
  * A NaN among the inputs always reaches the new v or θ (every operation but
  * AMSGrad's max propagates it, and a NaN v that the max drops is the new v),
  * so testing those two outputs flags every element with a NaN input, in 2
- * compares instead of 5 (measured: the 5 cost ~8% per core). */
+ * compares instead of 5 (measured: the 5 cost ~8% per core).
+ *
+ * checked (float32/float64 with AVX-512): nothing is stored before that test;
+ * where it fires and the inputs hold a NaN other than the default one, the
+ * loop stops there, leaving the element and the rest of its block as they
+ * were, for the reference. Otherwise (a loop GCC vectorises by itself): the
+ * old θ, m, v, vhat are kept aside while the block is updated, and put back
+ * afterwards if the flag was set and such a NaN is found among them. */
 #define DENSE_ELEMENT_CONSTS ADAM_CONSTS
 #define DENSE_ELEMENT(T, C, i)                                                                \
     {                                                                                        \
         C g = T##_ld(gp, i), m = T##_ld(mp, i), v = T##_ld(vp, i);                           \
         C th = T##_ld(tp, i);                                                                \
-        T##_keep(km, mp, i);                                                                 \
-        T##_keep(kv, vp, i);                                                                 \
-        T##_keep(kt, tp, i);                                                                 \
+        if (!checked) {                                                                      \
+            T##_keep(km, mp, i);                                                             \
+            T##_keep(kv, vp, i);                                                             \
+            T##_keep(kt, tp, i);                                                             \
+        }                                                                                    \
         m = T##_round(m + T##_round(T##_round(g - m) * omb1));                               \
         v = T##_round(v + T##_round(T##_round(T##_round(g * g) - v) * omb2));                \
-        T##_st(mp, i, m);                                                                    \
-        T##_st(vp, i, v);                                                                    \
         C d = v;                                                                             \
         if (amsgrad) {                                                                       \
             C h = T##_ld(hp, i);                                                             \
-            T##_keep(kh, hp, i);                                                             \
+            if (!checked) T##_keep(kh, hp, i);                                               \
             d = T##_max(h, v);                                                               \
-            T##_st(hp, i, d);                                                                \
         }                                                                                    \
         C den = T##_round(T##_round(T##_sqrt(d)) + eps);                                     \
         C num = m;                                                                           \
         if (nesterov) num = T##_round(T##_round(g * omb1) + T##_round(b1 * m));              \
         th = T##_round(th - T##_round(T##_round(num * alpha) / den));                        \
+        if (!checked)                                                                        \
+            nan |= T##_isnan(v) | T##_isnan(th);                                             \
+        else if ((T##_isnan(v) | T##_isnan(th)) && T##_odd(tp, gp, mp, vp, amsgrad ? hp : NULL, i)) \
+            break;                                                                           \
+        T##_st(mp, i, m);                                                                    \
+        T##_st(vp, i, v);                                                                    \
+        if (amsgrad) T##_st(hp, i, d);                                                       \
         T##_st(tp, i, th);                                                                   \
-        nan |= T##_isnan(v) | T##_isnan(th);                                                 \
     }
 
-/* Updates n elements in place and keeps their old θ, m, v (and vhat) in kt, km,
- * kv (kh); returns whether any input was a NaN. */
+/* Updates n elements in place; returns how many (n, or where a checked loop
+ * stopped). Unchecked, the old θ, m, v (and vhat) are kept in kt, km, kv (kh)
+ * and *nan says whether the new v or θ holds a NaN. */
 #define DEFINE_DENSE(NAME, S, C, NESTEROV, AMSGRAD)                                            \
-    static int dense_##NAME##_##NESTEROV##AMSGRAD(S *RESTRICT tp, const S *RESTRICT gp,      \
-                                                 S *RESTRICT mp, S *RESTRICT vp,             \
-                                                 S *RESTRICT hp, int64_t n,                  \
-                                                 const double *coef, S *RESTRICT kt,          \
-                                                 S *RESTRICT km, S *RESTRICT kv,              \
-                                                 S *RESTRICT kh) {                            \
-        const int nesterov = NESTEROV, amsgrad = AMSGRAD;                                    \
+    static int64_t dense_##NAME##_##NESTEROV##AMSGRAD(                                         \
+        S *RESTRICT tp, const S *RESTRICT gp, S *RESTRICT mp, S *RESTRICT vp, S *RESTRICT hp, \
+        int64_t n, const double *coef, S *RESTRICT kt, S *RESTRICT km, S *RESTRICT kv,       \
+        S *RESTRICT kh, int *nan_out) {                                                      \
+        const int nesterov = NESTEROV, amsgrad = AMSGRAD, checked = NAME##_CHECKED;          \
         (void)hp, (void)kh, (void)nesterov, (void)amsgrad;                                   \
         int nan = 0;                                                                         \
         int64_t i = 0;                                                                       \
-        NAME##_VECTOR(DENSE_ELEMENT)                                                         \
+        NAME##_DENSE_VECTOR(DENSE_ELEMENT)                                                   \
         LOOP(NAME, C, 1, DENSE_ELEMENT)                                                      \
-        return nan;                                                                          \
+        *nan_out = nan;                                                                      \
+        return i;                                                                            \
     }
 
 #define DEFINE_DENSE_ALL(NAME, S, C)                                                         \
+    /* Whether the inputs of n elements hold a NaN other than the default one. */            \
+    __attribute__((noinline)) static int NAME##_odd_inputs(                                   \
+        const S *t, const S *g, const S *m, const S *v, const S *h, int64_t n) {             \
+        return NAME##_any_nan(t, n) | NAME##_any_nan(g, n) | NAME##_any_nan(m, n) |          \
+               NAME##_any_nan(v, n) | (h ? NAME##_any_nan(h, n) : 0);                        \
+    }                                                                                        \
+    /* Element i of a scalar loop (a checked loop's tail). */                                \
+    INLINE int NAME##_odd(const S *t, const S *g, const S *m, const S *v, const S *h,        \
+                          int64_t i) {                                                       \
+        return NAME##_odd_inputs(t + i, g + i, m + i, v + i, h ? h + i : NULL, 1);           \
+    }                                                                                        \
     DEFINE_DENSE(NAME, S, C, 0, 0)                                                           \
     DEFINE_DENSE(NAME, S, C, 0, 1)                                                           \
     DEFINE_DENSE(NAME, S, C, 1, 0)                                                           \
@@ -561,12 +660,12 @@ typedef struct {
     typedef struct {                                                                         \
         dense_job job;                                                                       \
         int nesterov, amsgrad;                                                               \
-        uint8_t *nan_blocks;                                                                 \
+        uint16_t *nan_blocks;                                                                \
         _Atomic int skipped;                                                                 \
     } dense_##NAME##_job;                                                                    \
-    /* Elements [lo, hi) of the concatenated tensors, in NaN blocks: each block is      \
-     * updated with its old values kept aside (in cache), and put back if it held a NaN  \
-     * other than the default one. */                                                    \
+    /* Elements [lo, hi) of the concatenated tensors, in NaN blocks. A block that   \
+     * meets a NaN other than the default one is left to the reference from where  \
+     * the update stopped (checked) or whole, put back as it was (unchecked).     */ \
     static void dense_##NAME##_range(void *ctx, int slot, int64_t lo, int64_t hi) {           \
         (void)slot;                                                                          \
         dense_##NAME##_job *d = (dense_##NAME##_job *)ctx;                                   \
@@ -575,11 +674,16 @@ typedef struct {
         S *keep = (S *)keep_buffer;                                                          \
         S *kt = keep, *km = keep + NAN_BLOCK, *kv = keep + 2 * NAN_BLOCK;                    \
         S *kh = keep + 3 * NAN_BLOCK;                                                        \
+        int64_t (*update)(S *, const S *, S *, S *, S *, int64_t, const double *, S *, S *,  \
+                          S *, S *, int *) =                                                 \
+            d->nesterov ? (d->amsgrad ? dense_##NAME##_11 : dense_##NAME##_10)               \
+                        : (d->amsgrad ? dense_##NAME##_01 : dense_##NAME##_00);              \
         int64_t first = first_tensor(j->offset, j->count, lo);                               \
         for (int64_t blo = lo; blo < hi; blo += NAN_BLOCK) {                                 \
             int64_t bhi = blo + NAN_BLOCK < hi ? blo + NAN_BLOCK : hi;                       \
             while (first + 1 < j->count && j->offset[first + 1] <= blo) ++first;             \
             int nan = 0;                                                                     \
+            int64_t resume = -1; /* checked: where the update stopped, in the block */      \
             for (int pass = 0; pass < 3; ++pass) {                                           \
                 for (int64_t i = first; i < j->count && j->offset[i] < bhi; ++i) {           \
                     int64_t a = blo > j->offset[i] ? blo - j->offset[i] : 0;                 \
@@ -589,17 +693,18 @@ typedef struct {
                     S *vp = (S *)j->v[i] + a, *hp = j->vhat ? (S *)j->vhat[i] + a : NULL;    \
                     const S *gp = (const S *)j->grad[i] + a;                                 \
                     int64_t n = b - a, at = j->offset[i] + a - blo;                          \
-                    if (pass == 0) { /* update, keeping the old values */                    \
-                        int (*update)(S *, const S *, S *, S *, S *, int64_t, const double *, \
-                                      S *, S *, S *, S *) =                                  \
-                            d->nesterov ? (d->amsgrad ? dense_##NAME##_11 : dense_##NAME##_10) \
-                                        : (d->amsgrad ? dense_##NAME##_01 : dense_##NAME##_00); \
-                        nan |= update(tp, gp, mp, vp, hp, n, k, kt + at, km + at, kv + at,   \
-                                      kh + at);                                              \
+                    if (pass == 0) { /* update (unchecked: keeping the old values) */        \
+                        int flagged = 0;                                                     \
+                        int64_t done = update(tp, gp, mp, vp, hp, n, k, kt + at, km + at,    \
+                                              kv + at, kh + at, &flagged);                   \
+                        nan |= flagged;                                                      \
+                        if (done < n) {                                                      \
+                            resume = at + done;                                              \
+                            break;                                                           \
+                        }                                                                    \
                     } else if (pass == 1) { /* which NaNs: the old values, in cache */       \
-                        nan = NAME##_any_nan(gp, n) | NAME##_any_nan(kt + at, n) |           \
-                              NAME##_any_nan(km + at, n) | NAME##_any_nan(kv + at, n) |      \
-                              (hp ? NAME##_any_nan(kh + at, n) : 0);                         \
+                        nan = NAME##_odd_inputs(kt + at, gp, km + at, kv + at,               \
+                                                hp ? kh + at : NULL, n);                     \
                         if (nan) break;                                                      \
                     } else { /* put the block back as it was */                              \
                         memcpy(tp, kt + at, (size_t)n * sizeof(S));                          \
@@ -608,19 +713,20 @@ typedef struct {
                         if (hp) memcpy(hp, kh + at, (size_t)n * sizeof(S));                  \
                     }                                                                        \
                 }                                                                            \
-                if (!nan) break;                                                             \
+                if (resume >= 0 || !nan) break;                                              \
             }                                                                                \
-            if (nan) {                                                                       \
-                d->nan_blocks[blo / NAN_BLOCK] = 1;                                          \
+            if (resume >= 0 || nan) {                                                        \
+                d->nan_blocks[blo / NAN_BLOCK] = (uint16_t)(resume >= 0 ? resume + 1 : 1);   \
                 atomic_fetch_add(&d->skipped, 1);                                            \
             }                                                                                \
         }                                                                                    \
     }                                                                                        \
-    /* Returns how many NaN blocks it left to the caller (marked in nan_blocks, one byte    \
-     * per NAN_BLOCK elements of the concatenated tensors). */                               \
+    /* Returns how many NaN blocks it left to the caller, marked in nan_blocks (one         \
+     * uint16 per NAN_BLOCK elements of the concatenated tensors: 0, or 1 + the offset in   \
+     * the block from which the elements are untouched). */                                  \
     int tfadam_dense_##NAME(int64_t count, void **theta, void **grad, void **m, void **v,     \
                             void **vhat, const int64_t *offset, const double *coef,          \
-                            int nesterov, int nthreads, uint8_t *nan_blocks) {               \
+                            int nesterov, int nthreads, uint16_t *nan_blocks) {              \
         dense_##NAME##_job d = {{theta, grad, m, v, vhat, offset, count, {0}},               \
                                 nesterov != 0, vhat != NULL, nan_blocks, 0};                 \
         memcpy(d.job.coef, coef, sizeof d.job.coef);                                         \
