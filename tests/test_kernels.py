@@ -343,24 +343,28 @@ def test_conversions_exhaustive() -> None:
         assert_same_bits(got, expected, f"float32 -> {dtype}")
 
 
-def test_float16_without_avx512_path(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    """The bit-manipulation float16 loops (machines without AVX-512) on whole tensors.
+def test_without_avx512_paths(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The loops of machines without AVX-512, on whole tensors.
 
-    Where AVX-512 exists they only run the last < 16 elements of a tensor;
-    built without the vector path they run everything, and must agree too.
+    float16 by bit manipulation (where AVX-512 exists it only runs the last
+    < 16 elements of a tensor), and float32/float64 dense steps that keep
+    copies of the old values instead of checking before they store.
     """
-    scalar_only = native.build(tmp_path, extra_flags=["-DTFADAM_NO_VECTOR_F16"])
+    scalar_only = native.build(
+        tmp_path, extra_flags=["-DTFADAM_NO_VECTOR_F16", "-DTFADAM_NO_CHECKED_DENSE"]
+    )
     monkeypatch.setattr(native, "_library", scalar_only)
     monkeypatch.setattr(native, "_loaded", True)
     shapes = [(1001,), (3, 7), (70_001,)]
-    for amsgrad, nesterov in ((False, False), (True, True)):
-        expected = dense_state(shapes, torch.float16, seed=9, amsgrad=amsgrad)
-        actual = {k: clones(v) for k, v in expected.items()}
-        grads = gradients(shapes, torch.float16, seed=9)
-        c = coefficients(torch.float16, 4)
-        run_dense(reference.dense_step, expected, grads, c=c, nesterov=nesterov)
-        run_dense(kernels.dense_step, actual, grads, c=c, nesterov=nesterov)
-        assert_states_equal(actual, expected)
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        for amsgrad, nesterov in ((False, False), (True, True)):
+            expected = dense_state(shapes, dtype, seed=9, amsgrad=amsgrad)
+            actual = {k: clones(v) for k, v in expected.items()}
+            grads = gradients(shapes, dtype, seed=9)
+            c = coefficients(dtype, 4)
+            run_dense(reference.dense_step, expected, grads, c=c, nesterov=nesterov)
+            run_dense(kernels.dense_step, actual, grads, c=c, nesterov=nesterov)
+            assert_states_equal(actual, expected)
     generator = torch.Generator().manual_seed(9)
     for lazy, numerics in ((False, "eager"), (False, "graph"), (True, "eager")):
         table = [random_tensor((200, 24), torch.float16, generator) for _ in range(3)]
