@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.scalars import round_to
+
 Hyper = float | int | torch.Tensor | Callable[[], "float | int | torch.Tensor"]
 Resolved = float | torch.Tensor
 
@@ -91,7 +93,7 @@ def resolve_all(lr: Hyper, beta1: Hyper, beta2: Hyper, epsilon: Hyper, where: st
 
 def _check(value: Resolved, name: str, ok: Callable[[float], bool], wanted: str) -> None:
     # A Python number is used as float32: β = 0.99999999 is 1.0 to TF.
-    number = float(value) if isinstance(value, torch.Tensor) else float(torch.tensor(value))
+    number = float(value) if isinstance(value, torch.Tensor) else round_to(value, torch.float32)
     if not (math.isfinite(number) and ok(number)):
         raise ValueError(
             f"hyperparameter {name}={number!r} makes the Adam update undefined; it must be "
