@@ -246,7 +246,7 @@ def accumulator_problem(power: Any) -> str | None:
         return f"is a {power.dtype} tensor of shape {tuple(power.shape)}, not a float32 scalar"
     if power.is_meta:
         return "is on the meta device (it has no value)"
-    value = float(power.reshape(()))
+    value = power.item()
     if not (math.isfinite(value) and 0.0 <= value < 1.0):
         return f"is {value!r}, outside [0, 1) (it is a product of betas in [0, 1))"
     return None
