@@ -273,19 +273,144 @@ INLINE int f64v_odd(const double *t, const double *g, const double *m, const dou
 #define f64_DENSE_VECTOR(ELEMENT) LOOP(f64v, __m512d, 8, ELEMENT)
 #define f32_CHECKED 1
 #define f64_CHECKED 1
-#else /* the kept-copies loop, which GCC vectorises by itself */
+
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+/* bfloat16, 16 at a time: widened by a shift; rounded to nearest even as
+ * bf16_round, with the lowest kept bit tested into a mask (4 instructions
+ * instead of 5: the step is compute-bound, 12 roundings per element). */
+INLINE __m512 bf16v_ld(const uint16_t *p, int64_t i) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p + i)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+INLINE void bf16v_st(uint16_t *p, int64_t i, __m512 x) { /* x already rounded */
+    __m512i u = _mm512_srli_epi32(_mm512_castps_si512(x), 16);
+    _mm256_storeu_si256((__m256i *)(p + i), _mm512_cvtepi32_epi16(u));
+}
+INLINE __m512 bf16v_round(__m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    __mmask16 odd = _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x10000));
+    __m512i t = _mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF));
+    t = _mm512_mask_add_epi32(t, odd, t, _mm512_set1_epi32(1));
+    return _mm512_castsi512_ps(_mm512_and_si512(t, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+INLINE __m512 bf16v_sqrt(__m512 x) { return _mm512_sqrt_ps(x); }
+INLINE __m512 bf16v_set1(double x) { return _mm512_set1_ps((float)x); }
+INLINE void bf16v_keep(uint16_t *to, const uint16_t *from, int64_t i) {
+    _mm256_storeu_si256((__m256i *)(to + i), _mm256_loadu_si256((const __m256i *)(from + i)));
+}
+INLINE int bf16v_isnan(__m512 x) { return f32v_isnan(x); }
+INLINE __m512 bf16v_max(__m512 h, __m512 v) { return f32v_max(h, v); } /* bf16_daz is f32_daz */
+INLINE __mmask16 bf16v_odd1(const uint16_t *p, int64_t i) {
+    __m256i u = _mm256_loadu_si256((const __m256i *)(p + i));
+    __m256i a = _mm256_and_si256(u, _mm256_set1_epi16(0x7FFF));
+    __mmask16 nan = _mm256_cmpgt_epu16_mask(a, _mm256_set1_epi16(0x7F80));
+    return _mm256_mask_cmpneq_epu16_mask(nan, u, _mm256_set1_epi16((short)0xFFC0));
+}
+INLINE int bf16v_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, const uint16_t *v,
+                     const uint16_t *h, int64_t i) {
+    return (bf16v_odd1(t, i) | bf16v_odd1(g, i) | bf16v_odd1(m, i) | bf16v_odd1(v, i) |
+            (h ? bf16v_odd1(h, i) : 0)) != 0;
+}
+/* bfloat16, 32 at a time: 32 stored values are one 512-bit word; as float32
+ * they are two vectors, the even elements (e) and the odd ones (o), made by a
+ * shift and a mask, and put back by one ternary-logic instruction, where
+ * bf16v needs a cross-lane widening or narrowing per 16 values. Every
+ * operation is elementwise, so computing in that order is computing in the
+ * stored one. Measured per core (16 x 1M): 19-21 ms, against 21-25 ms for
+ * the kept-copies loop GCC vectorises (rounding through vcvtne2ps2bf16 and a
+ * word shuffle instead of bf16v_round: no faster, the chain of 12 roundings
+ * is latency-bound). */
+typedef struct {
+    __m512 e, o;
+} bf16x32;
+INLINE bf16x32 bf16p_unpack(__m512i w) {
+    return (bf16x32){_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)),
+                     _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xFFFF0000u)))};
+}
+INLINE bf16x32 bf16p_ld(const uint16_t *p, int64_t i) {
+    return bf16p_unpack(_mm512_loadu_si512((const void *)(p + i)));
+}
+/* The 32 bfloat16 of x (already rounded) in stored order. */
+INLINE __m512i bf16p_words(bf16x32 x) {
+    return _mm512_ternarylogic_epi32(_mm512_srli_epi32(_mm512_castps_si512(x.e), 16),
+                                     _mm512_castps_si512(x.o), _mm512_set1_epi32((int)0xFFFF0000u),
+                                     0xF8); /* a | (b & c) */
+}
+INLINE void bf16p_st(uint16_t *p, int64_t i, bf16x32 x) {
+    _mm512_storeu_si512((void *)(p + i), bf16p_words(x));
+}
+INLINE bf16x32 bf16p_round(bf16x32 x) { return (bf16x32){bf16v_round(x.e), bf16v_round(x.o)}; }
+#define BF16P_OP(name, expr)                                                                  \
+    INLINE bf16x32 bf16p_##name(bf16x32 a, bf16x32 b) {                                       \
+        return (bf16x32){expr(a.e, b.e), expr(a.o, b.o)};                                      \
+    }
+#define BF16P_ADD(a, b) ((a) + (b))
+#define BF16P_SUB(a, b) ((a) - (b))
+#define BF16P_MUL(a, b) ((a) * (b))
+#define BF16P_DIV(a, b) ((a) / (b))
+BF16P_OP(add, BF16P_ADD)
+BF16P_OP(sub, BF16P_SUB)
+BF16P_OP(mul, BF16P_MUL)
+BF16P_OP(div, BF16P_DIV)
+BF16P_OP(max, f32v_max)
+INLINE bf16x32 bf16p_sqrt(bf16x32 a) { return (bf16x32){_mm512_sqrt_ps(a.e), _mm512_sqrt_ps(a.o)}; }
+INLINE bf16x32 bf16p_set1(double x) { return (bf16x32){_mm512_set1_ps((float)x), _mm512_set1_ps((float)x)}; }
+INLINE int bf16p_isnan(bf16x32 a) { return f32v_isnan(a.e) | f32v_isnan(a.o); }
+INLINE int bf16p_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, const uint16_t *v,
+                     const uint16_t *h, int64_t i) {
+    return bf16v_odd(t, g, m, v, h, i) | bf16v_odd(t, g, m, v, h, i + 16);
+}
+/* DENSE_ELEMENT, 32 at a time; returns where it stopped (see checked). */
+INLINE int64_t bf16_dense_pairs(uint16_t *tp, const uint16_t *gp, uint16_t *mp, uint16_t *vp,
+                                uint16_t *hp, int64_t n, const double *coef, int nesterov,
+                                int amsgrad) {
+    const bf16x32 alpha = bf16p_set1(coef[0]), b1 = bf16p_set1(coef[1]);
+    const bf16x32 omb1 = bf16p_set1(coef[3]), omb2 = bf16p_set1(coef[4]), eps = bf16p_set1(coef[5]);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        bf16x32 g = bf16p_ld(gp, i), m = bf16p_ld(mp, i), v = bf16p_ld(vp, i);
+        bf16x32 th = bf16p_ld(tp, i);
+        m = bf16p_round(bf16p_add(m, bf16p_round(bf16p_mul(bf16p_round(bf16p_sub(g, m)), omb1))));
+        bf16x32 gg = bf16p_round(bf16p_mul(g, g));
+        v = bf16p_round(bf16p_add(v, bf16p_round(bf16p_mul(bf16p_round(bf16p_sub(gg, v)), omb2))));
+        bf16x32 d = v;
+        if (amsgrad) d = bf16p_max(bf16p_ld(hp, i), v);
+        bf16x32 den = bf16p_round(bf16p_add(bf16p_round(bf16p_sqrt(d)), eps));
+        bf16x32 num = m;
+        if (nesterov)
+            num = bf16p_round(bf16p_add(bf16p_round(bf16p_mul(g, omb1)), bf16p_round(bf16p_mul(b1, m))));
+        th = bf16p_round(bf16p_sub(th, bf16p_round(bf16p_div(bf16p_round(bf16p_mul(num, alpha)), den))));
+        if ((bf16p_isnan(v) | bf16p_isnan(th)) && bf16p_odd(tp, gp, mp, vp, amsgrad ? hp : NULL, i))
+            break;
+        bf16p_st(mp, i, m);
+        bf16p_st(vp, i, v);
+        if (amsgrad) bf16p_st(hp, i, d);
+        bf16p_st(tp, i, th);
+    }
+    return i;
+}
+/* 32 at a time, then 16 (bf16v), then one at a time */
+#define bf16_DENSE_VECTOR(ELEMENT)                                                            \
+    i = bf16_dense_pairs(tp, (const uint16_t *)gp, mp, vp, hp, n, coef, nesterov, amsgrad);  \
+    LOOP(bf16v, __m512, 16, ELEMENT)
+#define bf16_CHECKED 1
+#else
+#define bf16_DENSE_VECTOR(ELEMENT)
+#define bf16_CHECKED 0
+#endif
+#else /* the kept-copies loops, which GCC vectorises by itself */
 #define f32_DENSE_VECTOR(ELEMENT)
 #define f64_DENSE_VECTOR(ELEMENT)
+#define bf16_DENSE_VECTOR(ELEMENT)
 #define f32_CHECKED 0
 #define f64_CHECKED 0
+#define bf16_CHECKED 0
 #endif
 #define f32_VECTOR(ELEMENT)
 #define f64_VECTOR(ELEMENT)
 #define bf16_VECTOR(ELEMENT)
 #define f16_DENSE_VECTOR f16_VECTOR
-#define bf16_DENSE_VECTOR(ELEMENT)
 #define f16_CHECKED 0
-#define bf16_CHECKED 0
 
 /* Elements i, i+W, ... while W of them remain, with type T; the constants of
  * ELEMENT (ELEMENT_CONSTS) are made once, in T. */
