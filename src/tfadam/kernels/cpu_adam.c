@@ -311,72 +311,94 @@ INLINE int bf16v_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, co
     return (bf16v_odd1(t, i) | bf16v_odd1(g, i) | bf16v_odd1(m, i) | bf16v_odd1(v, i) |
             (h ? bf16v_odd1(h, i) : 0)) != 0;
 }
-/* bfloat16, 32 at a time: 32 stored values are one 512-bit word; as float32
- * they are two vectors, the even elements (e) and the odd ones (o), made by a
- * shift and a mask, and put back by one ternary-logic instruction, where
- * bf16v needs a cross-lane widening or narrowing per 16 values. Every
- * operation is elementwise, so computing in that order is computing in the
- * stored one. Measured per core (16 x 1M): 19-21 ms, against 21-25 ms for
- * the kept-copies loop GCC vectorises (rounding through vcvtne2ps2bf16 and a
- * word shuffle instead of bf16v_round: no faster, the chain of 12 roundings
- * is latency-bound). */
+/* bfloat16, 64 at a time: 32 stored values are one 512-bit word; as float32
+ * they are two vectors, the even elements and the odd ones, made by a shift
+ * and a mask and put back by one ternary-logic instruction, where bf16v
+ * needs a cross-lane widening or narrowing per 16 values. Every operation is
+ * elementwise, so computing in that order is computing in the stored one.
+ * The chain of 12 roundings per element is latency-bound: two words (four
+ * independent vectors per operation) per step. Measured per core (16 x 1M,
+ * ms): kept-copies loop that GCC vectorises 20-25, one word 17-20, two words
+ * 15.5-17.5, four 15.8-17.4; rounding through vcvtne2ps2bf16 and a word
+ * shuffle instead of bf16v_round: no faster. */
+#ifndef BF16_WORDS
+#define BF16_WORDS 2 /* 512-bit words per step: 2 x 2 independent vectors per operation */
+#endif
+#define BF16_N (32 * BF16_WORDS)
 typedef struct {
-    __m512 e, o;
-} bf16x32;
-INLINE bf16x32 bf16p_unpack(__m512i w) {
-    return (bf16x32){_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)),
-                     _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xFFFF0000u)))};
+    __m512 x[2 * BF16_WORDS]; /* word w: x[2w] its even elements, x[2w + 1] its odd ones */
+} bf16xN;
+INLINE bf16xN bf16p_ld(const uint16_t *p, int64_t i) {
+    bf16xN r;
+    for (int w = 0; w < BF16_WORDS; ++w) {
+        __m512i u = _mm512_loadu_si512((const void *)(p + i + 32 * w));
+        r.x[2 * w] = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+        r.x[2 * w + 1] = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+    }
+    return r;
 }
-INLINE bf16x32 bf16p_ld(const uint16_t *p, int64_t i) {
-    return bf16p_unpack(_mm512_loadu_si512((const void *)(p + i)));
+INLINE void bf16p_st(uint16_t *p, int64_t i, bf16xN a) { /* a already rounded */
+    for (int w = 0; w < BF16_WORDS; ++w) {
+        __m512i u = _mm512_ternarylogic_epi32(_mm512_srli_epi32(_mm512_castps_si512(a.x[2 * w]), 16),
+                                              _mm512_castps_si512(a.x[2 * w + 1]),
+                                              _mm512_set1_epi32((int)0xFFFF0000u), 0xF8); /* a | (b & c) */
+        _mm512_storeu_si512((void *)(p + i + 32 * w), u);
+    }
 }
-/* The 32 bfloat16 of x (already rounded) in stored order. */
-INLINE __m512i bf16p_words(bf16x32 x) {
-    return _mm512_ternarylogic_epi32(_mm512_srli_epi32(_mm512_castps_si512(x.e), 16),
-                                     _mm512_castps_si512(x.o), _mm512_set1_epi32((int)0xFFFF0000u),
-                                     0xF8); /* a | (b & c) */
-}
-INLINE void bf16p_st(uint16_t *p, int64_t i, bf16x32 x) {
-    _mm512_storeu_si512((void *)(p + i), bf16p_words(x));
-}
-INLINE bf16x32 bf16p_round(bf16x32 x) { return (bf16x32){bf16v_round(x.e), bf16v_round(x.o)}; }
-#define BF16P_OP(name, expr)                                                                  \
-    INLINE bf16x32 bf16p_##name(bf16x32 a, bf16x32 b) {                                       \
-        return (bf16x32){expr(a.e, b.e), expr(a.o, b.o)};                                      \
+#define BF16P_MAP1(name, expr)                                                                \
+    INLINE bf16xN bf16p_##name(bf16xN a) {                                                    \
+        for (int k = 0; k < 2 * BF16_WORDS; ++k) a.x[k] = expr(a.x[k]);                       \
+        return a;                                                                            \
+    }
+#define BF16P_MAP2(name, expr)                                                                \
+    INLINE bf16xN bf16p_##name(bf16xN a, bf16xN b) {                                          \
+        for (int k = 0; k < 2 * BF16_WORDS; ++k) a.x[k] = expr(a.x[k], b.x[k]);               \
+        return a;                                                                            \
     }
 #define BF16P_ADD(a, b) ((a) + (b))
 #define BF16P_SUB(a, b) ((a) - (b))
 #define BF16P_MUL(a, b) ((a) * (b))
 #define BF16P_DIV(a, b) ((a) / (b))
-BF16P_OP(add, BF16P_ADD)
-BF16P_OP(sub, BF16P_SUB)
-BF16P_OP(mul, BF16P_MUL)
-BF16P_OP(div, BF16P_DIV)
-BF16P_OP(max, f32v_max)
-INLINE bf16x32 bf16p_sqrt(bf16x32 a) { return (bf16x32){_mm512_sqrt_ps(a.e), _mm512_sqrt_ps(a.o)}; }
-INLINE bf16x32 bf16p_set1(double x) { return (bf16x32){_mm512_set1_ps((float)x), _mm512_set1_ps((float)x)}; }
-INLINE int bf16p_isnan(bf16x32 a) { return f32v_isnan(a.e) | f32v_isnan(a.o); }
+BF16P_MAP1(round, bf16v_round)
+BF16P_MAP1(sqrt, _mm512_sqrt_ps)
+BF16P_MAP2(add, BF16P_ADD)
+BF16P_MAP2(sub, BF16P_SUB)
+BF16P_MAP2(mul, BF16P_MUL)
+BF16P_MAP2(div, BF16P_DIV)
+BF16P_MAP2(max, f32v_max)
+INLINE bf16xN bf16p_set1(double x) {
+    bf16xN r;
+    for (int k = 0; k < 2 * BF16_WORDS; ++k) r.x[k] = _mm512_set1_ps((float)x);
+    return r;
+}
+INLINE int bf16p_isnan(bf16xN a) {
+    int nan = 0;
+    for (int k = 0; k < 2 * BF16_WORDS; ++k) nan |= f32v_isnan(a.x[k]);
+    return nan;
+}
 INLINE int bf16p_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, const uint16_t *v,
                      const uint16_t *h, int64_t i) {
-    return bf16v_odd(t, g, m, v, h, i) | bf16v_odd(t, g, m, v, h, i + 16);
+    int odd = 0;
+    for (int k = 0; k < 2 * BF16_WORDS; ++k) odd |= bf16v_odd(t, g, m, v, h, i + 16 * k);
+    return odd;
 }
-/* DENSE_ELEMENT, 32 at a time; returns where it stopped (see checked). */
+/* DENSE_ELEMENT, BF16_N at a time; returns where it stopped (see checked). */
 INLINE int64_t bf16_dense_pairs(uint16_t *tp, const uint16_t *gp, uint16_t *mp, uint16_t *vp,
                                 uint16_t *hp, int64_t n, const double *coef, int nesterov,
                                 int amsgrad) {
-    const bf16x32 alpha = bf16p_set1(coef[0]), b1 = bf16p_set1(coef[1]);
-    const bf16x32 omb1 = bf16p_set1(coef[3]), omb2 = bf16p_set1(coef[4]), eps = bf16p_set1(coef[5]);
+    const bf16xN alpha = bf16p_set1(coef[0]), b1 = bf16p_set1(coef[1]);
+    const bf16xN omb1 = bf16p_set1(coef[3]), omb2 = bf16p_set1(coef[4]), eps = bf16p_set1(coef[5]);
     int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        bf16x32 g = bf16p_ld(gp, i), m = bf16p_ld(mp, i), v = bf16p_ld(vp, i);
-        bf16x32 th = bf16p_ld(tp, i);
+    for (; i + BF16_N <= n; i += BF16_N) {
+        bf16xN g = bf16p_ld(gp, i), m = bf16p_ld(mp, i), v = bf16p_ld(vp, i);
+        bf16xN th = bf16p_ld(tp, i);
         m = bf16p_round(bf16p_add(m, bf16p_round(bf16p_mul(bf16p_round(bf16p_sub(g, m)), omb1))));
-        bf16x32 gg = bf16p_round(bf16p_mul(g, g));
+        bf16xN gg = bf16p_round(bf16p_mul(g, g));
         v = bf16p_round(bf16p_add(v, bf16p_round(bf16p_mul(bf16p_round(bf16p_sub(gg, v)), omb2))));
-        bf16x32 d = v;
+        bf16xN d = v;
         if (amsgrad) d = bf16p_max(bf16p_ld(hp, i), v);
-        bf16x32 den = bf16p_round(bf16p_add(bf16p_round(bf16p_sqrt(d)), eps));
-        bf16x32 num = m;
+        bf16xN den = bf16p_round(bf16p_add(bf16p_round(bf16p_sqrt(d)), eps));
+        bf16xN num = m;
         if (nesterov)
             num = bf16p_round(bf16p_add(bf16p_round(bf16p_mul(g, omb1)), bf16p_round(bf16p_mul(b1, m))));
         th = bf16p_round(bf16p_sub(th, bf16p_round(bf16p_div(bf16p_round(bf16p_mul(num, alpha)), den))));
@@ -389,7 +411,7 @@ INLINE int64_t bf16_dense_pairs(uint16_t *tp, const uint16_t *gp, uint16_t *mp, 
     }
     return i;
 }
-/* 32 at a time, then 16 (bf16v), then one at a time */
+/* BF16_N at a time, then 16 (bf16v), then one at a time */
 #define bf16_DENSE_VECTOR(ELEMENT)                                                            \
     i = bf16_dense_pairs(tp, (const uint16_t *)gp, mp, vp, hp, n, coef, nesterov, amsgrad);  \
     LOOP(bf16v, __m512, 16, ELEMENT)
