@@ -704,8 +704,10 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     report.add(f"Machine: {machine_line()}")
     report.add(f"Command: `{command.strip()}`")
+    lib = native.library()
+    threads = "on torch's OpenMP threads" if lib and lib.tfadam_threading() else "own thread pool"
     report.add(
-        f"C kernels: {'loaded' if native.library() else native.unavailable_reason()}; "
+        f"C kernels: {f'loaded, {threads}' if lib else native.unavailable_reason()}; "
         f"TF1 contenders: {'yes, in their own process (see below)' if want_tf else 'no'}"
     )
     load_before = os.getloadavg()

@@ -449,9 +449,11 @@ INLINE int64_t bf16_dense_pairs(uint16_t *tp, const uint16_t *gp, uint16_t *mp, 
     (void)alpha, (void)b1, (void)b2, (void)omb1, (void)omb2, (void)eps;
 
 /* ------------------------------------------------------------------------ */
-/* Threads: a small persistent pool, work handed out in chunks.              */
+/* Threads: torch's own OpenMP team where the loader could link to it       */
+/* (TFADAM_OPENMP, below); otherwise a small persistent pool of our own.    */
+/* Either way work is handed out in chunks.                                 */
 /*                                                                          */
-/* The caller's thread works too, and takes chunks until none are left; it  */
+/* Pool: the caller's thread works too, and takes chunks until none are left; it  */
 /* then waits only for chunks already being worked on, never for a helper   */
 /* that the OS has not scheduled yet (on a busy machine that wait can last a */
 /* whole time slice). Idle helpers sleep on a condition variable: no         */
