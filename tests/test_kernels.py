@@ -379,6 +379,36 @@ def test_without_avx512_paths(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None
             assert_same_bits(a, e, f"lazy={lazy} {numerics}")
 
 
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return info.read()
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(
+    "avx512_bf16" not in _cpu_flags(),
+    reason="no AVX512-BF16 on this CPU: the default build already rounds by bits",
+)
+def test_bfloat16_without_avx512_bf16_instructions(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """bfloat16 rounding by bit manipulation, where vcvtne2ps2bf16 does not exist."""
+    without = native.build(tmp_path, extra_flags=["-mno-avx512bf16"])
+    monkeypatch.setattr(native, "_library", without)
+    monkeypatch.setattr(native, "_loaded", True)
+    shapes = [(1001,), (3, 7), (70_001,)]
+    for amsgrad, nesterov in ((False, False), (True, True)):
+        expected = dense_state(shapes, torch.bfloat16, seed=10, amsgrad=amsgrad)
+        actual = {k: clones(v) for k, v in expected.items()}
+        grads = gradients(shapes, torch.bfloat16, seed=10)
+        c = coefficients(torch.bfloat16, 4)
+        run_dense(reference.dense_step, expected, grads, c=c, nesterov=nesterov)
+        run_dense(kernels.dense_step, actual, grads, c=c, nesterov=nesterov)
+        assert_states_equal(actual, expected)
+
+
 def test_no_compiler_falls_back_to_reference(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("TFADAM_CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TFADAM_CACHE_DIR", str(tmp_path / "cache"))
