@@ -329,22 +329,29 @@ INLINE int bf16v_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, co
 typedef struct {
     __m512 x[2 * BF16_WORDS]; /* word w: x[2w] its even elements, x[2w + 1] its odd ones */
 } bf16xN;
+typedef struct {
+    __m512i w[BF16_WORDS]; /* the same values as stored: bfloat16 words */
+} bf16wN;
+INLINE void bf16p_unpack(bf16xN *a, int w, __m512i u) {
+    a->x[2 * w] = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+    a->x[2 * w + 1] = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
 INLINE bf16xN bf16p_ld(const uint16_t *p, int64_t i) {
     bf16xN r;
-    for (int w = 0; w < BF16_WORDS; ++w) {
-        __m512i u = _mm512_loadu_si512((const void *)(p + i + 32 * w));
-        r.x[2 * w] = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
-        r.x[2 * w + 1] = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
-    }
+    for (int w = 0; w < BF16_WORDS; ++w)
+        bf16p_unpack(&r, w, _mm512_loadu_si512((const void *)(p + i + 32 * w)));
     return r;
 }
-INLINE void bf16p_st(uint16_t *p, int64_t i, bf16xN a) { /* a already rounded */
-    for (int w = 0; w < BF16_WORDS; ++w) {
-        __m512i u = _mm512_ternarylogic_epi32(_mm512_srli_epi32(_mm512_castps_si512(a.x[2 * w]), 16),
-                                              _mm512_castps_si512(a.x[2 * w + 1]),
-                                              _mm512_set1_epi32((int)0xFFFF0000u), 0xF8); /* a | (b & c) */
-        _mm512_storeu_si512((void *)(p + i + 32 * w), u);
-    }
+INLINE bf16wN bf16p_words(bf16xN a) { /* a already rounded */
+    bf16wN r;
+    for (int w = 0; w < BF16_WORDS; ++w)
+        r.w[w] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(_mm512_castps_si512(a.x[2 * w]), 16),
+                                           _mm512_castps_si512(a.x[2 * w + 1]),
+                                           _mm512_set1_epi32((int)0xFFFF0000u), 0xF8); /* a | (b & c) */
+    return r;
+}
+INLINE void bf16p_st(uint16_t *p, int64_t i, bf16wN a) {
+    for (int w = 0; w < BF16_WORDS; ++w) _mm512_storeu_si512((void *)(p + i + 32 * w), a.w[w]);
 }
 #define BF16P_MAP1(name, expr)                                                                \
     INLINE bf16xN bf16p_##name(bf16xN a) {                                                    \
@@ -367,21 +374,30 @@ INLINE void bf16p_st(uint16_t *p, int64_t i, bf16xN a) { /* a already rounded */
  * inputs as zero and there are none: TF's flush-to-zero is on for the
  * operations whose results it rounds. A NaN other than the default one never
  * gets here (checked); the default one converts as bf16v_round keeps it. */
-INLINE bf16xN bf16p_round(bf16xN a) {
+/* a rounded, and (*words) the same values as stored */
+INLINE bf16xN bf16p_round_w(bf16xN a, bf16wN *words) {
     const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
                                            24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
                                            16, 0);
     for (int w = 0; w < BF16_WORDS; ++w) {
         __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(a.x[2 * w + 1], a.x[2 * w]);
-        __m512i u = _mm512_permutexvar_epi16(order, packed);
-        a.x[2 * w] = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
-        a.x[2 * w + 1] = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
+        words->w[w] = _mm512_permutexvar_epi16(order, packed);
+        bf16p_unpack(&a, w, words->w[w]);
     }
     return a;
 }
 #else
-BF16P_MAP1(round, bf16v_round)
+BF16P_MAP1(round_bits, bf16v_round)
+INLINE bf16xN bf16p_round_w(bf16xN a, bf16wN *words) {
+    a = bf16p_round_bits(a);
+    *words = bf16p_words(a);
+    return a;
+}
 #endif
+INLINE bf16xN bf16p_round(bf16xN a) {
+    bf16wN unused;
+    return bf16p_round_w(a, &unused);
+}
 BF16P_MAP1(sqrt, _mm512_sqrt_ps)
 BF16P_MAP2(add, BF16P_ADD)
 BF16P_MAP2(sub, BF16P_SUB)
@@ -414,22 +430,23 @@ INLINE int64_t bf16_dense_pairs(uint16_t *tp, const uint16_t *gp, uint16_t *mp, 
     for (; i + BF16_N <= n; i += BF16_N) {
         bf16xN g = bf16p_ld(gp, i), m = bf16p_ld(mp, i), v = bf16p_ld(vp, i);
         bf16xN th = bf16p_ld(tp, i);
-        m = bf16p_round(bf16p_add(m, bf16p_round(bf16p_mul(bf16p_round(bf16p_sub(g, m)), omb1))));
+        bf16wN mw, vw, tw; /* the new m, v, θ as they will be stored */
+        m = bf16p_round_w(bf16p_add(m, bf16p_round(bf16p_mul(bf16p_round(bf16p_sub(g, m)), omb1))), &mw);
         bf16xN gg = bf16p_round(bf16p_mul(g, g));
-        v = bf16p_round(bf16p_add(v, bf16p_round(bf16p_mul(bf16p_round(bf16p_sub(gg, v)), omb2))));
+        v = bf16p_round_w(bf16p_add(v, bf16p_round(bf16p_mul(bf16p_round(bf16p_sub(gg, v)), omb2))), &vw);
         bf16xN d = v;
         if (amsgrad) d = bf16p_max(bf16p_ld(hp, i), v);
         bf16xN den = bf16p_round(bf16p_add(bf16p_round(bf16p_sqrt(d)), eps));
         bf16xN num = m;
         if (nesterov)
             num = bf16p_round(bf16p_add(bf16p_round(bf16p_mul(g, omb1)), bf16p_round(bf16p_mul(b1, m))));
-        th = bf16p_round(bf16p_sub(th, bf16p_round(bf16p_div(bf16p_round(bf16p_mul(num, alpha)), den))));
+        th = bf16p_round_w(bf16p_sub(th, bf16p_round(bf16p_div(bf16p_round(bf16p_mul(num, alpha)), den))), &tw);
         if ((bf16p_isnan(v) | bf16p_isnan(th)) && bf16p_odd(tp, gp, mp, vp, amsgrad ? hp : NULL, i))
             break;
-        bf16p_st(mp, i, m);
-        bf16p_st(vp, i, v);
-        if (amsgrad) bf16p_st(hp, i, d);
-        bf16p_st(tp, i, th);
+        bf16p_st(mp, i, mw);
+        bf16p_st(vp, i, vw);
+        if (amsgrad) bf16p_st(hp, i, bf16p_words(d));
+        bf16p_st(tp, i, tw);
     }
     return i;
 }
