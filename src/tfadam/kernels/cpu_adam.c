@@ -204,13 +204,9 @@ INLINE __m512 f16v_set1(double x) { return _mm512_set1_ps((float)x); }
 INLINE void f16v_keep(uint16_t *to, const uint16_t *from, int64_t i) {
     _mm256_storeu_si256((__m256i *)(to + i), _mm256_loadu_si256((const __m256i *)(from + i)));
 }
-INLINE int f16v_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, const uint16_t *v,
-                    const uint16_t *h, int64_t i) { /* float16 is never checked */
-    (void)t, (void)g, (void)m, (void)v, (void)h, (void)i;
-    return 0;
-}
 INLINE int f16v_isnan(__m512 x) { return (int)_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q); }
 #define f16_VECTOR(ELEMENT) LOOP(f16v, __m512, 16, ELEMENT)
+#define HAVE_F16V 1
 #else
 #define f16_VECTOR(ELEMENT)
 #endif
@@ -311,75 +307,89 @@ INLINE int bf16v_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, co
     return (bf16v_odd1(t, i) | bf16v_odd1(g, i) | bf16v_odd1(m, i) | bf16v_odd1(v, i) |
             (h ? bf16v_odd1(h, i) : 0)) != 0;
 }
-/* bfloat16, 128 at a time: 32 stored values are one 512-bit word; as float32
- * they are two vectors, the even elements and the odd ones, made by a shift
- * and a mask and put back by one ternary-logic instruction, where bf16v
- * needs a cross-lane widening or narrowing per 16 values. Every operation is
- * elementwise, so computing in that order is computing in the stored one.
- * The chain of 12 roundings per element is latency-bound, so several words
- * go at once. Measured per core (16 x 1M, ms; the machine drifts, compare
- * within a row): kept-copies loop that GCC vectorises 20-25; bf16v_round,
- * one word 17-20, two 15.5-17.5, four 15.8-17.4; vcvtne2ps2bf16 (below),
- * one word no faster than bf16v_round, two 13.3 / 14.6 against 14.4 / 15.7
- * for bf16v_round, four 12.7 / 14.0. */
-#ifndef BF16_WORDS
-#define BF16_WORDS 4 /* 512-bit words per step: 8 independent vectors per operation */
-#endif
-#define BF16_N (32 * BF16_WORDS)
+/* The 16-bit formats, 128 elements a step: float32 vectors operated on
+ * together. Their loops are latency-bound (a rounding after each of 12
+ * operations), so each operation gets VN independent vectors. Measured for
+ * bfloat16 per core (16 x 1M, ms; the machine drifts, compare within a
+ * row): the kept-copies loop that GCC vectorises 20-25; even/odd words with
+ * bf16v_round, 2 vectors a step 17-20, 4: 15.5-17.5, 8: 15.8-17.4;
+ * vcvtne2ps2bf16 (below), 2 vectors no faster than bf16v_round, 4: 13.3 /
+ * 14.6 against 14.4 / 15.7, 8: 12.7 / 14.0. */
+#define VN 8
 typedef struct {
-    __m512 x[2 * BF16_WORDS]; /* word w: x[2w] its even elements, x[2w + 1] its odd ones */
-} bf16xN;
+    __m512 x[VN];
+} vecN;
+#define VECN_MAP1(name, expr)                                                                 \
+    INLINE vecN vecN_##name(vecN a) {                                                        \
+        for (int k = 0; k < VN; ++k) a.x[k] = expr(a.x[k]);                                  \
+        return a;                                                                            \
+    }
+#define VECN_MAP2(name, expr)                                                                 \
+    INLINE vecN vecN_##name(vecN a, vecN b) {                                                \
+        for (int k = 0; k < VN; ++k) a.x[k] = expr(a.x[k], b.x[k]);                          \
+        return a;                                                                            \
+    }
+#define VECN_ADD(a, b) ((a) + (b))
+#define VECN_SUB(a, b) ((a) - (b))
+#define VECN_MUL(a, b) ((a) * (b))
+#define VECN_DIV(a, b) ((a) / (b))
+VECN_MAP1(sqrt, _mm512_sqrt_ps)
+VECN_MAP2(add, VECN_ADD)
+VECN_MAP2(sub, VECN_SUB)
+VECN_MAP2(mul, VECN_MUL)
+VECN_MAP2(div, VECN_DIV)
+INLINE vecN vecN_set1(double x) {
+    vecN r;
+    for (int k = 0; k < VN; ++k) r.x[k] = _mm512_set1_ps((float)x);
+    return r;
+}
+INLINE int vecN_isnan(vecN a) {
+    int nan = 0;
+    for (int k = 0; k < VN; ++k) nan |= f32v_isnan(a.x[k]);
+    return nan;
+}
+
+/* bfloat16: 32 stored values are one 512-bit word; as float32 they are two
+ * vectors, the even elements and the odd ones, made by a shift and a mask
+ * and put back by one ternary-logic instruction, where bf16v needs a
+ * cross-lane widening or narrowing per 16 values. Every operation is
+ * elementwise, so computing in that order is computing in the stored one. */
 typedef struct {
-    __m512i w[BF16_WORDS]; /* the same values as stored: bfloat16 words */
+    __m512i w[VN / 2]; /* the same values as stored: word w is x[2w] (even) and x[2w + 1] */
 } bf16wN;
-INLINE void bf16p_unpack(bf16xN *a, int w, __m512i u) {
+INLINE void bf16p_unpack(vecN *a, int w, __m512i u) {
     a->x[2 * w] = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
     a->x[2 * w + 1] = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
 }
-INLINE bf16xN bf16p_ld(const uint16_t *p, int64_t i) {
-    bf16xN r;
-    for (int w = 0; w < BF16_WORDS; ++w)
-        bf16p_unpack(&r, w, _mm512_loadu_si512((const void *)(p + i + 32 * w)));
+INLINE vecN bf16p_ld(const uint16_t *p, int64_t i) {
+    vecN r;
+    for (int w = 0; w < VN / 2; ++w) bf16p_unpack(&r, w, _mm512_loadu_si512((const void *)(p + i + 32 * w)));
     return r;
 }
-INLINE bf16wN bf16p_words(bf16xN a) { /* a already rounded */
+INLINE bf16wN bf16p_words(vecN a) { /* a already rounded */
     bf16wN r;
-    for (int w = 0; w < BF16_WORDS; ++w)
+    for (int w = 0; w < VN / 2; ++w)
         r.w[w] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(_mm512_castps_si512(a.x[2 * w]), 16),
                                            _mm512_castps_si512(a.x[2 * w + 1]),
                                            _mm512_set1_epi32((int)0xFFFF0000u), 0xF8); /* a | (b & c) */
     return r;
 }
 INLINE void bf16p_st(uint16_t *p, int64_t i, bf16wN a) {
-    for (int w = 0; w < BF16_WORDS; ++w) _mm512_storeu_si512((void *)(p + i + 32 * w), a.w[w]);
+    for (int w = 0; w < VN / 2; ++w) _mm512_storeu_si512((void *)(p + i + 32 * w), a.w[w]);
 }
-#define BF16P_MAP1(name, expr)                                                                \
-    INLINE bf16xN bf16p_##name(bf16xN a) {                                                    \
-        for (int k = 0; k < 2 * BF16_WORDS; ++k) a.x[k] = expr(a.x[k]);                       \
-        return a;                                                                            \
-    }
-#define BF16P_MAP2(name, expr)                                                                \
-    INLINE bf16xN bf16p_##name(bf16xN a, bf16xN b) {                                          \
-        for (int k = 0; k < 2 * BF16_WORDS; ++k) a.x[k] = expr(a.x[k], b.x[k]);               \
-        return a;                                                                            \
-    }
-#define BF16P_ADD(a, b) ((a) + (b))
-#define BF16P_SUB(a, b) ((a) - (b))
-#define BF16P_MUL(a, b) ((a) * (b))
-#define BF16P_DIV(a, b) ((a) / (b))
 #ifdef __AVX512BF16__
 /* vcvtne2ps2bf16 rounds two vectors to nearest even at once and puts the odd
  * elements' words after the even ones'; one word shuffle restores the stored
  * order: 4 instructions per 32 roundings instead of 8. It reads denormal
  * inputs as zero and there are none: TF's flush-to-zero is on for the
  * operations whose results it rounds. A NaN other than the default one never
- * gets here (checked); the default one converts as bf16v_round keeps it. */
-/* a rounded, and (*words) the same values as stored */
-INLINE bf16xN bf16p_round_w(bf16xN a, bf16wN *words) {
+ * gets here (checked); the default one converts as bf16v_round keeps it.
+ * Returns a rounded; *words: the same values as stored. */
+INLINE vecN bf16p_round_w(vecN a, bf16wN *words) {
     const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
                                            24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
                                            16, 0);
-    for (int w = 0; w < BF16_WORDS; ++w) {
+    for (int w = 0; w < VN / 2; ++w) {
         __m512i packed = (__m512i)_mm512_cvtne2ps_pbh(a.x[2 * w + 1], a.x[2 * w]);
         words->w[w] = _mm512_permutexvar_epi16(order, packed);
         bf16p_unpack(&a, w, words->w[w]);
@@ -387,74 +397,122 @@ INLINE bf16xN bf16p_round_w(bf16xN a, bf16wN *words) {
     return a;
 }
 #else
-BF16P_MAP1(round_bits, bf16v_round)
-INLINE bf16xN bf16p_round_w(bf16xN a, bf16wN *words) {
-    a = bf16p_round_bits(a);
+VECN_MAP1(bf16_round_bits, bf16v_round)
+INLINE vecN bf16p_round_w(vecN a, bf16wN *words) {
+    a = vecN_bf16_round_bits(a);
     *words = bf16p_words(a);
     return a;
 }
 #endif
-INLINE bf16xN bf16p_round(bf16xN a) {
+INLINE vecN bf16p_round(vecN a) {
     bf16wN unused;
     return bf16p_round_w(a, &unused);
-}
-BF16P_MAP1(sqrt, _mm512_sqrt_ps)
-BF16P_MAP2(add, BF16P_ADD)
-BF16P_MAP2(sub, BF16P_SUB)
-BF16P_MAP2(mul, BF16P_MUL)
-BF16P_MAP2(div, BF16P_DIV)
-BF16P_MAP2(max, f32v_max)
-INLINE bf16xN bf16p_set1(double x) {
-    bf16xN r;
-    for (int k = 0; k < 2 * BF16_WORDS; ++k) r.x[k] = _mm512_set1_ps((float)x);
-    return r;
-}
-INLINE int bf16p_isnan(bf16xN a) {
-    int nan = 0;
-    for (int k = 0; k < 2 * BF16_WORDS; ++k) nan |= f32v_isnan(a.x[k]);
-    return nan;
 }
 INLINE int bf16p_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, const uint16_t *v,
                      const uint16_t *h, int64_t i) {
     int odd = 0;
-    for (int k = 0; k < 2 * BF16_WORDS; ++k) odd |= bf16v_odd(t, g, m, v, h, i + 16 * k);
+    for (int k = 0; k < VN; ++k) odd |= bf16v_odd(t, g, m, v, h, i + 16 * k);
     return odd;
 }
-/* DENSE_ELEMENT, BF16_N at a time; returns where it stopped (see checked). */
-INLINE int64_t bf16_dense_pairs(uint16_t *tp, const uint16_t *gp, uint16_t *mp, uint16_t *vp,
-                                uint16_t *hp, int64_t n, const double *coef, int nesterov,
-                                int amsgrad) {
-    const bf16xN alpha = bf16p_set1(coef[0]), b1 = bf16p_set1(coef[1]);
-    const bf16xN omb1 = bf16p_set1(coef[3]), omb2 = bf16p_set1(coef[4]), eps = bf16p_set1(coef[5]);
-    int64_t i = 0;
-    for (; i + BF16_N <= n; i += BF16_N) {
-        bf16xN g = bf16p_ld(gp, i), m = bf16p_ld(mp, i), v = bf16p_ld(vp, i);
-        bf16xN th = bf16p_ld(tp, i);
-        bf16wN mw, vw, tw; /* the new m, v, θ as they will be stored */
-        m = bf16p_round_w(bf16p_add(m, bf16p_round(bf16p_mul(bf16p_round(bf16p_sub(g, m)), omb1))), &mw);
-        bf16xN gg = bf16p_round(bf16p_mul(g, g));
-        v = bf16p_round_w(bf16p_add(v, bf16p_round(bf16p_mul(bf16p_round(bf16p_sub(gg, v)), omb2))), &vw);
-        bf16xN d = v;
-        if (amsgrad) d = bf16p_max(bf16p_ld(hp, i), v);
-        bf16xN den = bf16p_round(bf16p_add(bf16p_round(bf16p_sqrt(d)), eps));
-        bf16xN num = m;
-        if (nesterov)
-            num = bf16p_round(bf16p_add(bf16p_round(bf16p_mul(g, omb1)), bf16p_round(bf16p_mul(b1, m))));
-        th = bf16p_round_w(bf16p_sub(th, bf16p_round(bf16p_div(bf16p_round(bf16p_mul(num, alpha)), den))), &tw);
-        if ((bf16p_isnan(v) | bf16p_isnan(th)) && bf16p_odd(tp, gp, mp, vp, amsgrad ? hp : NULL, i))
-            break;
-        bf16p_st(mp, i, mw);
-        bf16p_st(vp, i, vw);
-        if (amsgrad) bf16p_st(hp, i, bf16p_words(d));
-        bf16p_st(tp, i, tw);
+
+/* DENSE_ELEMENT, 16 * VN elements at a time, in format P (bf16p, f16p: ld,
+ * round, round_w, words, st, odd); returns where it stopped (see checked). */
+#define DEFINE_DENSE_N(P, WORDS)                                                              \
+    INLINE int64_t P##_dense_n(uint16_t *tp, const uint16_t *gp, uint16_t *mp, uint16_t *vp, \
+                               uint16_t *hp, int64_t n, const double *coef, int nesterov,   \
+                               int amsgrad) {                                               \
+        const vecN alpha = vecN_set1(coef[0]), b1 = vecN_set1(coef[1]);                      \
+        const vecN omb1 = vecN_set1(coef[3]), omb2 = vecN_set1(coef[4]);                     \
+        const vecN eps = vecN_set1(coef[5]);                                                 \
+        int64_t i = 0;                                                                       \
+        for (; i + 16 * VN <= n; i += 16 * VN) {                                             \
+            vecN g = P##_ld(gp, i), m = P##_ld(mp, i), v = P##_ld(vp, i);                    \
+            vecN th = P##_ld(tp, i);                                                         \
+            WORDS mw, vw, tw; /* the new m, v, θ as they will be stored */                   \
+            m = P##_round_w(vecN_add(m, P##_round(vecN_mul(P##_round(vecN_sub(g, m)), omb1))), &mw); \
+            vecN gg = P##_round(vecN_mul(g, g));                                             \
+            v = P##_round_w(vecN_add(v, P##_round(vecN_mul(P##_round(vecN_sub(gg, v)), omb2))), &vw); \
+            vecN d = v;                                                                      \
+            if (amsgrad) d = P##_max(P##_ld(hp, i), v);                                      \
+            vecN den = P##_round(vecN_add(P##_round(vecN_sqrt(d)), eps));                    \
+            vecN num = m;                                                                    \
+            if (nesterov)                                                                    \
+                num = P##_round(vecN_add(P##_round(vecN_mul(g, omb1)),                       \
+                                         P##_round(vecN_mul(b1, m))));                       \
+            th = P##_round_w(                                                                \
+                vecN_sub(th, P##_round(vecN_div(P##_round(vecN_mul(num, alpha)), den))), &tw); \
+            if ((vecN_isnan(v) | vecN_isnan(th)) && P##_odd(tp, gp, mp, vp, amsgrad ? hp : NULL, i)) \
+                break;                                                                       \
+            P##_st(mp, i, mw);                                                               \
+            P##_st(vp, i, vw);                                                               \
+            if (amsgrad) P##_st(hp, i, P##_words(d));                                        \
+            P##_st(tp, i, tw);                                                               \
+        }                                                                                    \
+        return i;                                                                            \
     }
-    return i;
-}
-/* BF16_N at a time, then 16 (bf16v), then one at a time */
+/* bfloat16: TF's max then denormals-are-zero, as f32v_max (bf16_daz is f32_daz) */
+VECN_MAP2(max_daz, f32v_max)
+#define bf16p_max vecN_max_daz
+DEFINE_DENSE_N(bf16p, bf16wN)
+/* 16 * VN at a time, then 16 (bf16v), then one at a time */
 #define bf16_DENSE_VECTOR(ELEMENT)                                                            \
-    i = bf16_dense_pairs(tp, (const uint16_t *)gp, mp, vp, hp, n, coef, nesterov, amsgrad);  \
+    i = bf16p_dense_n(tp, (const uint16_t *)gp, mp, vp, hp, n, coef, nesterov, amsgrad);     \
     LOOP(bf16v, __m512, 16, ELEMENT)
 #define bf16_CHECKED 1
+
+#ifdef HAVE_F16V
+/* float16: each vector 16 values, converted by vcvtph2ps / vcvtps2ph (exact
+ * IEEE conversions, round to nearest even), as f16v. */
+INLINE __mmask16 f16v_odd1(const uint16_t *p, int64_t i) {
+    __m256i u = _mm256_loadu_si256((const __m256i *)(p + i));
+    __m256i a = _mm256_and_si256(u, _mm256_set1_epi16(0x7FFF));
+    __mmask16 nan = _mm256_cmpgt_epu16_mask(a, _mm256_set1_epi16(0x7C00));
+    return _mm256_mask_cmpneq_epu16_mask(nan, u, _mm256_set1_epi16((short)0xFE00));
+}
+INLINE int f16v_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, const uint16_t *v,
+                    const uint16_t *h, int64_t i) {
+    return (f16v_odd1(t, i) | f16v_odd1(g, i) | f16v_odd1(m, i) | f16v_odd1(v, i) |
+            (h ? f16v_odd1(h, i) : 0)) != 0;
+}
+typedef struct {
+    __m256i h[VN]; /* the same values as stored */
+} f16wN;
+INLINE vecN f16p_ld(const uint16_t *p, int64_t i) {
+    vecN r;
+    for (int k = 0; k < VN; ++k) r.x[k] = f16v_ld(p, i + 16 * k);
+    return r;
+}
+INLINE f16wN f16p_words(vecN a) { /* a already rounded: the conversion is exact */
+    f16wN r;
+    for (int k = 0; k < VN; ++k) r.h[k] = _mm512_cvtps_ph(a.x[k], F16V_RNE);
+    return r;
+}
+INLINE vecN f16p_round_w(vecN a, f16wN *words) {
+    *words = f16p_words(a);
+    for (int k = 0; k < VN; ++k) a.x[k] = _mm512_cvtph_ps(words->h[k]);
+    return a;
+}
+INLINE vecN f16p_round(vecN a) {
+    f16wN unused;
+    return f16p_round_w(a, &unused);
+}
+INLINE void f16p_st(uint16_t *p, int64_t i, f16wN a) {
+    for (int k = 0; k < VN; ++k) _mm256_storeu_si256((__m256i *)(p + i + 16 * k), a.h[k]);
+}
+INLINE int f16p_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, const uint16_t *v,
+                    const uint16_t *h, int64_t i) {
+    int odd = 0;
+    for (int k = 0; k < VN; ++k) odd |= f16v_odd(t, g, m, v, h, i + 16 * k);
+    return odd;
+}
+VECN_MAP2(max_f16, f16v_max) /* float16 is computed in float32: never subnormal */
+#define f16p_max vecN_max_f16
+DEFINE_DENSE_N(f16p, f16wN)
+#define f16_DENSE_VECTOR(ELEMENT)                                                             \
+    i = f16p_dense_n(tp, (const uint16_t *)gp, mp, vp, hp, n, coef, nesterov, amsgrad);      \
+    LOOP(f16v, __m512, 16, ELEMENT)
+#define f16_CHECKED 1
+#endif
 #else
 #define bf16_DENSE_VECTOR(ELEMENT)
 #define bf16_CHECKED 0
@@ -470,8 +528,17 @@ INLINE int64_t bf16_dense_pairs(uint16_t *tp, const uint16_t *gp, uint16_t *mp, 
 #define f32_VECTOR(ELEMENT)
 #define f64_VECTOR(ELEMENT)
 #define bf16_VECTOR(ELEMENT)
+#ifndef f16_CHECKED /* float16 keeps copies here */
 #define f16_DENSE_VECTOR f16_VECTOR
 #define f16_CHECKED 0
+#ifdef HAVE_F16V
+INLINE int f16v_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, const uint16_t *v,
+                    const uint16_t *h, int64_t i) { /* never called: float16 is not checked */
+    (void)t, (void)g, (void)m, (void)v, (void)h, (void)i;
+    return 0;
+}
+#endif
+#endif
 
 /* Elements i, i+W, ... while W of them remain, with type T; the constants of
  * ELEMENT (ELEMENT_CONSTS) are made once, in T. */
