@@ -296,16 +296,22 @@ INLINE void bf16v_keep(uint16_t *to, const uint16_t *from, int64_t i) {
 }
 INLINE int bf16v_isnan(__m512 x) { return f32v_isnan(x); }
 INLINE __m512 bf16v_max(__m512 h, __m512 v) { return f32v_max(h, v); } /* bf16_daz is f32_daz */
-INLINE __mmask16 bf16v_odd1(const uint16_t *p, int64_t i) {
+/* Lanes [i, i + 16) of 16-bit values p that hold a NaN other than the
+ * default one: magnitude above inf (the format's), and not dflt. */
+INLINE __mmask16 h16_odd1(const uint16_t *p, int64_t i, short inf, short dflt) {
     __m256i u = _mm256_loadu_si256((const __m256i *)(p + i));
     __m256i a = _mm256_and_si256(u, _mm256_set1_epi16(0x7FFF));
-    __mmask16 nan = _mm256_cmpgt_epu16_mask(a, _mm256_set1_epi16(0x7F80));
-    return _mm256_mask_cmpneq_epu16_mask(nan, u, _mm256_set1_epi16((short)0xFFC0));
+    __mmask16 nan = _mm256_cmpgt_epu16_mask(a, _mm256_set1_epi16(inf));
+    return _mm256_mask_cmpneq_epu16_mask(nan, u, _mm256_set1_epi16(dflt));
+}
+INLINE int h16_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, const uint16_t *v,
+                   const uint16_t *h, int64_t i, short inf, short dflt) {
+    return (h16_odd1(t, i, inf, dflt) | h16_odd1(g, i, inf, dflt) | h16_odd1(m, i, inf, dflt) |
+            h16_odd1(v, i, inf, dflt) | (h ? h16_odd1(h, i, inf, dflt) : 0)) != 0;
 }
 INLINE int bf16v_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, const uint16_t *v,
                      const uint16_t *h, int64_t i) {
-    return (bf16v_odd1(t, i) | bf16v_odd1(g, i) | bf16v_odd1(m, i) | bf16v_odd1(v, i) |
-            (h ? bf16v_odd1(h, i) : 0)) != 0;
+    return h16_odd(t, g, m, v, h, i, 0x7F80, (short)0xFFC0);
 }
 /* The 16-bit formats, 128 elements a step: float32 vectors operated on
  * together. Their loops are latency-bound (a rounding after each of 12
@@ -408,16 +414,17 @@ INLINE vecN bf16p_round(vecN a) {
     bf16wN unused;
     return bf16p_round_w(a, &unused);
 }
-INLINE int bf16p_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, const uint16_t *v,
-                     const uint16_t *h, int64_t i) {
-    int odd = 0;
-    for (int k = 0; k < VN; ++k) odd |= bf16v_odd(t, g, m, v, h, i + 16 * k);
-    return odd;
-}
 
 /* DENSE_ELEMENT, 16 * VN elements at a time, in format P (bf16p, f16p: ld,
- * round, round_w, words, st, odd); returns where it stopped (see checked). */
-#define DEFINE_DENSE_N(P, WORDS)                                                              \
+ * round, round_w, words, st, max), whose 16-lane form is V (V##_odd); returns
+ * where it stopped (see checked). Then V, 16 at a time, and one at a time. */
+#define DEFINE_DENSE_N(P, WORDS, V)                                                           \
+    INLINE int P##_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m,              \
+                       const uint16_t *v, const uint16_t *h, int64_t i) {                    \
+        int odd = 0;                                                                         \
+        for (int k = 0; k < VN; ++k) odd |= V##_odd(t, g, m, v, h, i + 16 * k);              \
+        return odd;                                                                          \
+    }                                                                                        \
     INLINE int64_t P##_dense_n(uint16_t *tp, const uint16_t *gp, uint16_t *mp, uint16_t *vp, \
                                uint16_t *hp, int64_t n, const double *coef, int nesterov,   \
                                int amsgrad) {                                               \
@@ -450,29 +457,22 @@ INLINE int bf16p_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, co
         }                                                                                    \
         return i;                                                                            \
     }
+#define DENSE_N_THEN(P, V, ELEMENT)                                                           \
+    i = P##_dense_n(tp, (const uint16_t *)gp, mp, vp, hp, n, coef, nesterov, amsgrad);       \
+    LOOP(V, __m512, 16, ELEMENT)
 /* bfloat16: TF's max then denormals-are-zero, as f32v_max (bf16_daz is f32_daz) */
 VECN_MAP2(max_daz, f32v_max)
 #define bf16p_max vecN_max_daz
-DEFINE_DENSE_N(bf16p, bf16wN)
-/* 16 * VN at a time, then 16 (bf16v), then one at a time */
-#define bf16_DENSE_VECTOR(ELEMENT)                                                            \
-    i = bf16p_dense_n(tp, (const uint16_t *)gp, mp, vp, hp, n, coef, nesterov, amsgrad);     \
-    LOOP(bf16v, __m512, 16, ELEMENT)
+DEFINE_DENSE_N(bf16p, bf16wN, bf16v)
+#define bf16_DENSE_VECTOR(ELEMENT) DENSE_N_THEN(bf16p, bf16v, ELEMENT)
 #define bf16_CHECKED 1
 
 #ifdef HAVE_F16V
 /* float16: each vector 16 values, converted by vcvtph2ps / vcvtps2ph (exact
  * IEEE conversions, round to nearest even), as f16v. */
-INLINE __mmask16 f16v_odd1(const uint16_t *p, int64_t i) {
-    __m256i u = _mm256_loadu_si256((const __m256i *)(p + i));
-    __m256i a = _mm256_and_si256(u, _mm256_set1_epi16(0x7FFF));
-    __mmask16 nan = _mm256_cmpgt_epu16_mask(a, _mm256_set1_epi16(0x7C00));
-    return _mm256_mask_cmpneq_epu16_mask(nan, u, _mm256_set1_epi16((short)0xFE00));
-}
 INLINE int f16v_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, const uint16_t *v,
                     const uint16_t *h, int64_t i) {
-    return (f16v_odd1(t, i) | f16v_odd1(g, i) | f16v_odd1(m, i) | f16v_odd1(v, i) |
-            (h ? f16v_odd1(h, i) : 0)) != 0;
+    return h16_odd(t, g, m, v, h, i, 0x7C00, (short)0xFE00);
 }
 typedef struct {
     __m256i h[VN]; /* the same values as stored */
@@ -499,18 +499,10 @@ INLINE vecN f16p_round(vecN a) {
 INLINE void f16p_st(uint16_t *p, int64_t i, f16wN a) {
     for (int k = 0; k < VN; ++k) _mm256_storeu_si256((__m256i *)(p + i + 16 * k), a.h[k]);
 }
-INLINE int f16p_odd(const uint16_t *t, const uint16_t *g, const uint16_t *m, const uint16_t *v,
-                    const uint16_t *h, int64_t i) {
-    int odd = 0;
-    for (int k = 0; k < VN; ++k) odd |= f16v_odd(t, g, m, v, h, i + 16 * k);
-    return odd;
-}
 VECN_MAP2(max_f16, f16v_max) /* float16 is computed in float32: never subnormal */
 #define f16p_max vecN_max_f16
-DEFINE_DENSE_N(f16p, f16wN)
-#define f16_DENSE_VECTOR(ELEMENT)                                                             \
-    i = f16p_dense_n(tp, (const uint16_t *)gp, mp, vp, hp, n, coef, nesterov, amsgrad);      \
-    LOOP(f16v, __m512, 16, ELEMENT)
+DEFINE_DENSE_N(f16p, f16wN, f16v)
+#define f16_DENSE_VECTOR(ELEMENT) DENSE_N_THEN(f16p, f16v, ELEMENT)
 #define f16_CHECKED 1
 #endif
 #else
