@@ -756,8 +756,10 @@ static void parallel_for(range_fn fn, void *ctx, int64_t total, int64_t grain, i
 /* machine instruction, which the compiler is free to swap for + and *. With   */
 /* at most one NaN among an element's inputs every NaN in its computation is  */
 /* that one (or the default NaN of an invalid operation), whatever the order.  */
-/* So a block of elements whose inputs hold a NaN is left untouched here and   */
-/* reported; the caller runs the reference on it (bitwise-equal by design).    */
+/* So where an element's inputs hold a NaN other than the default one, the   */
+/* rest of its block (checked loops) or the whole block (kept copies) is left */
+/* untouched here and reported; the caller runs the reference on it          */
+/* (bitwise-equal by design).                                                 */
 /* ------------------------------------------------------------------------ */
 
 #define NAN_BLOCK 256 /* elements; chunk bounds are multiples of it */
