@@ -118,6 +118,19 @@ def test_coefficients_equal_the_rule(
         )
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_coefficients_cache_tells_signed_zeros_apart(dtype: torch.dtype) -> None:
+    # The per-hyperparameter part is cached; 0.0 == -0.0 as a key, not to TF.
+    for lr in (0.0, -0.0, 0.0, -0.0):
+        args = dict(lr=lr, beta1=0.9, beta2=0.999, epsilon=1e-8, dtype=dtype)
+        powers = dict(beta1_power=torch.tensor(0.9), beta2_power=torch.tensor(0.999))
+        got = scalars.tf1_coefficients(**args, **powers)  # type: ignore[arg-type]
+        expected = rule.tf1_coefficients(**args, **powers)  # type: ignore[arg-type]
+        assert (
+            math.copysign(1, got.alpha) == math.copysign(1, expected.alpha) == math.copysign(1, lr)
+        )
+
+
 @settings(max_examples=200, deadline=None)
 @given(beta1=beta, beta2=beta, b1p=power, b2p=power, as_tensor=st.booleans())
 def test_advance_accumulators_equals_the_rule(

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
@@ -151,16 +152,31 @@ def tf1_coefficients(
     def t(x: float) -> float:
         return _tf_round(x, dtype)
 
-    lr_t, b1, b2, eps, b1p, b2p = (t(x) for x in values)  # type: ignore[arg-type]
+    # Keyed by the bits: 0.0 == -0.0 as dict keys, but not as TF's operands.
+    lr_t, b1, b2, eps, omb1, omb2 = _constant_part(_HYPERS.pack(*values[:4]), dtype)
+    b1p, b2p = t(values[4]), t(values[5])  # type: ignore[arg-type]
     alpha = t(_divide(t(lr_t * t(_sqrt(t(1.0 - b2p)))), t(1.0 - b1p)))
     return rule.Coefficients(
         alpha=alpha,
         beta1=b1,
         beta2=b2,
-        one_minus_beta1=t(1.0 - b1),
-        one_minus_beta2=t(1.0 - b2),
+        one_minus_beta1=omb1,
+        one_minus_beta2=omb2,
         epsilon=eps,
     )
+
+
+_HYPERS = struct.Struct("4d")
+
+
+@functools.lru_cache(maxsize=64)
+def _constant_part(
+    hypers: bytes, dtype: torch.dtype
+) -> tuple[float, float, float, float, float, float]:
+    # What does not change from step to step while the hyperparameters do not:
+    # T(lr), T(β1), T(β2), T(ε), T(1) - T(β1), T(1) - T(β2).
+    lr_t, b1, b2, eps = (_tf_round(x, dtype) for x in _HYPERS.unpack(hypers))
+    return lr_t, b1, b2, eps, _tf_round(1.0 - b1, dtype), _tf_round(1.0 - b2, dtype)
 
 
 _TINY = {torch.float32: 2.0**-126, torch.float64: 2.0**-1022}
