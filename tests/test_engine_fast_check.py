@@ -59,3 +59,41 @@ def test_fast_check_implies_full_check_passes_unchanged() -> None:
             passed += 1
             assert engine._checked_in_full(update, options) is update, update.name
     assert passed == 2  # ok/ok/empty and ok/ok/ok: the fast check does take the common case
+
+
+def test_column_check_implies_full_check_passes_unchanged() -> None:
+    """engine._uniformly_plain (all updates at once) passes nothing the full check would not."""
+    options = engine.Options()
+    singles = variants()
+    ok = next(u for u in singles if engine._plainly_valid(u) and u.state)
+    fresh = next(u for u in singles if engine._plainly_valid(u) and not u.state)
+    meta = [
+        engine.Update(torch.nn.Parameter(torch.zeros(4, 3)), g, s, "meta")  # type: ignore[arg-type]
+        for g, s in (
+            (torch.ones(4, 3, device="meta"), {}),
+            (torch.ones(4, 3), {"m": torch.zeros(4, 3, device="meta"), "v": torch.zeros(4, 3)}),
+        )
+    ]
+    f64 = engine.Update(torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64)),
+                        torch.ones(4, 3, dtype=torch.float64), {}, "f64")  # fmt: skip
+    extra = engine.Update(ok.param, ok.grad, {**ok.state, "step": torch.zeros(())}, "extra")
+    taken = 0
+    for update in [*singles, *meta, f64, extra]:
+        for batch in ([update], [ok, update], [update, ok], [fresh, update]):
+            common = engine._uniformly_plain(batch, options)
+            if common is None:
+                continue
+            taken += 1
+            for u in batch:
+                assert engine._checked_in_full(u, options) is u, u.name
+            key = (batch[0].param.device, batch[0].param.dtype)
+            assert all((u.param.device, u.param.dtype) == key for u in batch)
+            assert common == (key, all(set(u.state) == {"m", "v"} for u in batch))
+    # it does take the common cases: alone, with its like, slots complete or not
+    assert engine._uniformly_plain([ok, ok], options) == ((ok.param.device, torch.float32), True)
+    assert engine._uniformly_plain([fresh, fresh], options) == (
+        (ok.param.device, torch.float32),
+        False,
+    )
+    assert engine._uniformly_plain([ok, fresh], options) is None  # some slots missing: one by one
+    assert taken >= 4

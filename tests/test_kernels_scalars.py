@@ -144,3 +144,25 @@ def test_advance_accumulators_equals_the_rule(
     for e, g in zip(expected, got, strict=True):
         assert g.dtype == torch.float32 and g.shape == ()
         assert torch.equal(e.view(torch.int32), g.view(torch.int32))
+
+
+def test_accumulators_are_read_and_written_where_they_live() -> None:
+    # Plain float32 CPU accumulators are read and written through memory: a
+    # view's offset must be honoured and its neighbours left alone.
+    big = torch.tensor([0.5, 0.9, 0.999, 0.25])
+    expected = [torch.tensor(0.9), torch.tensor(0.999)]
+    rule.advance_accumulators(*expected, 0.9, 0.999)
+    scalars.advance_accumulators(big[1], big[2], 0.9, 0.999)
+    assert torch.equal(big[1:3].view(torch.int32), torch.stack(expected).view(torch.int32))
+    assert (big[0].item(), big[3].item()) == (0.5, 0.25)
+    assert scalars.float32_value(big[3]) == 0.25
+    # a negative view's memory holds the positive value: read through torch
+    assert scalars.float32_value(torch._neg_view(torch.tensor(0.5))) == -0.5
+    # a tensor subclass may have no memory of its own (data_ptr() is 0 here)
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    assert scalars.float32_value(TwoTensor(torch.tensor(0.5), torch.tensor(0.5))) == 0.5
+    # a subclass (torch.nn.Parameter) is written through torch
+    param = torch.nn.Parameter(torch.tensor(0.9), requires_grad=False)
+    scalars.advance_accumulators(param, torch.tensor(0.999), 0.9, 0.999)
+    assert param.item() == expected[0].item()

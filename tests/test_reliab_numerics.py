@@ -181,3 +181,15 @@ def test_policy_survives_load_state_dict_and_pickling():
         o.param_groups[0]["params"][0].grad = torch.tensor([math.nan, 0.0])
         with pytest.raises(NonFiniteGradientError):
             o.step()
+
+
+def test_resolved_hyperparameters_keep_signed_zeros_apart() -> None:
+    # resolve_all remembers valid float hyperparameters, keyed by their bits.
+    for lr in (0.0, -0.0, 0.0, -0.0):
+        assert math.copysign(1.0, engine.resolve_all(lr, 0.9, 0.999, 1e-8, "").lr) == math.copysign(
+            1.0, lr
+        )
+    with pytest.raises(ValueError, match="beta1=1.0"):
+        engine.resolve_all(0.1, 0.99999999, 0.999, 1e-8, "")  # 1.0 in float32, every time
+    with pytest.raises(ValueError, match="beta1=1.0"):
+        engine.resolve_all(0.1, 0.99999999, 0.999, 1e-8, "")

@@ -36,6 +36,7 @@ from .errors import (
     NonFiniteGradientError,
     StateDictError,
 )
+from .kernels.scalars import float32_value
 from .sparse import IndexedSlices
 
 if TYPE_CHECKING:
@@ -246,7 +247,7 @@ def accumulator_problem(power: Any) -> str | None:
         return f"is a {power.dtype} tensor of shape {tuple(power.shape)}, not a float32 scalar"
     if power.is_meta:
         return "is on the meta device (it has no value)"
-    value = power.item()
+    value = float32_value(power)
     if not (math.isfinite(value) and 0.0 <= value < 1.0):
         return f"is {value!r}, outside [0, 1) (it is a product of betas in [0, 1))"
     return None

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -78,6 +79,12 @@ class Resolution:
 
 def resolve_all(lr: Hyper, beta1: Hyper, beta2: Hyper, epsilon: Hyper, where: str) -> Resolution:
     """Evaluate and check lr, β1, β2, ε; ``where`` names them in errors."""
+    # Four floats seen before need no new checks: the common step. Keyed by
+    # the bits, so that 0.0 and -0.0 (different to TF's arithmetic) stay apart.
+    floats = type(lr) is float and type(beta1) is float and type(beta2) is float
+    key = _FOUR.pack(lr, beta1, beta2, epsilon) if floats and type(epsilon) is float else None
+    if key is not None and key in _valid:
+        return _valid[key]
     values = Resolution(
         lr=resolve(lr, f"{where}lr"),
         beta1=resolve(beta1, f"{where}beta1"),
@@ -88,7 +95,15 @@ def resolve_all(lr: Hyper, beta1: Hyper, beta2: Hyper, epsilon: Hyper, where: st
     _check(values.epsilon, f"{where}epsilon", lambda x: x >= 0, ">= 0 and finite")
     for beta, label in ((values.beta1, "beta1"), (values.beta2, "beta2")):
         _check(beta, f"{where}{label}", lambda x: 0 <= x < 1, "in [0, 1)")
+    if key is not None:
+        if len(_valid) >= 64:  # a schedule's learning rates: keep the recent ones
+            _valid.clear()
+        _valid[key] = values
     return values
+
+
+_FOUR = struct.Struct("4d")
+_valid: dict[bytes, Resolution] = {}
 
 
 def _check(value: Resolved, name: str, ok: Callable[[float], bool], wanted: str) -> None:

@@ -7,12 +7,14 @@ Each param group behaves as one TF1 ``AdamOptimizer``: its own float32
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
 
 from . import engine, guard
+from .eager import eager_only
 from .errors import StateDictError
 from .hyper import Hyper
 
@@ -139,8 +141,7 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
     # torch.compile runs the step eagerly (a graph break): the kernels are C
     # called through ctypes, which dynamo cannot trace, and tracing the
     # validation only burns compile time and recompiles.
-    @torch.compiler.disable
-    @torch.no_grad()
+    @eager_only
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One Adam step on every group; validates all groups before touching any."""
         loss = None
@@ -150,7 +151,7 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
         plans = []
         when = f"step() #{self._calls + 1}"
         for index, group in enumerate(self.param_groups):
-            updates = self._updates(index, group)
+            updates, fresh = self._updates(index, group)
             # An empty group still steps: it may be a ZeRO rank's share of a
             # group that other ranks update (see the class docstring).
             if not updates and group["params"]:
@@ -160,40 +161,59 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
             if not isinstance(betas, (tuple, list)) or len(betas) != 2:
                 raise ValueError(f"{where}betas must be a pair (beta1, beta2); got {betas!r}.")
             hyper = engine.resolve_all(group["lr"], betas[0], betas[1], group["eps"], where)
-            options = engine.Options(
-                group["amsgrad"],
-                group["nesterov"],
-                group["sparse"],
-                group["numerics"],
-                self._nonfinite,  # type: ignore[arg-type]
-            )
+            options = _options(group, self._nonfinite)
             accumulators = _accumulators_of(group, where)
             plan = engine.prepare(updates, hyper, options, when=when)
             guard.warn_numerics(self, plan)
-            plans.append((group, plan, accumulators))
-        for group, plan, accumulators in plans:
+            plans.append((group, plan, accumulators, fresh))
+        for group, plan, accumulators, fresh in plans:
             accumulators = engine.execute(plan, accumulators)
-            for update in plan.updates:
-                self.state[update.param] = update.state  # type: ignore[assignment]
+            for param, state in fresh:
+                self.state[param] = state
             group["beta1_power"] = accumulators.beta1_power
             group["beta2_power"] = accumulators.beta2_power
         if plans:
             self._calls += 1
         return loss
 
-    def _updates(self, index: int, group: dict[str, Any]) -> list[engine.Update]:
+    def _updates(
+        self, index: int, group: dict[str, Any]
+    ) -> tuple[list[engine.Update], list[tuple[torch.Tensor, dict[str, torch.Tensor]]]]:
+        """The group's updates, and the (param, state) pairs to store once it has stepped."""
         names = group.get("param_names")
-        updates = []
+        # .get: indexing torch's defaultdict would add an entry before validation.
+        state_of = self.state.get
+        updates, fresh = [], []
         for position, param in enumerate(group["params"]):
-            if param.grad is None:
+            grad = param.grad
+            if grad is None:
                 continue
-            label = f"param_groups[{index}]['params'][{position}]"
-            if names is not None:
-                label += f" ({names[position]!r})"
-            # .get: indexing torch's defaultdict would add an entry before validation.
-            state = self.state.get(param, {})
-            updates.append(engine.Update(param, param.grad, state, label))
-        return updates
+            state = state_of(param)
+            if state is None:
+                state = {}
+                fresh.append((param, state))
+            # The name is made only for an error: a step may have thousands of parameters.
+            name = partial(_label, index, position, names)
+            updates.append(engine.Update(param, grad, state, name))
+        return updates, fresh
+
+
+def _options(group: dict[str, Any], nonfinite: str) -> engine.Options:
+    choices = (group["amsgrad"], group["nesterov"], group["sparse"], group["numerics"], nonfinite)
+    try:
+        return _known_options(*choices)
+    except TypeError:  # an unhashable choice: Options names what is wrong with it
+        return engine.Options(*choices)
+
+
+@lru_cache(maxsize=16)
+def _known_options(*choices: Any) -> engine.Options:
+    return engine.Options(*choices)
+
+
+def _label(index: int, position: int, names: Sequence[str] | None) -> str:
+    label = f"param_groups[{index}]['params'][{position}]"
+    return label if names is None else f"{label} ({names[position]!r})"
 
 
 def _accumulators_of(group: dict[str, Any], where: str) -> engine.Accumulators | None:

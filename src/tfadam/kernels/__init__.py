@@ -32,10 +32,17 @@ from collections.abc import Sequence
 import torch
 
 from .. import rule
+from ..eager import eager_only
 from . import cpu, cuda, reference
-from .scalars import advance_accumulators, tf1_coefficients
+from .scalars import advance_accumulators, float32_value, tf1_coefficients
 
-__all__ = ["advance_accumulators", "dense_step", "sparse_step", "tf1_coefficients"]
+__all__ = [
+    "advance_accumulators",
+    "dense_step",
+    "float32_value",
+    "sparse_step",
+    "tf1_coefficients",
+]
 
 # Plain tensors only: a tensor subclass (DTensor, FakeTensor, ...) may have no
 # storage behind data_ptr(), or its own idea of in-place ops.
@@ -46,7 +53,7 @@ def _plain(tensors: Sequence[torch.Tensor]) -> bool:
     return _PLAIN.issuperset(map(type, tensors))
 
 
-@torch.compiler.disable
+@eager_only
 def dense_step(
     thetas: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -90,7 +97,7 @@ def dense_step(
     reference.dense_step(thetas, grads, ms, vs, vhats, c, nesterov=nesterov)
 
 
-@torch.compiler.disable
+@eager_only
 def sparse_step(
     theta: torch.Tensor,
     m: torch.Tensor,
