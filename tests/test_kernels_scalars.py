@@ -76,7 +76,11 @@ hyper = st.one_of(
     st.floats(min_value=1e-12, max_value=1e-2),
 )
 beta = st.one_of(st.sampled_from([0.0, 0.5, 0.9, 0.99, 0.999, 0.9999]), st.floats(0.0, 0.99999))
-power = st.floats(min_value=1e-30, max_value=1.0)
+power = st.one_of(
+    st.floats(min_value=1e-30, max_value=1.0),
+    # subnormal or zero in float32, or beyond it (the engine passes validated ones)
+    st.sampled_from([0.0, -0.0, 1e-40, 2.0**-127, 2.0**-126, 3.4e38, 1e39, 2.0]),
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -89,6 +93,7 @@ power = st.floats(min_value=1e-30, max_value=1.0)
     beta2_power=power,
     dtype=st.sampled_from(DTYPES),
     as_tensor=st.sampled_from([None, torch.float32, torch.float64]),
+    powers_as_floats=st.booleans(),
 )
 def test_coefficients_equal_the_rule(
     lr: float,
@@ -99,12 +104,13 @@ def test_coefficients_equal_the_rule(
     beta2_power: float,
     dtype: torch.dtype,
     as_tensor: torch.dtype | None,
+    powers_as_floats: bool,
 ) -> None:
-    # the accumulators are float32 tensors in the engine; lr may be a tensor (any dtype)
-    powers = dict(
-        beta1_power=torch.tensor(beta1_power, dtype=torch.float32),
-        beta2_power=torch.tensor(beta2_power, dtype=torch.float32),
-    )
+    # the accumulators are float32 tensors, which the engine reads as Python
+    # floats; lr may be a tensor (any dtype)
+    powers: dict[str, float | torch.Tensor] = dict(beta1_power=beta1_power, beta2_power=beta2_power)
+    if not powers_as_floats:
+        powers = {k: torch.tensor(v, dtype=torch.float32) for k, v in powers.items()}
     lr_value = lr if as_tensor is None else torch.tensor(lr, dtype=as_tensor)
     args = dict(lr=lr_value, beta1=beta1, beta2=beta2, epsilon=epsilon, **powers, dtype=dtype)
     expected = rule.tf1_coefficients(**args)  # type: ignore[arg-type]
@@ -166,3 +172,29 @@ def test_accumulators_are_read_and_written_where_they_live() -> None:
     param = torch.nn.Parameter(torch.tensor(0.9), requires_grad=False)
     scalars.advance_accumulators(param, torch.tensor(0.999), 0.9, 0.999)
     assert param.item() == expected[0].item()
+
+
+def test_float32_coefficients_from_floats_equal_the_rule() -> None:
+    # The engine's common call (float32 variables, every input a Python float)
+    # takes a shortcut through the same arithmetic: compare it on many draws.
+    generator = torch.Generator().manual_seed(1)
+    u = torch.rand(6, 3000, generator=generator, dtype=torch.float64).tolist()
+    edges = [0.0, -0.0, 1e-45, 1e-40, 2.0**-126, 0.5, 1.0 - 2.0**-24, 1.0, 3.4e38, 1e39]
+    for k in range(3000):
+        lr = 10.0 ** (8 * u[0][k] - 8) if k % 7 else edges[k % len(edges)]
+        beta1, beta2 = u[1][k], 1.0 - 10.0 ** (-6 * u[2][k])
+        epsilon = 10.0 ** (-12 * u[3][k])
+        b1p = u[4][k] ** (1 + 50 * u[5][k]) if k % 5 else edges[(k // 5) % len(edges)]
+        b2p = u[5][k] if k % 3 else edges[(k // 3) % len(edges)]
+        args = dict(lr=lr, beta1=beta1, beta2=beta2, epsilon=epsilon, beta1_power=b1p,
+                    beta2_power=b2p, dtype=torch.float32)  # fmt: skip
+        expected = rule.tf1_coefficients(**args)  # type: ignore[arg-type]
+        got = scalars.tf1_coefficients(**args)  # type: ignore[arg-type]
+        for name in ("alpha", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "epsilon"):
+            e, g = getattr(expected, name), getattr(got, name)
+            assert (e == g and math.copysign(1, e) == math.copysign(1, g)) or (e != e and g != g), (
+                args,
+                name,
+                e,
+                g,
+            )

@@ -7,8 +7,11 @@ Each param group behaves as one TF1 ``AdamOptimizer``: its own float32
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache, partial
+from itertools import repeat
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -180,22 +183,30 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
         self, index: int, group: dict[str, Any]
     ) -> tuple[list[engine.Update], list[tuple[torch.Tensor, dict[str, torch.Tensor]]]]:
         """The group's updates, and the (param, state) pairs to store once it has stepped."""
-        names = group.get("param_names")
+        params = group["params"]
+        grads = list(map(_GRAD, params))
+        positions: Sequence[int] = range(len(params))
+        if any(map(_IS_NONE, grads)):
+            positions = [i for i, grad in enumerate(grads) if grad is not None]
+            params, grads = [params[i] for i in positions], [grads[i] for i in positions]
         # .get: indexing torch's defaultdict would add an entry before validation.
-        state_of = self.state.get
-        updates, fresh = [], []
-        for position, param in enumerate(group["params"]):
-            grad = param.grad
-            if grad is None:
-                continue
-            state = state_of(param)
-            if state is None:
-                state = {}
-                fresh.append((param, state))
-            # The name is made only for an error: a step may have thousands of parameters.
-            name = partial(_label, index, position, names)
-            updates.append(engine.Update(param, grad, state, name))
+        states = list(map(self.state.get, params))
+        fresh = []
+        if None in states:
+            for i, state in enumerate(states):
+                if state is None:
+                    states[i] = {}
+                    fresh.append((params[i], states[i]))
+        # Names are made only for an error: a step may have thousands of parameters.
+        names = map(
+            partial, repeat(_label), repeat(index), positions, repeat(group.get("param_names"))
+        )
+        updates = engine.Update.many(params, grads, states, names)
         return updates, fresh
+
+
+_GRAD = attrgetter("grad")
+_IS_NONE = partial(operator.is_, None)
 
 
 def _options(group: dict[str, Any], nonfinite: str) -> engine.Options:

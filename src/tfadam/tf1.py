@@ -132,10 +132,13 @@ class AdamOptimizer:
             _check_global_step(global_step)
         with self._lock if self._use_locking else nullcontext():
             _check_distinct(updates)
-            for update in updates:
-                # A non-tensor may be unhashable; prepare() names it properly.
-                if isinstance(update.param, torch.Tensor):
-                    update.state = self._slots.get(update.param, {})
+            # A non-tensor may be unhashable; prepare() names it properly.
+            updates = [
+                engine.Update(u.param, u.grad, self._slots.get(u.param, {}), u.name)
+                if isinstance(u.param, torch.Tensor)
+                else u
+                for u in updates
+            ]
             hyper = engine.resolve_all(**self._hyper, where="")
             when = f"apply_gradients #{self._applied}"
             if global_step is not None and self._options.nonfinite == "raise":

@@ -27,7 +27,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from itertools import chain
 
 import torch
 
@@ -49,7 +50,7 @@ __all__ = [
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
-def _plain(tensors: Sequence[torch.Tensor]) -> bool:
+def _plain(tensors: Iterable[torch.Tensor]) -> bool:
     return _PLAIN.issuperset(map(type, tensors))
 
 
@@ -75,9 +76,7 @@ def dense_step(
     if not thetas:
         return
     device = thetas[0].device.type
-    plain = _plain(thetas) and _plain(grads) and _plain(ms) and _plain(vs)
-    if plain and vhats is not None:
-        plain = _plain(vhats)
+    plain = _plain(chain(thetas, grads, ms, vs, vhats or ()))
     if plain and device == "cpu" and cpu.available():
         skipped = cpu.dense_step(thetas, grads, ms, vs, vhats, c, nesterov=nesterov)
         if skipped:

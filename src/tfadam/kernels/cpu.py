@@ -24,7 +24,7 @@ import ctypes
 from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
-from itertools import accumulate
+from itertools import accumulate, chain
 
 import torch
 
@@ -98,7 +98,7 @@ def dense_step(
     groups = [thetas, grads, ms, vs] if vhats is None else [thetas, grads, ms, vs, vhats]
     # The common case (every tensor contiguous) costs one C-level check per
     # tensor: with 2,000 small tensors, Python work per tensor is the bottleneck.
-    if all(all(map(_is_contiguous, group)) for group in groups):
+    if all(map(_is_contiguous, chain.from_iterable(groups))):
         chosen: Sequence[int] | range = range(len(thetas))
         skipped: list[int] = []
     else:
@@ -110,7 +110,7 @@ def dense_step(
         return skipped
     pointers = [array("Q", map(_data_ptr, group)) for group in groups]
     offsets = array("q", accumulate(map(_numel, groups[0]), initial=0))
-    block = lib.tfadam_nan_block()
+    block = native.NAN_BLOCK
     nan_blocks = bytearray(2 * -(-offsets[-1] // block))  # a uint16 per block
     status = getattr(lib, f"tfadam_dense_{name}")(
         len(groups[0]),

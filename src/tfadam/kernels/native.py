@@ -62,6 +62,8 @@ _library: ctypes.CDLL | None = None
 _loaded = False
 _reason: str | None = None
 
+NAN_BLOCK = 256  # elements per NaN mark of the dense kernels (cpu_adam.c's NAN_BLOCK)
+
 P = ctypes.c_void_p
 I64 = ctypes.c_int64
 _SIGNATURES: dict[str, tuple[object, list[object]]] = {
@@ -205,6 +207,8 @@ def _open(path: Path) -> ctypes.CDLL:
         function.argtypes = argtypes
     if lib.tfadam_abi_version() != ABI_VERSION:
         raise OSError(f"{path}: ABI version {lib.tfadam_abi_version()} != {ABI_VERSION}")
+    if lib.tfadam_nan_block() != NAN_BLOCK:
+        raise OSError(f"{path}: NaN blocks of {lib.tfadam_nan_block()} elements, not {NAN_BLOCK}")
     # The float16/bfloat16 conversions decide every bit of those dtypes:
     # refuse a library whose compiler got them wrong.
     probes = {1.0: (0x3C00, 0x3F80), 65520.0: (0x7C00, 0x4780), 2.0**-24: (0x0001, 0x3380)}
