@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import engine, guard
+from . import engine, guard, hooks
 from .eager import eager_only
 from .errors import StateDictError
 from .hyper import Hyper
@@ -146,7 +146,19 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
     # validation only burns compile time and recompiles.
     @eager_only
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One Adam step on every group; validates all groups before touching any."""
+        """One Adam step on every group; validates all groups before touching any.
+
+        Runs torch.optim's step hooks and profiler range (see :mod:`tfadam.hooks`).
+        """
+        if type(self).step is not Adam.step:
+            # A subclass's own step, which torch wrapped: the hooks ran there.
+            return self._step(closure)
+        return hooks.stepped(self, Adam._step, () if closure is None else (closure,), {})
+
+    step.hooked = True  # type: ignore[attr-defined]  # torch: run as is (hooks.stepped)
+
+    @eager_only  # (as step: a subclass's step may call it)
+    def _step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
