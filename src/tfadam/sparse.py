@@ -73,7 +73,7 @@ def check_indices(indices: torch.Tensor, num_rows: int, culprit: str) -> None:
     """Raise ``ValueError`` unless every index lies in ``[0, num_rows)``."""
     if indices.numel() == 0:
         return
-    low, high = int(indices.min()), int(indices.max())
+    low, high = (int(x) for x in torch.aminmax(indices))  # one pass, one op
     if low < 0 or high >= num_rows:
         bad = low if low < 0 else high
         raise ValueError(

@@ -1152,7 +1152,7 @@ static int64_t first_group_at_or_after(const sparse_job *j, int64_t row) {
 }
 
 #ifndef PREFETCH_AHEAD
-#define PREFETCH_AHEAD 8
+#define PREFETCH_AHEAD 32 /* groups: 8 -> 32 took S2 from 1.71 to 1.30 ms in the bench */
 #endif
 #define PREFETCH_LINES 8 /* per row and array: the hardware prefetcher does the rest */
 
