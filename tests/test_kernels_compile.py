@@ -1,8 +1,9 @@
 """``torch.compile`` of a training step that calls ``opt.step()``.
 
-``tfadam.Adam.step`` is ``torch.compiler.disable``d (its kernels are C called
-through ctypes, which dynamo cannot trace), so inside a compiled function the
-step is a graph break and runs eagerly. Compiled forward/backward code may
+``tfadam.Adam.step`` is ``tfadam.eager.eager_only`` (dynamo sees it
+``torch.compiler.disable``d: its kernels are C called through ctypes, which
+dynamo cannot trace), so inside a compiled function the step is a graph break
+and runs eagerly. Compiled forward/backward code may
 round differently from eager code, so the test records the gradients the
 compiled step produced and replays them through an eager optimizer: the
 parameters must come out bit-identical.
@@ -55,3 +56,20 @@ def test_compiled_training_step_updates_like_eager(backend: str) -> None:
     for compiled_param, eager_param in zip(params, replay_params, strict=True):
         assert_same_bits(compiled_param.detach(), eager_param.detach())
         assert_same_bits(opt.state[compiled_param]["v"], replay.state[eager_param]["v"])
+
+
+def test_the_step_is_one_graph_break() -> None:
+    # dynamo stops once, at the step, and never traces its hooks or validation
+    torch._dynamo.reset()
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.ones(3)
+    opt = tfadam.Adam([w], lr=0.1)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        opt.step()
+        return y + 1
+
+    explanation = torch._dynamo.explain(f)(torch.ones(2))
+    assert explanation.graph_break_count == 1, explanation.break_reasons
+    assert "disable" in str(explanation.break_reasons[0].reason)
