@@ -71,6 +71,15 @@ def test_round_to_matches_torch_on_float32_values(dtype: torch.dtype) -> None:
     assert all(same)
 
 
+def assert_coefficients_equal_the_rule(args: dict[str, object]) -> None:
+    expected = rule.tf1_coefficients(**args)  # type: ignore[arg-type]
+    got = scalars.tf1_coefficients(**args)  # type: ignore[arg-type]
+    for name in ("alpha", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "epsilon"):
+        e, g = getattr(expected, name), getattr(got, name)
+        same = e == g and math.copysign(1, e) == math.copysign(1, g)
+        assert same or (e != e and g != g), (args, name, e, g)
+
+
 hyper = st.one_of(
     st.floats(min_value=0.0, max_value=1e4, allow_nan=False),
     st.floats(min_value=1e-12, max_value=1e-2),
@@ -113,15 +122,7 @@ def test_coefficients_equal_the_rule(
         powers = {k: torch.tensor(v, dtype=torch.float32) for k, v in powers.items()}
     lr_value = lr if as_tensor is None else torch.tensor(lr, dtype=as_tensor)
     args = dict(lr=lr_value, beta1=beta1, beta2=beta2, epsilon=epsilon, **powers, dtype=dtype)
-    expected = rule.tf1_coefficients(**args)  # type: ignore[arg-type]
-    got = scalars.tf1_coefficients(**args)  # type: ignore[arg-type]
-    for name in ("alpha", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "epsilon"):
-        e, g = getattr(expected, name), getattr(got, name)
-        assert (e == g and math.copysign(1, e) == math.copysign(1, g)) or (e != e and g != g), (
-            name,
-            e,
-            g,
-        )
+    assert_coefficients_equal_the_rule(args)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -188,13 +189,4 @@ def test_float32_coefficients_from_floats_equal_the_rule() -> None:
         b2p = u[5][k] if k % 3 else edges[(k // 3) % len(edges)]
         args = dict(lr=lr, beta1=beta1, beta2=beta2, epsilon=epsilon, beta1_power=b1p,
                     beta2_power=b2p, dtype=torch.float32)  # fmt: skip
-        expected = rule.tf1_coefficients(**args)  # type: ignore[arg-type]
-        got = scalars.tf1_coefficients(**args)  # type: ignore[arg-type]
-        for name in ("alpha", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "epsilon"):
-            e, g = getattr(expected, name), getattr(got, name)
-            assert (e == g and math.copysign(1, e) == math.copysign(1, g)) or (e != e and g != g), (
-                args,
-                name,
-                e,
-                g,
-            )
+        assert_coefficients_equal_the_rule(args)

@@ -31,6 +31,7 @@ import ctypes
 import functools
 import math
 import struct
+from collections.abc import Callable
 
 import torch
 
@@ -165,6 +166,7 @@ def tf1_coefficients(
     >>> c.alpha, c.one_minus_beta1
     (0.031622566282749176, 0.10000002384185791)
     """
+    t: Callable[[float], float]
     if (
         dtype is torch.float32
         and type(lr) is float
@@ -174,42 +176,29 @@ def tf1_coefficients(
         and type(beta1_power) is float
         and type(beta2_power) is float
     ):
-        # The common step, in few Python calls: each is ~1 µs once the step's
-        # memory traffic has flushed the caches. The same arithmetic as below.
-        lr_t, b1, b2, eps, omb1, omb2 = _constant_part(
-            _HYPERS.pack(lr, beta1, beta2, epsilon),  # type: ignore[arg-type]
-            dtype,
-        )
-        # A number is float32 before it is T: for T = float32, one rounding.
-        b1p, b2p = _f32_ftz(beta1_power), _f32_ftz(beta2_power)  # type: ignore[arg-type]
-        alpha = _f32_ftz(_divide(_f32_ftz(lr_t * _f32_ftz(_sqrt(_f32_ftz(1.0 - b2p)))),
-                                 _f32_ftz(1.0 - b1p)))  # fmt: skip
-        return rule.Coefficients(
-            alpha=alpha,
-            beta1=b1,
-            beta2=b2,
-            one_minus_beta1=omb1,
-            one_minus_beta2=omb2,
-            epsilon=eps,
-        )
-    values = [_as_float32(x) for x in (lr, beta1, beta2, epsilon, beta1_power, beta2_power)]
-    if None in values:
-        return rule.tf1_coefficients(
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            epsilon=epsilon,
-            beta1_power=beta1_power,
-            beta2_power=beta2_power,
-            dtype=dtype,
-        )
-
-    def t(x: float) -> float:
-        return _tf_round(x, dtype)
-
+        # The engine's common call, in few Python calls: each costs ~1 µs once
+        # the step's memory traffic has flushed the caches.
+        t = _f32_ftz
+        hypers = _HYPERS.pack(lr, beta1, beta2, epsilon)  # type: ignore[arg-type]
+        powers = (beta1_power, beta2_power)
+    else:
+        values = [_as_float32(x) for x in (lr, beta1, beta2, epsilon, beta1_power, beta2_power)]
+        if None in values:
+            return rule.tf1_coefficients(
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                epsilon=epsilon,
+                beta1_power=beta1_power,
+                beta2_power=beta2_power,
+                dtype=dtype,
+            )
+        t = functools.partial(_tf_round, dtype=dtype)
+        hypers = _HYPERS.pack(*values[:4])
+        powers = values[4:]  # type: ignore[assignment]
     # Keyed by the bits: 0.0 == -0.0 as dict keys, but not as TF's operands.
-    lr_t, b1, b2, eps, omb1, omb2 = _constant_part(_HYPERS.pack(*values[:4]), dtype)
-    b1p, b2p = t(values[4]), t(values[5])  # type: ignore[arg-type]
+    lr_t, b1, b2, eps, omb1, omb2 = _constant_part(hypers, dtype)
+    b1p, b2p = t(powers[0]), t(powers[1])  # type: ignore[arg-type]
     alpha = t(_divide(t(lr_t * t(_sqrt(t(1.0 - b2p)))), t(1.0 - b1p)))
     return rule.Coefficients(
         alpha=alpha,
@@ -239,7 +228,7 @@ _TINY = {torch.float32: 2.0**-126, torch.float64: 2.0**-1022}
 
 
 def _f32_ftz(x: float) -> float:
-    """:func:`_tf_round` for ``T`` = float32, in one call."""
+    """:func:`_tf_round` for ``T`` = float32 (a number is float32 before it is T), in one call."""
     try:
         y: float = _F32.unpack(_F32.pack(x))[0]
     except OverflowError:
