@@ -83,8 +83,9 @@ def resolve_all(lr: Hyper, beta1: Hyper, beta2: Hyper, epsilon: Hyper, where: st
     # the bits, so that 0.0 and -0.0 (different to TF's arithmetic) stay apart.
     floats = type(lr) is float and type(beta1) is float and type(beta2) is float
     key = _FOUR.pack(lr, beta1, beta2, epsilon) if floats and type(epsilon) is float else None
-    if key is not None and key in _valid:
-        return _valid[key]
+    known = _valid.get(key) if key is not None else None  # one lookup: another thread may clear
+    if known is not None:
+        return known
     values = Resolution(
         lr=resolve(lr, f"{where}lr"),
         beta1=resolve(beta1, f"{where}beta1"),
