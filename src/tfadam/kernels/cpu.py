@@ -197,8 +197,11 @@ def sparse_step(
     name = DTYPE_NAMES[theta.dtype]
     nrows = theta.shape[0]
     rowlen = theta.numel() // nrows if nrows else 0
-    indices = indices.to(torch.int64).contiguous()
-    values = values.contiguous()
+    # (no-op conversions are torch ops too: only where needed)
+    if indices.dtype != torch.int64 or not indices.is_contiguous():
+        indices = indices.to(torch.int64).contiguous()
+    if not values.is_contiguous():
+        values = values.contiguous()
     nan_rows = bytearray(nrows)
     status = getattr(lib, f"tfadam_sparse_{name}")(
         nrows,
