@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from kernel_cases import DTYPES
 
@@ -140,6 +140,9 @@ def test_coefficients_cache_tells_signed_zeros_apart(dtype: torch.dtype) -> None
 
 @settings(max_examples=200, deadline=None)
 @given(beta1=beta, beta2=beta, b1p=power, b2p=power, as_tensor=st.booleans())
+# a β subnormal in float32 counts as 0 (TF's denormals-are-zero), found by hypothesis
+@example(beta1=0.0, beta2=1.2973100156539674e-39, b1p=1.0, b2p=3.4e38, as_tensor=False)
+@example(beta1=1e-40, beta2=0.5, b1p=3.4e38, b2p=1e-40, as_tensor=True)
 def test_advance_accumulators_equals_the_rule(
     beta1: float, beta2: float, b1p: float, b2p: float, as_tensor: bool
 ) -> None:
@@ -169,6 +172,17 @@ def test_accumulators_are_read_and_written_where_they_live() -> None:
     from torch.testing._internal.two_tensor import TwoTensor
 
     assert scalars.float32_value(TwoTensor(torch.tensor(0.5), torch.tensor(0.5))) == 0.5
+    # no memory of its own behind the tensor: read through torch, never at address 0
+    assert scalars.float32_value(torch._efficientzerotensor((), dtype=torch.float32)) == 0.0
+    assert scalars.float32_value(torch._to_functional_tensor(torch.tensor(0.5))) == 0.5
+    gone = torch.tensor(0.5)
+    gone.untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match="not allocated"):
+        scalars.float32_value(gone)
+    # written through memory, but autograd sees the change as it would see fill_'s
+    powers = [torch.tensor(0.9), torch.tensor(0.999)]
+    scalars.advance_accumulators(*powers, 0.9, 0.999)
+    assert [p._version for p in powers] == [1, 1]
     # a subclass (torch.nn.Parameter) is written through torch
     param = torch.nn.Parameter(torch.tensor(0.9), requires_grad=False)
     scalars.advance_accumulators(param, torch.tensor(0.999), 0.9, 0.999)

@@ -281,6 +281,13 @@ def torch_accumulator_nan(w):
     return w.opt.step
 
 
+@case("torch", ValueError, r"param_groups\[1\] beta2_power is an inference tensor")
+def torch_accumulator_inference(w):
+    with torch.inference_mode():
+        w.opt.param_groups[1]["beta2_power"] = torch.tensor(0.9)
+    return w.opt.step
+
+
 # -- torch face: load_state_dict -----------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ on ``tfadam.Adam`` and asks for the same observations.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any
 
@@ -137,3 +138,34 @@ def test_optimizer_step_code_is_called_once_per_step() -> None:
         opt.step()
         counts.append(len(calls))
     assert counts == [2, 2]
+
+
+def test_hooks_see_a_keyword_closure_as_torchs_do() -> None:
+    # e.g. ZeroRedundancyOptimizer and Lightning call step(closure=...)
+    logs: list[list[Any]] = []
+    for opt in optimizers():
+        log: list[Any] = []
+        record(opt, log)
+        opt.step(closure=lambda: 1.0)
+        logs.append(log)
+        # a pre-hook may swap the closure where the caller put it
+        opt.register_step_pre_hook(
+            lambda o, args, kwargs: (args, {**kwargs, "closure": lambda: 7.0})
+        )
+        assert opt.step(closure=lambda: 1.0) == 7.0
+    assert logs[0] == logs[1]
+    assert logs[1][0] == ("pre", True, 1, True, ["closure"])
+
+
+def test_a_profiler_of_all_threads_sees_a_step_in_another_thread() -> None:
+    from torch._C._profiler import _ExperimentalConfig
+
+    names: list[set[str]] = []
+    for opt in optimizers():
+        config = _ExperimentalConfig(profile_all_threads=True)
+        with torch.profiler.profile(experimental_config=config) as profile:
+            worker = threading.Thread(target=opt.step)
+            worker.start()
+            worker.join()
+        names.append({e.name for e in profile.events() if e.name.startswith("Optimizer.step#")})
+    assert names == [{"Optimizer.step#Adam.step"}] * 2

@@ -153,6 +153,9 @@ class Update(tuple):
         name = self[3]
         return name if isinstance(name, str) else name()
 
+    def __getnewargs__(self) -> tuple[Any, ...]:  # copy and pickle: the fields, not one tuple
+        return tuple(self)
+
     __eq__ = object.__eq__  # type: ignore[assignment]
     __ne__ = object.__ne__  # type: ignore[assignment]
     __hash__ = object.__hash__  # type: ignore[assignment]

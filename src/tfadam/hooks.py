@@ -36,7 +36,9 @@ def stepped(
     optimizer: torch.optim.Optimizer, body: Callable[..., Any], args: tuple, kwargs: dict
 ) -> Any:
     """``body(optimizer, *args, **kwargs)`` as ``Optimizer.profile_hook_step`` runs a step."""
-    if torch.autograd._profiler_enabled():
+    # torch's process-wide flag (a profiler of all threads, or started from
+    # C++), then this thread's own.
+    if torch.autograd.profiler._is_profiler_enabled or torch.autograd._profiler_enabled():
         name = f"Optimizer.step#{type(optimizer).__name__}.step"
         with torch.autograd.profiler.record_function(name):
             return _hooked(optimizer, body, args, kwargs)

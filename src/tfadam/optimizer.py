@@ -7,6 +7,7 @@ Each param group behaves as one TF1 ``AdamOptimizer``: its own float32
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache, partial
@@ -145,17 +146,25 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
     # called through ctypes, which dynamo cannot trace, and tracing the
     # validation only burns compile time and recompiles.
     @eager_only
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One Adam step on every group; validates all groups before touching any.
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        """``step(closure=None)``: one Adam step on every group; validates all
+        groups before touching any.
 
-        Runs torch.optim's step hooks and profiler range (see :mod:`tfadam.hooks`).
+        Runs torch.optim's step hooks and profiler range (see
+        :mod:`tfadam.hooks`); the hooks see the arguments as given, as torch's do.
         """
         if type(self).step is not Adam.step:
             # A subclass's own step, which torch wrapped: the hooks ran there.
-            return self._step(closure)
-        return hooks.stepped(self, Adam._step, () if closure is None else (closure,), {})
+            return self._step(*args, **kwargs)
+        return hooks.stepped(self, Adam._step, args, kwargs)
 
     step.hooked = True  # type: ignore[attr-defined]  # torch: run as is (hooks.stepped)
+    step.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            inspect.Parameter("closure", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+        ]
+    )
 
     @eager_only  # (as step: a subclass's step may call it)
     def _step(self, closure: Callable[[], Any] | None = None) -> Any:

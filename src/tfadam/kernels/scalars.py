@@ -116,15 +116,24 @@ def _as_float32(value: rule.HyperValue) -> float | None:
     return _float32(float(value))
 
 
-def _in_memory(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a plain one-element float32 CPU tensor whose memory holds its value."""
-    return (
+def _address(t: torch.Tensor) -> int:
+    """Where a plain one-element float32 CPU tensor keeps its value, or 0: read it through torch.
+
+    0 too for a negative view (its memory holds the other sign) and an
+    inference tensor (not writable outside inference mode); ``data_ptr()``
+    itself is 0 for a tensor with no memory of its own behind it (a zero
+    tensor, a functional wrapper).
+    """
+    if (
         type(t) is torch.Tensor
         and t.is_cpu
         and t.dtype is torch.float32
         and t.numel() == 1
         and not t.is_neg()
-    )
+        and not t.is_inference()
+    ):
+        return t.data_ptr()
+    return 0
 
 
 def float32_value(t: torch.Tensor) -> float:
@@ -138,8 +147,9 @@ def float32_value(t: torch.Tensor) -> float:
     >>> float32_value(torch.tensor(0.81))
     0.8100000023841858
     """
-    if _in_memory(t):
-        return ctypes.c_float.from_address(t.data_ptr()).value
+    address = _address(t)
+    if address:
+        return ctypes.c_float.from_address(address).value
     return float(t.item())
 
 
@@ -264,22 +274,22 @@ def advance_accumulators(
     beta_power = float32(beta_power * float32(β))
 
     (the product of two float32 values is exact in float64, so one rounding
-    to float32 is the float32 product).
+    to float32 is the float32 product). As in every TF op, subnormal operands
+    count as zero and a subnormal product is flushed to zero.
 
     >>> b1p, b2p = torch.tensor(0.9), torch.tensor(0.999)
     >>> advance_accumulators(b1p, b2p, 0.9, 0.999)
     >>> float(b1p)
     0.809999942779541
     """
-    if (
-        type(beta1) is float
-        and type(beta2) is float
-        and _in_memory(beta1_power)
-        and _in_memory(beta2_power)
-    ):  # the common call, in few Python calls (see tf1_coefficients)
-        for power, beta in ((beta1_power, beta1), (beta2_power, beta2)):
-            cell = ctypes.c_float.from_address(power.data_ptr())  # (see float32_value)
-            cell.value = _f32_ftz(cell.value * _float32(beta))
+    addresses = (_address(beta1_power), _address(beta2_power))
+    if type(beta1) is float and type(beta2) is float and all(addresses):
+        # the common call, in few Python calls (see tf1_coefficients, float32_value)
+        for address, beta in zip(addresses, (beta1, beta2), strict=True):
+            cell = ctypes.c_float.from_address(address)
+            cell.value = _f32_ftz(_f32_ftz(cell.value) * _f32_ftz(beta))
+        # as fill_ would: autograd must see that they changed
+        torch.autograd.graph.increment_version((beta1_power, beta2_power))
         return
     betas = [_as_float32(beta1), _as_float32(beta2)]
     powers = (beta1_power, beta2_power)
@@ -291,8 +301,4 @@ def advance_accumulators(
         rule.advance_accumulators(beta1_power, beta2_power, beta1, beta2)
         return
     for power, beta in zip(powers, betas, strict=True):
-        new = _tf_round(float32_value(power) * beta, torch.float32)
-        if _in_memory(power):  # (see float32_value)
-            ctypes.c_float.from_address(power.data_ptr()).value = new
-        else:
-            power.fill_(new)
+        power.fill_(_f32_ftz(_f32_ftz(float32_value(power)) * _f32_ftz(beta)))
