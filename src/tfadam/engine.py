@@ -286,7 +286,7 @@ def create_slots(
 
 # The exact types of plain tensors: testing ``type(t) in _PLAIN`` costs half
 # an ``isinstance`` on a tensor, which matters at thousands of tensors a step.
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
 def _dtensor_class() -> type | None:
@@ -312,7 +312,7 @@ def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     in-place writes land in the DTensor.
     """
     dtensor = _dtensor_class()
-    if dtensor is None or _PLAIN_TYPES.issuperset(map(type, tensors)):
+    if dtensor is None or _PLAIN.issuperset(map(type, tensors)):
         return tensors
     return [
         t.to_local() if type(t) not in _PLAIN and isinstance(t, dtensor) else t  # type: ignore[attr-defined]
@@ -423,8 +423,8 @@ def _uniformly_plain(
     dtype, device = params[0].dtype, params[0].device
     if (
         dtype not in FLOATING
-        or not _PLAIN_TYPES.issuperset(map(type, params))
-        or not _PLAIN_TYPES.issuperset(map(type, grads))
+        or not _PLAIN.issuperset(map(type, params))
+        or not _PLAIN.issuperset(map(type, grads))
         or not all(map(_IS_LEAF, params))
         or not all(map(all, map(_stride, params)))  # no zero stride (see _plainly_valid)
         or any(map(_is_inference, params))
@@ -440,7 +440,7 @@ def _uniformly_plain(
             columns += [list(map(itemgetter(slot), states)) for slot in slot_names]
         except KeyError:
             return None
-        if not all(_PLAIN_TYPES.issuperset(map(type, column)) for column in columns[2:]):
+        if not all(_PLAIN.issuperset(map(type, column)) for column in columns[2:]):
             return None
     elif slot_counts != {0}:
         return None
@@ -463,7 +463,6 @@ _DTYPE, _DEVICE, _SHAPE = attrgetter("dtype"), attrgetter("device"), attrgetter(
 _IS_LEAF, _IS_CPU, _LAYOUT = attrgetter("is_leaf"), attrgetter("is_cpu"), attrgetter("layout")
 _REQUIRES_GRAD = attrgetter("requires_grad")
 _stride, _is_inference = torch.Tensor.stride, torch.Tensor.is_inference
-_PLAIN_TYPES = frozenset(_PLAIN)
 
 
 def _checked_in_full(update: Update, options: Options) -> Update:

@@ -282,24 +282,27 @@ def advance_accumulators(
     >>> float(b1p)
     0.809999942779541
     """
-    addresses = (_address(beta1_power), _address(beta2_power))
-    if type(beta1) is float and type(beta2) is float and all(addresses):
-        # the common call, in few Python calls (see tf1_coefficients, float32_value)
-        for address, beta in zip(addresses, (beta1, beta2), strict=True):
-            cell = ctypes.c_float.from_address(address)
-            cell.value = _f32_ftz(_f32_ftz(cell.value) * _f32_ftz(beta))
-        # Like the kernels' writes to θ, m and v (and torch's fused Adam's to its
-        # parameters) this leaves the tensors' version counters alone: bumping
-        # them cost ~40 µs a step, cold.
-        return
     betas = [_as_float32(beta1), _as_float32(beta2)]
     powers = (beta1_power, beta2_power)
     if (
         betas[0] is None
         or betas[1] is None
-        or any(p.dtype != torch.float32 or p.device.type != "cpu" for p in powers)
+        or beta1_power.dtype != torch.float32
+        or beta2_power.dtype != torch.float32
+        or not beta1_power.is_cpu
+        or not beta2_power.is_cpu
     ):
         rule.advance_accumulators(beta1_power, beta2_power, beta1, beta2)
         return
     for power, beta in zip(powers, betas, strict=True):
-        power.fill_(_f32_ftz(_f32_ftz(float32_value(power)) * _f32_ftz(beta)))
+        address = _address(power)  # (see float32_value)
+        cell = ctypes.c_float.from_address(address) if address else None
+        value = float(power.item()) if cell is None else cell.value
+        new = _f32_ftz(_f32_ftz(value) * _f32_ftz(beta))  # type: ignore[arg-type]
+        if cell is None:
+            power.fill_(new)
+        else:
+            # Like the kernels' writes to θ, m and v (and torch's fused Adam's to
+            # its parameters) this leaves the version counter alone: bumping it
+            # cost ~40 µs a step, cold.
+            cell.value = new
