@@ -37,7 +37,7 @@ from keras_oracle import (  # noqa: E402
 
 import tfadam  # noqa: E402
 import tfadam.keras  # noqa: E402
-from tfadam import rule  # noqa: E402
+from tfadam import keras_rule, rule  # noqa: E402
 
 schedules = keras.optimizers.schedules
 # Random None gradients make both optimizers warn; torch warns about COO checks.
@@ -355,7 +355,7 @@ def test_tf_sum_matches_reduce_sum() -> None:
                 NP_DTYPES[name]
             )
             expected = tf.reduce_sum(tf.constant(x)).numpy()
-            got = rule.tf_sum(to_torch(x), tfadam.keras._tf_intra_op_threads())
+            got = keras_rule.tf_sum(to_torch(x), tfadam.keras._tf_intra_op_threads())
             assert bits(np.asarray(expected)) == bits(got), (name, n)
 
 
@@ -368,8 +368,8 @@ def test_scalar_power_matches_tf_pow() -> None:
             for step in [1, 2, 3, 10, 57, 150, 257, 1000, 4097]:
                 b = tf.cast(float(base), name)
                 expected = tf.pow(b, tf.cast(step, name)).numpy()
-                got = rule.tf_scalar_power(
-                    rule.keras_cast(float(base), dtype),
+                got = keras_rule.tf_scalar_power(
+                    keras_rule.keras_cast(float(base), dtype),
                     torch.tensor(float(step)).to(dtype),
                 )
                 assert bits(np.asarray(expected)) == bits(got), (name, base, step)
@@ -387,7 +387,7 @@ def test_a_naive_transcription_is_caught(monkeypatch: pytest.MonkeyPatch) -> Non
 
     s = random_scenario(21, shapes=[(50, 40)], steps=300)
     keras_vars, _ = run_keras(s)
-    monkeypatch.setattr(rule, "keras_coefficients", tf1_style)
+    monkeypatch.setattr(keras_rule, "keras_coefficients", tf1_style)
     naive_vars, _ = run_tfadam(s)
     wrong = int((bits(keras_vars[0]) != bits(naive_vars[0])).sum())
     assert wrong > 0.8 * 2000, wrong
@@ -395,7 +395,7 @@ def test_a_naive_transcription_is_caught(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_subnormals_are_flushed_as_tf_flushes_them() -> None:
     # TF's CPU kernels run with flush-to-zero: a float32 g*g below 1.2e-38 is 0
-    # there; rule.TFArithmetic flushes it too, so v agrees bit for bit.
+    # there; tfmath.TFArithmetic flushes it too, so v agrees bit for bit.
     s = random_scenario(2, steps=20, shapes=[(40,)], scale=(-30.0, -18.0))
     keras_vars, keras_state = run_keras(s)
     tfadam_vars, tfadam_state = run_tfadam(s)
@@ -405,7 +405,7 @@ def test_subnormals_are_flushed_as_tf_flushes_them() -> None:
 
 
 def test_doctests() -> None:
-    for module in (tfadam.keras, rule):
+    for module in (tfadam.keras, keras_rule, rule):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, module.__name__
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from operator import attrgetter, itemgetter
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -47,6 +47,8 @@ __all__ = [
     "Options",
     "Update",
     "Plan",
+    "Schedule",
+    "BetaPowers",
     "prepare",
     "execute",
     "create_slots",
@@ -206,33 +208,81 @@ def prepare(
     return plan
 
 
-def execute(plan: Plan, accumulators: Accumulators | None) -> Accumulators:
-    """Run a prepared apply call; returns the (possibly new) accumulators."""
+class Schedule(Protocol):
+    """Where a face's coefficients come from, and what it advances after a step.
+
+    TF1 (:class:`BetaPowers`): from the float32 beta-power accumulators, which
+    are multiplied by β after the step. Keras: from the iteration counter.
+    ``coefficients`` may be called for each dtype of the plan before any write;
+    ``advance`` is called once, after the last write of the step.
+    """
+
+    def coefficients(self, dtype: torch.dtype) -> rule.Coefficients: ...
+
+    def advance(self) -> None: ...
+
+
+class BetaPowers:
+    """TF1's :class:`Schedule`: coefficients from ``beta1_power``/``beta2_power``.
+
+    ``advance`` multiplies each accumulator by its β (:func:`rule.advance_accumulators`).
+
+    >>> powers = BetaPowers(Accumulators.create(0.9, 0.999), resolve_all(0.1, 0.9, 0.999, 1e-8, ""))
+    >>> powers.coefficients(torch.float32).alpha == rule.tf1_coefficients(
+    ...     lr=0.1, beta1=0.9, beta2=0.999, epsilon=1e-8, beta1_power=0.9,
+    ...     beta2_power=0.999, dtype=torch.float32).alpha
+    True
+    """
+
+    def __init__(self, accumulators: Accumulators, hyper: Resolution) -> None:
+        self.accumulators, self.hyper = accumulators, hyper
+        # float32 accumulators (always, but for an edited state) are read once for
+        # all dtypes: each read is a walk through torch's cold code.
+        powers: tuple[Any, Any] = (accumulators.beta1_power, accumulators.beta2_power)
+        if powers[0].dtype == torch.float32 and powers[1].dtype == torch.float32:
+            powers = (kernels.float32_value(powers[0]), kernels.float32_value(powers[1]))
+        self.powers = powers
+
+    def coefficients(self, dtype: torch.dtype) -> rule.Coefficients:
+        hyper = self.hyper
+        return kernels.tf1_coefficients(
+            lr=hyper.lr,
+            beta1=hyper.beta1,
+            beta2=hyper.beta2,
+            epsilon=hyper.epsilon,
+            beta1_power=self.powers[0],
+            beta2_power=self.powers[1],
+            dtype=dtype,
+        )
+
+    def advance(self) -> None:
+        accumulators = self.accumulators
+        kernels.advance_accumulators(
+            accumulators.beta1_power, accumulators.beta2_power, self.hyper.beta1, self.hyper.beta2
+        )
+
+
+def execute(plan: Plan, schedule: Schedule | Accumulators | None) -> Accumulators | None:
+    """Run a prepared apply call with coefficients from ``schedule``, then advance it.
+
+    TF1's faces pass their :class:`Accumulators` (None: create them) and get
+    them back: that is the :class:`BetaPowers` schedule. Another schedule
+    (Keras' iterations) returns None.
+    """
     hyper, options = plan.hyper, plan.options
-    if accumulators is None:
-        accumulators = Accumulators.create(hyper.beta1, hyper.beta2)
+    accumulators = None
+    if schedule is None or isinstance(schedule, Accumulators):
+        accumulators = schedule or Accumulators.create(hyper.beta1, hyper.beta2)
+        schedule = BetaPowers(accumulators, hyper)
     if not plan.slots_complete:
         for update in plan.updates:
             create_slots(update.param, update.state, options)
 
     coefficients: dict[torch.dtype, rule.Coefficients] = {}
-    # float32 accumulators (always, but for an edited state) are read once for
-    # all dtypes: each read is a walk through torch's cold code.
-    powers: tuple[Any, Any] = (accumulators.beta1_power, accumulators.beta2_power)
-    if powers[0].dtype == torch.float32 and powers[1].dtype == torch.float32:
-        powers = (kernels.float32_value(powers[0]), kernels.float32_value(powers[1]))
 
     def coefficients_for(dtype: torch.dtype) -> rule.Coefficients:
         if dtype not in coefficients:
-            coefficients[dtype] = kernels.tf1_coefficients(
-                lr=hyper.lr,
-                beta1=hyper.beta1,
-                beta2=hyper.beta2,
-                epsilon=hyper.epsilon,
-                beta1_power=powers[0],
-                beta2_power=powers[1],
-                dtype=dtype,
-            )
+            coefficients[dtype] = schedule.coefficients(dtype)
         return coefficients[dtype]
 
     with torch.no_grad():
@@ -265,9 +315,7 @@ def execute(plan: Plan, accumulators: Accumulators | None) -> Accumulators:
                 lazy=options.sparse == "lazy",
                 numerics=numerics,
             )
-        kernels.advance_accumulators(
-            accumulators.beta1_power, accumulators.beta2_power, hyper.beta1, hyper.beta2
-        )
+        schedule.advance()
     return accumulators
 
 

@@ -182,7 +182,7 @@ def warn_numerics(owner: object, plan: Plan) -> None:
     warned = _warned.setdefault(owner, set())
     name = type(owner).__name__
     if "epsilon" not in warned and float(epsilon) != 0.0:
-        lost = [d for d in dtypes if rule._scalar(epsilon, d).item() == 0.0]
+        lost = [d for d in dtypes if rule.cast_scalar(epsilon, d).item() == 0.0]
         if lost:
             warned.add("epsilon")
             # TF flushes subnormals to zero, except float16's (normal in float32).
@@ -197,7 +197,7 @@ def warn_numerics(owner: object, plan: Plan) -> None:
     for label, beta in (("beta1", plan.hyper.beta1), ("beta2", plan.hyper.beta2)):
         if label in warned:
             continue
-        ones = [d for d in dtypes if rule._scalar(beta, d).item() == 1.0]
+        ones = [d for d in dtypes if rule.cast_scalar(beta, d).item() == 1.0]
         if ones:
             warned.add(label)
             effect = (

@@ -5,7 +5,7 @@ tensors: an ``iterations`` counter instead of TF1's ``beta_power``
 accumulators, ε = 1e-7 by default, and Keras' extras — AMSGrad, decoupled
 weight decay, clipnorm / clipvalue / global_clipnorm, an exponential moving
 average of the weights, gradient accumulation and a loss scale factor. The
-arithmetic lives in :mod:`tfadam.rule` (``keras_*`` functions); this module
+arithmetic lives in :mod:`tfadam.keras_rule`; this module
 only keeps the state and calls it in Keras' order.
 
 Example:
@@ -25,13 +25,13 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import engine, kernels, rule
+from . import engine, keras_rule
 from .hyper import Resolution
 from .sparse import IndexedSlices
 
@@ -172,7 +172,7 @@ class Adam:
 
     every operation rounded to the variable's dtype in Keras' order; ``β^t``
     is a power (``tf.pow``), ``1 - β`` is computed in Python double and then
-    rounded (see :func:`tfadam.rule.keras_coefficients`). Unlike TF1 (and
+    rounded (see :func:`tfadam.keras_rule.keras_coefficients`). Unlike TF1 (and
     ``tfadam.AdamOptimizer``), ε defaults to 1e-7.
 
     Args:
@@ -332,7 +332,7 @@ class Adam:
                 "optimizer with a float `learning_rate` argument."
             )
         value = _as_scalar(learning_rate, "learning_rate")
-        new = rule.keras_cast(value, torch.float32)
+        new = keras_rule.keras_cast(value, torch.float32)
         if isinstance(self._learning_rate, torch.Tensor):
             self._learning_rate.copy_(new)
         else:
@@ -395,10 +395,19 @@ class Adam:
         if not self.built:
             self._build(variables)
         with torch.no_grad():
-            self._step(plan, learning_rates)
+            schedule = self._schedule(learning_rates)
+            updated = self._step(plan, learning_rates, schedule)
             if self.use_ema:
-                self._update_moving_average()
-        self._iterations.add_(1)
+                averages = [slots["average"] for slots in self._slots]
+                keras_rule.moving_average_all(
+                    averages,
+                    self._trainable,
+                    self.ema_momentum,
+                    schedule.step,
+                    self.ema_overwrite_frequency,
+                )
+            if not updated:
+                schedule.advance()
 
     def scale_loss(self, loss: Any) -> Any:
         """``loss * loss_scale_factor`` (the loss unchanged without one)."""
@@ -482,6 +491,91 @@ class Adam:
             converted.append(value)
         with torch.no_grad():
             for target, value in zip(targets, converted, strict=True):
+                target.copy_(value)
+
+    # --- state, for checkpoint and persistence code --------------------------------------
+
+    def owns(self, var: torch.Tensor) -> bool:
+        """Whether ``var`` is one of the variables this optimizer was built with.
+
+        >>> w = torch.zeros(2)
+        >>> opt = Adam()
+        >>> opt.owns(w), opt.build([w]), opt.owns(w), opt.owns(torch.zeros(2))
+        (False, None, True, False)
+        """
+        return self.built and id(var) in self._index
+
+    def slots_of(self, var: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """``var``'s slots by Keras' names (``momentum``, ``velocity``, ``velocity_hat``,
+        ``average``, ``gradient_accumulator``, as configured), or None if not :meth:`owns`.
+
+        The tensors are the optimizer's own; change them with :meth:`restore_state`.
+
+        >>> w = torch.zeros(2)
+        >>> opt = Adam(amsgrad=True)
+        >>> opt.build([w])
+        >>> sorted(opt.slots_of(w)), opt.slots_of(torch.zeros(2))
+        (['momentum', 'velocity', 'velocity_hat'], None)
+        """
+        if not self.owns(var):
+            return None
+        return dict(self._slots[self._index[id(var)]])
+
+    def restore_state(
+        self,
+        slots_by_var: Mapping[torch.Tensor, Mapping[str, torch.Tensor]],
+        iterations: int | torch.Tensor,
+        learning_rate: float | torch.Tensor | None = None,
+    ) -> None:
+        """Set slots, the iterations counter and the learning rate; all checked, then written.
+
+        ``slots_by_var`` maps variables this optimizer :meth:`owns` to some or
+        all of their slots by Keras' names (see :meth:`slots_of`); slots not
+        given keep their values. ``iterations`` counts apply calls (Keras'
+        ``iteration`` variable); ``learning_rate`` sets a float learning rate
+        (ignored when the learning rate is a schedule or a callable). Nothing
+        is written unless everything fits.
+
+        >>> w = torch.zeros(2)
+        >>> opt = Adam()
+        >>> opt.build([w])
+        >>> opt.restore_state({w: {"momentum": torch.ones(2)}}, iterations=5)
+        >>> opt.slots_of(w)["momentum"], int(opt.iterations)
+        (tensor([1., 1.]), 5)
+        """
+        if not self.built:
+            raise ValueError(
+                "restore_state() needs a built optimizer: call optimizer.build(variables) first."
+            )
+        writes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for position, (var, named) in enumerate(slots_by_var.items()):
+            held = self.slots_of(var)
+            if held is None:
+                raise ValueError(
+                    f"restore_state: {_label(position, var)} is not a variable this optimizer "
+                    "was built with; build it with every variable whose state you restore."
+                )
+            for name, value in named.items():
+                if name not in held:
+                    raise KeyError(
+                        f"restore_state: {_label(position, var)} has no slot {name!r}; this "
+                        f"optimizer keeps {sorted(held)}."
+                    )
+                if not isinstance(value, torch.Tensor) or value.shape != held[name].shape:
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else value
+                    raise ValueError(
+                        f"restore_state: slot {name!r} of {_label(position, var)} must be a "
+                        f"tensor of shape {tuple(held[name].shape)}; got {shape!r}."
+                    )
+                writes.append((held[name], value))
+        counter = _as_scalar(iterations, "iterations")
+        if not float(counter).is_integer() or float(counter) < 0:
+            raise ValueError(f"restore_state: iterations must be a count >= 0; got {iterations!r}.")
+        if learning_rate is not None and isinstance(self._learning_rate, torch.Tensor):
+            writes.append((self._learning_rate, torch.as_tensor(_as_scalar(learning_rate, "lr"))))
+        writes.append((self._iterations, torch.tensor(int(float(counter)), dtype=torch.int64)))
+        with torch.no_grad():
+            for target, value in writes:
                 target.copy_(value)
 
     def get_config(self) -> dict[str, Any]:
@@ -689,145 +783,55 @@ class Adam:
 
     # --- one step, in Keras' order (BaseOptimizer.apply / _backend_apply_gradients) -------
 
-    def _step(self, plan: engine.Plan, learning_rates: list[Any]) -> None:
+    def _schedule(self, learning_rates: list[Any]) -> keras_rule.Iterations:
+        return keras_rule.Iterations(
+            counter=self._iterations,
+            step=int(self.iterations),
+            learning_rate=learning_rates[-1] if learning_rates else None,
+            beta_1=self.beta_1,  # type: ignore[arg-type]
+            beta_2=self.beta_2,  # type: ignore[arg-type]
+            epsilon=self.epsilon,  # type: ignore[arg-type]
+        )
+
+    def _step(
+        self, plan: engine.Plan, learning_rates: list[Any], schedule: keras_rule.Iterations
+    ) -> bool:
+        """Keras' transforms around one engine execution; False on a call that only accumulates.
+
+        The update's own plan is prepared before the first write (weight decay).
+        """
         updates = plan.updates
+        params = [u.param for u in updates]
+        shapes = [p.shape for p in params]
+        slots = [self._slots[self._index[id(p)]] for p in params]
         grads: list[Gradient] = [u.grad for u in updates]
         if self.loss_scale_factor is not None:
-            grads = [rule.keras_unscale(g, self.loss_scale_factor) for g in grads]  # type: ignore[arg-type]
+            grads = keras_rule.unscale_all(grads, self.loss_scale_factor)  # type: ignore[arg-type]
         steps = self.gradient_accumulation_steps
-        slots = [self._slots[self._index[id(u.param)]] for u in updates]
         if steps:
+            accumulators = [s["gradient_accumulator"] for s in slots]
             if not self._is_update_step():
-                for g, u, s in zip(grads, updates, slots, strict=True):
-                    rule.keras_accumulate(s["gradient_accumulator"], self._dense(g, u.param))
-                return
-            grads = [
-                rule.keras_accumulated_gradient(
-                    self._dense(g, u.param), s["gradient_accumulator"], steps
-                )
-                for g, u, s in zip(grads, updates, slots, strict=True)
-            ]
-        grads = self._clipped(grads, updates)
-        decayed = iter(learning_rates[:-1])
+                keras_rule.accumulate_all(accumulators, grads, shapes)
+                return False
+            grads = keras_rule.accumulated_gradients(grads, accumulators, shapes, steps)  # type: ignore[assignment]
+        clipping = keras_rule.Clipping(self.clipnorm, self.clipvalue, self.global_clipnorm)
+        grads = keras_rule.clip_all(grads, shapes, clipping, self._threads())
+        tf1_updates, keras_only = [], []
+        for g, u, s in zip(grads, updates, slots, strict=True):
+            if keras_rule.differs_from_tf1(g, self.amsgrad):
+                keras_only.append((u.param, g, s))
+            else:
+                moments = {"m": s["momentum"], "v": s["velocity"]}
+                dense = keras_rule.densify(g, u.param.shape)
+                tf1_updates.append(engine.Update(u.param, dense, moments, u[3]))
+        update_plan = engine.prepare(tf1_updates, _NO_HYPER, engine.Options())
         if self.weight_decay is not None:
-            for u in updates:
-                if self._uses_weight_decay(u.param):
-                    dtype = u.param.dtype
-                    rule.keras_weight_decay(
-                        u.param,
-                        rule.keras_cast(self.weight_decay, dtype),
-                        rule.keras_cast(next(decayed), dtype),
-                    )
-        self._update(grads, updates, slots, learning_rates[-1])
+            decayed = iter(learning_rates[:-1])
+            rates = [next(decayed) if self._uses_weight_decay(p) else None for p in params]
+            keras_rule.decay_all(params, self.weight_decay, rates)
+        for param, g, s in keras_only:
+            keras_rule.keras_only_update(param, g, s, schedule.coefficients(param.dtype))
+        engine.execute(update_plan, schedule)  # advances the schedule
         if steps:
-            for s in self._slots:
-                s["gradient_accumulator"].zero_()
-
-    @staticmethod
-    def _dense(g: Gradient, param: torch.Tensor) -> torch.Tensor:
-        if isinstance(g, IndexedSlices):
-            return rule.keras_densify(g.indices, g.values, param.shape)
-        return g
-
-    def _clipped(self, grads: list[Gradient], updates: list[engine.Update]) -> list[Gradient]:
-        threads = self._threads()
-        if self.clipnorm and self.clipnorm > 0:
-            clip = rule.keras_clip_by_norm
-            return [self._on_values(g, clip, self.clipnorm, threads) for g in grads]
-        if self.global_clipnorm and self.global_clipnorm > 0:
-            squared = []
-            for g, u in zip(grads, updates, strict=True):
-                if isinstance(g, IndexedSlices):
-                    # ops.square keeps the IndexedSlices; ops.sum then densifies the squares.
-                    squares = rule.flush_subnormal(g.values * g.values)
-                    dense = rule.keras_densify(g.indices, squares, u.param.shape)
-                    squared.append(rule.tf_sum(dense, threads))
-                else:
-                    squared.append(rule.keras_squared_norm(g, threads))
-            scale = rule.keras_global_norm_scale(squared, self.global_clipnorm, threads)
-            # `v * scale` turns an IndexedSlices into a dense tensor.
-            return [self._dense(g, u.param) * scale for g, u in zip(grads, updates, strict=True)]
-        if self.clipvalue and self.clipvalue > 0:
-            return [self._on_values(g, rule.keras_clip_by_value, self.clipvalue) for g in grads]
-        return grads
-
-    @staticmethod
-    def _on_values(g: Gradient, clip: Callable[..., torch.Tensor], *args: Any) -> Gradient:
-        if isinstance(g, IndexedSlices):
-            return IndexedSlices(clip(g.values, *args), g.indices, g.dense_shape)
-        return clip(g, *args)
-
-    def _update(
-        self,
-        grads: list[Gradient],
-        updates: list[engine.Update],
-        slots: list[dict[str, torch.Tensor]],
-        learning_rate: Any,
-    ) -> None:
-        iterations = int(self.iterations)
-        coefficients: dict[torch.dtype, rule.Coefficients] = {}
-
-        def coefficients_for(dtype: torch.dtype) -> rule.Coefficients:
-            if dtype not in coefficients:
-                coefficients[dtype] = rule.keras_coefficients(
-                    lr=learning_rate,
-                    beta_1=self.beta_1,  # type: ignore[arg-type]
-                    beta_2=self.beta_2,  # type: ignore[arg-type]
-                    epsilon=self.epsilon,  # type: ignore[arg-type]
-                    iterations=iterations,
-                    dtype=dtype,
-                )
-            return coefficients[dtype]
-
-        dense: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, (g, u) in enumerate(zip(grads, updates, strict=True)):
-            s = slots[i]
-            if isinstance(g, IndexedSlices) and _has_repeats(g.indices):
-                rule.keras_update(
-                    u.param,
-                    s["momentum"],
-                    s["velocity"],
-                    self._dense(g, u.param),
-                    coefficients_for(u.param.dtype),
-                    g_squared=rule.keras_densify(g.indices, g.values * g.values, u.param.shape),
-                    vhat=s.get("velocity_hat"),
-                )
-                continue
-            # Unique rows: the square of the densified gradient is Keras' sum of squares.
-            g = self._dense(g, u.param)
-            if self.amsgrad:
-                # Keras' vhat = tf.maximum(vhat, v) keeps NaN bits that the kernels'
-                # torch.maximum would canonicalise; AMSGrad takes the rule's path.
-                rule.keras_update(
-                    u.param,
-                    s["momentum"],
-                    s["velocity"],
-                    g,
-                    coefficients_for(u.param.dtype),
-                    vhat=s["velocity_hat"],
-                )
-                continue
-            grads[i] = g
-            dense.setdefault((u.param.device, u.param.dtype), []).append(i)
-        for (_, dtype), members in dense.items():
-            kernels.dense_step(
-                [updates[i].param for i in members],
-                [grads[i] for i in members],  # type: ignore[misc]
-                [slots[i]["momentum"] for i in members],
-                [slots[i]["velocity"] for i in members],
-                None,
-                coefficients_for(dtype),
-            )
-
-    def _update_moving_average(self) -> None:
-        iterations = int(self.iterations)
-        for var, slots in zip(self._trainable, self._slots, strict=True):
-            rule.keras_ema_update(slots["average"], var, self.ema_momentum, iterations == 0)
-        frequency = self.ema_overwrite_frequency
-        if frequency and (iterations + 1) % frequency == 0:
-            for var, slots in zip(self._trainable, self._slots, strict=True):
-                var.copy_(slots["average"])
-
-
-def _has_repeats(indices: torch.Tensor) -> bool:
-    return bool(torch.unique(indices).numel() != indices.numel())
+            keras_rule.reset_accumulators([s["gradient_accumulator"] for s in self._slots])
+        return True

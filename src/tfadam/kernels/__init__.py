@@ -6,11 +6,19 @@ the fastest implementation that handles the given tensors:
 
 * CPU: the fused C kernels of :mod:`tfadam.kernels.cpu` (compiled on first
   use, see :mod:`tfadam.kernels.native`), for plain tensors in a dense layout;
-* CUDA: :mod:`tfadam.kernels.cuda` (multi-tensor torch ops, each rounding once);
-* anything else (other devices, tensor subclasses such as DTensor, layouts
-  the C loop cannot walk, no C compiler): :mod:`tfadam.kernels.reference`.
+* other CPU tensors (tensor subclasses such as DTensor, layouts the C loop
+  cannot walk, no C compiler): :mod:`tfadam.kernels.reference`;
+* tensors on any other device (CUDA included): copied to the CPU for the
+  step, updated there as above, and copied back (:func:`through_cpu`).
 
 All of them give the same bits; the tests prove it with ``==`` on integer views.
+Why CUDA goes through the CPU: the rule is proven against TF on the CPU only.
+On a GPU three of its primitives are unproven or known to differ — NaN bits
+(CUDA returns a canonical NaN where x86 keeps the operand's sign and
+payload), the float32-to-float16 conversion of NaNs, and correctly rounded
+square roots (documented for CUDA, never measured here) — so no arithmetic
+runs there until a GPU run proves a kernel bitwise-equal to the reference.
+Copies are exact (bytes, no conversion), so the bits are the CPU's.
 The per-step scalars (:func:`tf1_coefficients`, :func:`advance_accumulators`)
 come from :mod:`tfadam.kernels.scalars`: the rule's numbers without torch ops.
 
@@ -27,21 +35,24 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
+from typing import Literal
 
 import torch
 
 from .. import rule
 from ..eager import eager_only
-from . import cpu, cuda, reference
+from . import cpu, reference
 from .scalars import advance_accumulators, float32_value, tf1_coefficients
 
 __all__ = [
     "advance_accumulators",
     "dense_step",
     "float32_value",
+    "path_for",
     "sparse_step",
+    "through_cpu",
     "tf1_coefficients",
 ]
 
@@ -52,6 +63,51 @@ _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 def _plain(tensors: Iterable[torch.Tensor]) -> bool:
     return _PLAIN.issuperset(map(type, tensors))
+
+
+Path = Literal["fused-cpu", "reference", "through-cpu"]
+
+
+def path_for(device: torch.device, *, plain: bool = True) -> Path:
+    """Which implementation updates tensors on ``device`` (the dispatch decision).
+
+    ``"fused-cpu"`` where the C kernels run (plain CPU tensors, a compiler),
+    ``"through-cpu"`` on every device but the CPU (and meta, which holds no
+    values: the reference raises its own error there), ``"reference"`` otherwise.
+
+    >>> path_for(torch.device("cuda", 0))
+    'through-cpu'
+    >>> path_for(torch.device("cpu"), plain=False)
+    'reference'
+    """
+    if device.type == "cpu":
+        return "fused-cpu" if plain and cpu.available() else "reference"
+    if device.type == "meta":
+        return "reference"
+    return "through-cpu"
+
+
+def through_cpu(
+    written: Sequence[torch.Tensor],
+    read: Sequence[torch.Tensor],
+    step: Callable[[list[torch.Tensor], list[torch.Tensor]], None],
+) -> None:
+    """``step(written_copies, read_copies)`` on CPU copies, then the written copies copied back.
+
+    A same-dtype copy moves bytes: NaN payloads, signed zeros and subnormals
+    arrive as they were, so the result is exactly the CPU step's. The write
+    back happens only after the whole step has run on the copies.
+
+    >>> theta = torch.ones(2)
+    >>> through_cpu([theta], [torch.full((2,), 3.0)], lambda w, r: w[0].sub_(r[0]))
+    >>> theta
+    tensor([-2., -2.])
+    """
+    written_copies = [t.detach().to("cpu", copy=True) for t in written]
+    read_copies = [t.detach().to("cpu") for t in read]
+    step(written_copies, read_copies)
+    for target, result in zip(written, written_copies, strict=True):
+        target.copy_(result)
 
 
 @eager_only
@@ -75,9 +131,36 @@ def dense_step(
     """
     if not thetas:
         return
-    device = thetas[0].device.type
-    plain = _plain(chain(thetas, grads, ms, vs, vhats or ()))
-    if plain and device == "cpu" and cpu.available():
+    path = path_for(thetas[0].device, plain=_plain(chain(thetas, grads, ms, vs, vhats or ())))
+    if path != "through-cpu":
+        _dense_on_cpu(path, thetas, grads, ms, vs, vhats, c, nesterov)
+        return
+    n, amsgrad = len(thetas), vhats is not None
+
+    def on_cpu(written: list[torch.Tensor], read: list[torch.Tensor]) -> None:
+        thetas, ms, vs = written[:n], written[n : 2 * n], written[2 * n : 3 * n]
+        vhats = written[3 * n :] if amsgrad else None
+        _dense_on_cpu(_cpu_path(), thetas, read, ms, vs, vhats, c, nesterov)
+
+    through_cpu([*thetas, *ms, *vs, *(vhats or ())], grads, on_cpu)
+
+
+def _cpu_path() -> Path:
+    """The path of plain CPU tensors (the copies :func:`through_cpu` makes)."""
+    return "fused-cpu" if cpu.available() else "reference"
+
+
+def _dense_on_cpu(
+    path: Path,
+    thetas: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    ms: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    vhats: Sequence[torch.Tensor] | None,
+    c: rule.Coefficients,
+    nesterov: bool,
+) -> None:
+    if path == "fused-cpu":
         skipped = cpu.dense_step(thetas, grads, ms, vs, vhats, c, nesterov=nesterov)
         if skipped:
             reference.dense_step(
@@ -89,9 +172,6 @@ def dense_step(
                 c,
                 nesterov=nesterov,
             )
-        return
-    if plain and device == "cuda":
-        cuda.dense_step(thetas, grads, ms, vs, vhats, c, nesterov=nesterov)
         return
     reference.dense_step(thetas, grads, ms, vs, vhats, c, nesterov=nesterov)
 
@@ -114,15 +194,35 @@ def sparse_step(
     rounding each addition), then :func:`rule.sparse_update` (every row decays
     and moves) or, with ``lazy``, :func:`rule.lazy_sparse_update` (touched rows only).
     """
+    path = path_for(theta.device, plain=_plain((theta, m, v, indices, values)))
+    if path != "through-cpu":
+        _sparse_on_cpu(path, theta, m, v, indices, values, c, lazy, numerics)
+        return
+
+    def on_cpu(written: list[torch.Tensor], read: list[torch.Tensor]) -> None:
+        _sparse_on_cpu(_cpu_path(), *written, *read, c, lazy, numerics)
+
+    through_cpu([theta, m, v], [indices, values], on_cpu)
+
+
+def _sparse_on_cpu(
+    path: Path,
+    theta: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    c: rule.Coefficients,
+    lazy: bool,
+    numerics: rule.Numerics,
+) -> None:
     # Grappler folds float32/float64 only (see rule.sparse_update); its
     # x * rsqrt(v) form when ε is 0 in T is rare and left to the reference.
     folded = numerics == "graph" and theta.dtype in (torch.float32, torch.float64)
     graph_rsqrt = numerics == "graph" and c.epsilon == 0 and not lazy
     if (
         not graph_rsqrt
-        and theta.device.type == "cpu"
-        and _plain((theta, m, v, indices, values))
-        and cpu.available()
+        and path == "fused-cpu"
         and cpu.sparse_step(
             theta, m, v, indices, values, c, lazy=lazy, numerics="graph" if folded else "eager"
         )

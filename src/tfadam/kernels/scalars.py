@@ -249,7 +249,7 @@ def _f32_ftz(x: float) -> float:
 def _tf_round(x: float, dtype: torch.dtype) -> float:
     """``x`` as a TF CPU kernel leaves it in ``T``: rounded to the compute type
     (float32 for float16/bfloat16), a subnormal flushed to a signed zero (not
-    for float16, see :class:`tfadam.rule.TFArithmetic`), then rounded to ``T``.
+    for float16, see :class:`tfadam.tfmath.TFArithmetic`), then rounded to ``T``.
 
     >>> _tf_round(1e-39, torch.float32), _tf_round(-1e-39, torch.bfloat16)
     (0.0, -0.0)

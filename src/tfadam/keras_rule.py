@@ -1,0 +1,636 @@
+"""Keras 3's Adam (``keras.optimizers.Adam``, TensorFlow backend), written once and readably.
+
+The Keras counterpart of :mod:`tfadam.rule`, and the specification the Keras
+face (:mod:`tfadam.keras`) runs. It reads in Keras' order:
+
+1. **Python numbers**: Keras meets them in two ways that round differently
+   (:func:`keras_cast`, :func:`keras_literal`).
+2. **Coefficients** from the iteration counter (:func:`keras_coefficients`):
+   ``β^t`` is a power (:func:`tf_scalar_power`), not TF1's running product.
+   :class:`Iterations` serves them to the engine (Keras' ``Schedule``).
+3. **The update** (:func:`keras_update`): TF1's dense update but for two
+   places (:func:`differs_from_tf1`); elsewhere the engine's TF1 kernels run it.
+4. **The transforms** Keras applies around the update, in its order:
+   loss-scale unscaling, gradient accumulation, clipping (with the norms
+   summed in Eigen's order, :func:`tf_sum`), decoupled weight decay before
+   the update, the moving average after it. Each has a named function over
+   one step's gradients or variables (``unscale_all``, ``accumulate_all`` /
+   ``accumulated_gradients``, ``clip_all``, ``decay_all``,
+   ``moving_average_all``) that :mod:`tfadam.keras` calls in that order
+   around ``engine.execute(plan, Iterations(...))``.
+
+Every operation is rounded to ``T`` (the gradient's and variable's dtype) in
+Keras' order, with :mod:`tfadam.tfmath`'s primitives where TF's ops differ
+from torch's (correctly rounded square roots, NaN bits, flushed squares).
+
+Example:
+    >>> import torch
+    >>> c = keras_coefficients(lr=torch.tensor(0.1), beta_1=0.9, beta_2=0.999,
+    ...                        epsilon=1e-7, iterations=0, dtype=torch.float32)
+    >>> theta, m, v = torch.ones(2), torch.zeros(2), torch.zeros(2)
+    >>> keras_update(theta, m, v, torch.tensor([1.0, -1.0]), c)
+    >>> theta
+    tensor([0.9000, 1.1000])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .rule import Coefficients, HyperValue, cast_scalar, deduplicate
+from .sparse import IndexedSlices
+from .tfmath import exact_sqrt, flush_subnormal
+
+Gradient = torch.Tensor | IndexedSlices
+
+# --- 1. Python numbers ----------------------------------------------------------------
+
+
+# Keras meets Python numbers in two ways, and they round differently:
+# ``ops.cast(x, T)`` is ``tf.cast``, which makes a float32 tensor first (so a
+# float64 variable sees float64(float32(x)), as in TF1); an arithmetic op
+# (``ops.multiply(t, x)``, ``t + x``) converts ``x`` straight to ``T`` when ``T``
+# is float64 and through float32 otherwise.
+
+
+def keras_cast(value: HyperValue, dtype: torch.dtype) -> torch.Tensor:
+    """``ops.cast(value, T)``: a Python number becomes float32, then ``T``; a tensor is cast.
+
+    >>> keras_cast(0.01, torch.float64).item() == float(torch.tensor(0.01))
+    True
+    """
+    return cast_scalar(value, dtype)
+
+
+def keras_literal(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """A Python number as a Keras arithmetic op converts it for a ``T`` tensor.
+
+    float64 keeps the double; float32 rounds it once; float16 and bfloat16
+    round it to float32 first (TF converts Python floats through float32).
+
+    >>> keras_literal(1 - 0.999, torch.float64).item() == 1 - 0.999
+    True
+    >>> one_minus_beta = torch.tensor(1.0) - torch.tensor(0.9)  # TF1 rounds β first
+    >>> keras_literal(1 - 0.9, torch.float32).item() == one_minus_beta.item()
+    False
+    """
+    if dtype == torch.float64:
+        return torch.tensor(float(value), dtype=torch.float64)
+    return torch.tensor(float(value), dtype=torch.float32).to(dtype)
+
+
+# --- 2. Coefficients from the iteration counter ---------------------------------------
+
+
+def tf_scalar_power(base: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """``tf.pow`` of two 0-dim ``T`` tensors, as TF's CPU kernel computes it.
+
+    On a single element Eigen calls the C library: ``pow`` for float64,
+    ``powf`` for float32, and ``T(powf(float(a), float(b)))`` for float16 and
+    bfloat16; the result is flushed to zero when subnormal. Python's
+    ``math.pow`` and numpy's float32 scalar power call those same functions.
+    ``torch.pow`` does not (it is vectorised differently), so it is not used.
+
+    >>> tf_scalar_power(torch.tensor(0.9), torch.tensor(3.0)).item() == float(
+    ...     np.float32(0.9) ** np.float32(3))
+    True
+    """
+    dtype = base.dtype
+    if dtype == torch.float64:
+        result = torch.tensor(math.pow(base.item(), exponent.item()), dtype=torch.float64)
+    else:
+        with np.errstate(all="ignore"):
+            value = np.float32(base.item()) ** np.float32(exponent.item())
+        result = torch.tensor(float(value), dtype=torch.float32)
+    return flush_subnormal(result).to(dtype)
+
+
+def keras_coefficients(
+    *,
+    lr: HyperValue,
+    beta_1: float,
+    beta_2: float,
+    epsilon: float,
+    iterations: int,
+    dtype: torch.dtype,
+) -> Coefficients:
+    """The scalar prelude of Keras 3's ``Adam.update_step``, in dtype ``T``::
+
+        t = T(iterations + 1)                       # int64 counter cast (via float32 unless f64)
+        β1^t = pow(T(float32(β1)), t)               # tf.pow, C library, see tf_scalar_power
+        alpha = (T(lr) * sqrt(T(1) - β2^t)) / (T(1) - β1^t)
+        one_minus_beta = T(1 - β)                   # 1 - β in Python double, then converted
+        epsilon = T(ε)                              # converted as a literal
+
+    ``lr`` is the learning rate as Keras holds it (a float32 tensor for a
+    float learning rate, a schedule's output) or a Python number (a callable's
+    output), cast with :func:`keras_cast`. Unlike TF1, ``1 - β`` is rounded
+    once from double (TF1 rounds β first), and ``β^t`` is a power, not a
+    running product: for float32 both change the bits.
+
+    >>> c = keras_coefficients(lr=torch.tensor(0.001), beta_1=0.9, beta_2=0.999,
+    ...                        epsilon=1e-7, iterations=0, dtype=torch.float32)
+    >>> c.one_minus_beta1 == float(torch.tensor(1 - 0.9)), c.one_minus_beta1 == float(
+    ...     torch.tensor(1.0) - torch.tensor(0.9))
+    (True, False)
+    """
+    one = torch.ones((), dtype=dtype)
+    step_type = torch.float64 if dtype == torch.float64 else torch.float32
+    step = torch.tensor(float(iterations + 1), dtype=step_type).to(dtype)
+    b1, b2 = keras_cast(beta_1, dtype), keras_cast(beta_2, dtype)
+    beta1_power = tf_scalar_power(b1, step)
+    beta2_power = tf_scalar_power(b2, step)
+    alpha = (keras_cast(lr, dtype) * exact_sqrt(one - beta2_power)) / (one - beta1_power)
+    return Coefficients(
+        alpha=alpha.item(),
+        beta1=b1.item(),
+        beta2=b2.item(),
+        one_minus_beta1=keras_literal(1 - beta_1, dtype).item(),
+        one_minus_beta2=keras_literal(1 - beta_2, dtype).item(),
+        epsilon=keras_literal(epsilon, dtype).item(),
+    )
+
+
+@dataclass(frozen=True)
+class Iterations:
+    """Keras' schedule (a :class:`tfadam.engine.Schedule`): coefficients from the counter.
+
+    ``step`` is the update's iteration, Keras' ``optimizer.iterations`` (apply
+    calls so far, floor-divided by the gradient accumulation steps), read
+    before the step; :meth:`advance` adds one to ``counter``, Keras' int64
+    count of apply calls, once per call.
+
+    >>> counter = torch.zeros((), dtype=torch.int64)
+    >>> schedule = Iterations(counter, 0, torch.tensor(0.001), 0.9, 0.999, 1e-7)
+    >>> schedule.coefficients(torch.float32) == keras_coefficients(
+    ...     lr=torch.tensor(0.001), beta_1=0.9, beta_2=0.999, epsilon=1e-7, iterations=0,
+    ...     dtype=torch.float32)
+    True
+    >>> schedule.advance(); int(counter)
+    1
+    """
+
+    counter: torch.Tensor
+    step: int
+    learning_rate: HyperValue | None  # None on a call that only accumulates
+    beta_1: float
+    beta_2: float
+    epsilon: float
+
+    def coefficients(self, dtype: torch.dtype) -> Coefficients:
+        assert self.learning_rate is not None, "a call that only accumulates has no update"
+        return keras_coefficients(
+            lr=self.learning_rate,
+            beta_1=self.beta_1,
+            beta_2=self.beta_2,
+            epsilon=self.epsilon,
+            iterations=self.step,
+            dtype=dtype,
+        )
+
+    def advance(self) -> None:
+        self.counter.add_(1)
+
+
+# --- 3. The update --------------------------------------------------------------------
+
+
+def keras_update(
+    theta: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    c: Coefficients,
+    *,
+    g_squared: torch.Tensor | None = None,
+    vhat: torch.Tensor | None = None,
+) -> None:
+    """Keras' ``Adam.update_step`` on one variable, in place::
+
+        m = m + (g - m) * (1 - β1)
+        v = v + (g_squared - v) * (1 - β2)           g_squared = g*g unless given
+        vhat = tf_maximum(vhat, v)                   (amsgrad; then v := vhat below)
+        θ = θ - (m * alpha) / (sqrt(v) + ε)
+
+    This is :func:`tfadam.rule.dense_update` except in two places. An IndexedSlices
+    gradient with repeated indices: Keras squares its values *before* TF
+    densifies them, so ``g_squared`` holds summed squares, not the square of the
+    sum (pass both densified, see :func:`keras_densify`). AMSGrad: Keras takes
+    ``tf.maximum``, which keeps a NaN's own bits (:func:`tf_maximum`).
+    """
+    m.add_((g - m) * c.one_minus_beta1)
+    v.add_(((g * g if g_squared is None else g_squared) - v) * c.one_minus_beta2)
+    if vhat is not None:
+        vhat.copy_(tf_maximum(vhat, v))
+    theta.sub_((m * c.alpha) / (exact_sqrt(v if vhat is None else vhat) + c.epsilon))
+
+
+def differs_from_tf1(g: Gradient, amsgrad: bool) -> bool:
+    """Whether Keras' update of ``g`` is not TF1's dense update (:func:`keras_update`'s two places).
+
+    Everywhere else TF1's fused kernel (:func:`tfadam.rule.dense_update`, run
+    by the engine on the densified gradient) computes Keras' update bit for bit.
+
+    >>> differs_from_tf1(IndexedSlices(torch.ones(2, 1), torch.tensor([0, 0]), (3, 1)), False)
+    True
+    >>> differs_from_tf1(torch.ones(3), False), differs_from_tf1(torch.ones(3), True)
+    (False, True)
+    """
+    if amsgrad:
+        return True
+    if isinstance(g, IndexedSlices):
+        return bool(torch.unique(g.indices).numel() != g.indices.numel())
+    return False
+
+
+def keras_only_update(
+    theta: torch.Tensor, g: Gradient, slots: dict[str, torch.Tensor], c: Coefficients
+) -> None:
+    """:func:`keras_update` of one variable whose update :func:`differs_from_tf1`.
+
+    ``slots`` are Keras' (``momentum``, ``velocity``, and ``velocity_hat``
+    with AMSGrad). An IndexedSlices with repeated rows passes its summed
+    squares as ``g_squared``.
+    """
+    g_squared = None
+    if isinstance(g, IndexedSlices):
+        if bool(torch.unique(g.indices).numel() != g.indices.numel()):
+            g_squared = keras_densify(g.indices, g.values * g.values, theta.shape)
+        g = keras_densify(g.indices, g.values, theta.shape)
+    keras_update(
+        theta,
+        slots["momentum"],
+        slots["velocity"],
+        g,
+        c,
+        g_squared=g_squared,
+        vhat=slots.get("velocity_hat"),
+    )
+
+
+# --- 4a. Loss scaling and gradient accumulation ---------------------------------------
+
+
+def keras_unscale(g: torch.Tensor, loss_scale_factor: float) -> torch.Tensor:
+    """``loss_scale_factor``: ``g / T(scale)``, before anything else touches ``g``."""
+    return g / keras_literal(loss_scale_factor, g.dtype)
+
+
+def keras_accumulate(accumulator: torch.Tensor, g: torch.Tensor) -> None:
+    """Gradient accumulation between updates, in place: ``acc = acc + g``."""
+    accumulator.copy_(accumulator + g)
+
+
+def keras_accumulated_gradient(
+    g: torch.Tensor, accumulator: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """The gradient of an accumulation update step: ``(g + acc) / T(steps)``."""
+    return (g + accumulator) / keras_literal(steps, g.dtype)
+
+
+def keras_densify(
+    indices: torch.Tensor, values: torch.Tensor, shape: Sequence[int], *, square: bool = False
+) -> torch.Tensor:
+    """An IndexedSlices as TF turns it into a tensor (``unsorted_segment_sum``).
+
+    Each row is accumulated from zero in order of occurrence; untouched rows
+    are zero. With ``square=True`` the rows are squared *before* they are
+    summed, as ``ops.square`` does to an IndexedSlices (it squares the values).
+
+    >>> keras_densify(torch.tensor([1, 1]), torch.tensor([[1.0], [2.0]]), (3, 1), square=True)
+    tensor([[0.],
+            [5.],
+            [0.]])
+    """
+    rows, summed = deduplicate(indices, values * values if square else values)
+    dense = values.new_zeros(tuple(shape))
+    dense[rows] = summed
+    return dense
+
+
+def densify(g: Gradient, shape: Sequence[int]) -> torch.Tensor:
+    """``g`` as a dense tensor: an IndexedSlices through :func:`keras_densify`, else itself."""
+    if isinstance(g, IndexedSlices):
+        return keras_densify(g.indices, g.values, shape)
+    return g
+
+
+def unscale_all(grads: Sequence[torch.Tensor], loss_scale_factor: float) -> list[torch.Tensor]:
+    """Transform 1, ``loss_scale_factor``: every gradient through :func:`keras_unscale`."""
+    return [keras_unscale(g, loss_scale_factor) for g in grads]
+
+
+def accumulate_all(
+    accumulators: Sequence[torch.Tensor], grads: Sequence[Gradient], shapes: Sequence[Sequence[int]]
+) -> None:
+    """Transform 2, a call that does not update: every gradient into its accumulator.
+
+    >>> acc = [torch.zeros(2)]
+    >>> accumulate_all(acc, [torch.ones(2)], [(2,)]); accumulate_all(acc, [torch.ones(2)], [(2,)])
+    >>> acc[0]
+    tensor([2., 2.])
+    """
+    for accumulator, g, shape in zip(accumulators, grads, shapes, strict=True):
+        keras_accumulate(accumulator, densify(g, shape))
+
+
+def accumulated_gradients(
+    grads: Sequence[Gradient],
+    accumulators: Sequence[torch.Tensor],
+    shapes: Sequence[Sequence[int]],
+    steps: int,
+) -> list[torch.Tensor]:
+    """Transform 2, the call that updates: each gradient is the mean of the last ``steps``.
+
+    The accumulators are zeroed after the update (:func:`reset_accumulators`).
+    """
+    return [
+        keras_accumulated_gradient(densify(g, shape), accumulator, steps)
+        for g, accumulator, shape in zip(grads, accumulators, shapes, strict=True)
+    ]
+
+
+def reset_accumulators(accumulators: Sequence[torch.Tensor]) -> None:
+    """After an accumulated update: every accumulator back to zero."""
+    for accumulator in accumulators:
+        accumulator.zero_()
+
+
+# --- 4b. Clipping, with TF's sums and extrema -----------------------------------------
+
+
+# Eigen's full sum, as TF 2.21's x86-64 CPU build runs ``tf.reduce_sum(x)`` (AVX
+# packets: 8 floats, 4 doubles, 8 halves; bfloat16 is summed as float32 and
+# rounded once). Keras' clipnorm and global_clipnorm take norms with it, and
+# float addition is not associative, so the order below is part of the rule.
+_PACKET = {torch.float16: 8, torch.float32: 8, torch.float64: 4}
+_LEAF = {torch.float16: 200, torch.float32: 1024, torch.float64: 1024}
+# Eigen's cost model (TensorCostModel): cycles per coefficient = bytes * 11/64 (L2
+# load) + compute, where the reducer's compute cost is the default 10 per packet.
+_COST_PER_COEFF = {
+    torch.float16: 2 * 11 / 64 + 10 / 8,
+    torch.bfloat16: 2 * 11 / 64 / 8 + 1 / 8 + 10 / 8,  # through a float32 cast
+    torch.float32: 4 * 11 / 64 + 10 / 8,
+    torch.float64: 8 * 11 / 64 + 10 / 4,
+}
+
+
+def _predux(lanes: np.ndarray) -> np.floating:
+    """Eigen's horizontal sum of one AVX packet: halves added, then SSE's pairs."""
+    if lanes.dtype == np.float16:  # Packet8h: summed as float32, rounded once
+        return np.float16(_predux(lanes.astype(np.float32)))
+    half = lanes[: lanes.size // 2] + lanes[lanes.size // 2 :]
+    if half.size == 4:
+        return (half[0] + half[2]) + (half[1] + half[3])
+    return half[0] + half[1]
+
+
+def _sum_leaf(x: np.ndarray, packet: int) -> np.floating:
+    """``InnerMostDimReducer`` without the tree: 4 packet accumulators, a tail."""
+    n, start = x.size, 0
+    accumulator = np.zeros(packet, x.dtype)
+    if n >= 4 * packet:
+        start = (n // (4 * packet)) * 4 * packet
+        # numpy adds along a leading axis row by row: each lane in order.
+        lanes = np.add.reduce(x[:start].reshape(-1, 4, packet), axis=0)
+        accumulator = ((lanes[0] + lanes[1]) + lanes[2]) + lanes[3]
+    while start + packet <= n:
+        accumulator = accumulator + x[start : start + packet]
+        start += packet
+    scalar = x.dtype.type(0)
+    for value in x[start:]:
+        scalar = x.dtype.type(scalar + value)
+    return x.dtype.type(scalar + _predux(accumulator))
+
+
+def _sum_tree(x: np.ndarray, first: int, n: int, packet: int, leaf: int) -> np.floating:
+    """Eigen's tree reduction: halves split on a packet boundary above ``packet*leaf``."""
+    if n <= packet * leaf:
+        return _sum_leaf(x[first : first + n], packet)
+    split = packet * -(-(first + -(-n // 2)) // packet)
+    left = min(split - first, n)
+    total = x.dtype.type(0) + _sum_tree(x, first, left, packet, leaf)
+    if left < n:
+        total = x.dtype.type(total + _sum_tree(x, split, n - left, packet, leaf))
+    return total
+
+
+def tf_sum(x: torch.Tensor, max_threads: int) -> torch.Tensor:
+    """``tf.reduce_sum(x)`` over every element, in TF's CPU order, as a 0-dim tensor.
+
+    Eigen splits the sum over up to ``max_threads`` threads (TF's intra-op
+    pool: by default one per CPU) when its cost model says it pays: blocks of
+    ``n // threads`` elements, each a tree of packet sums, added in order
+    after the remainder. The result depends on that thread count.
+
+    >>> tf_sum(torch.arange(10.0), max_threads=1)
+    tensor(45.)
+    """
+    dtype = x.dtype
+    work = torch.float32 if dtype == torch.bfloat16 else dtype
+    values = x.detach().reshape(-1).to("cpu", work).numpy()
+    packet, leaf, n = _PACKET[work], _LEAF[work], values.size
+    threads = int((n * _COST_PER_COEFF[dtype] - 100000) / 100000 + 0.9)
+    threads = max(1, min(max_threads, threads))
+    with np.errstate(all="ignore"):
+        if threads == 1:
+            total = _sum_tree(values, 0, n, packet, leaf)
+        else:
+            block = n // threads
+            blocks = n // block
+            total = values.dtype.type(0)
+            if blocks * block < n:
+                total = _sum_tree(values, blocks * block, n - blocks * block, packet, leaf)
+            for i in range(blocks):
+                total = values.dtype.type(total + _sum_tree(values, i * block, block, packet, leaf))
+    return torch.tensor(total, dtype=work).to(dtype)
+
+
+def tf_maximum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``tf.maximum`` on CPU (Eigen, PropagateNaN): a NaN operand comes back with its own bits.
+
+    ``torch.maximum`` returns a canonical NaN instead, which changes the sign
+    bit of NaNs made by ``inf - inf``. On equal values the second operand wins.
+
+    >>> nan = torch.tensor([float("nan")]).neg()
+    >>> tf_maximum(torch.tensor([1.0]), nan).view(torch.int32) == nan.view(torch.int32)
+    tensor([True])
+    """
+    b = b.to(a.device)
+    return torch.where(a.isnan(), a, torch.where(b.isnan() | ~(a > b), b, a))
+
+
+def tf_minimum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``tf.minimum`` on CPU: as :func:`tf_maximum`, taking the smaller value."""
+    b = b.to(a.device)
+    return torch.where(a.isnan(), a, torch.where(b.isnan() | ~(a < b), b, a))
+
+
+def keras_squared_norm(g: torch.Tensor, max_threads: int) -> torch.Tensor:
+    """``reduce_sum(g * g)``: squares rounded to ``T`` (flushed, as TF), then :func:`tf_sum`."""
+    return tf_sum(flush_subnormal(g * g), max_threads)
+
+
+def keras_clip_by_norm(values: torch.Tensor, clipnorm: float, max_threads: int) -> torch.Tensor:
+    """``clipnorm`` (the TF backend calls ``tf.clip_by_norm(values, clipnorm)``)::
+
+        l2sum = reduce_sum(values * values)
+        l2norm = sqrt(l2sum) if l2sum > 0 else l2sum
+        clipped = (values * T(clipnorm)) / max(l2norm, T(clipnorm))
+
+    For an IndexedSlices ``values`` are its rows as given: a repeated index
+    counts once per occurrence, before any summing.
+    """
+    c = keras_literal(clipnorm, values.dtype)
+    l2sum = keras_squared_norm(values, max_threads)
+    l2norm = exact_sqrt(l2sum) if bool(l2sum > 0) else l2sum
+    return (values * c) / tf_maximum(l2norm, c)
+
+
+def keras_clip_by_value(values: torch.Tensor, clipvalue: float) -> torch.Tensor:
+    """``clipvalue`` (``tf.clip_by_value(values, -v, v)``): ``max(min(values, v), -v)``."""
+    high = keras_literal(clipvalue, values.dtype)
+    low = keras_literal(-clipvalue, values.dtype)
+    return tf_maximum(tf_minimum(values, high), low)
+
+
+def keras_global_norm_scale(
+    squared_norms: Sequence[torch.Tensor], clipnorm: float, max_threads: int
+) -> torch.Tensor:
+    """``global_clipnorm``: the factor Keras multiplies every gradient by::
+
+        norm = sqrt(reduce_sum(stack(squared_norms)))
+        scale = T(clipnorm) * min(T(1) / norm, T(1 / clipnorm)) + (norm - norm)
+
+    ``1 / clipnorm`` is a Python double, rounded once; ``norm - norm`` makes
+    the scale NaN when the norm is not finite.
+    """
+    total = tf_sum(torch.stack(list(squared_norms)), max_threads)
+    dtype = total.dtype
+    norm = exact_sqrt(total)
+    one = torch.ones((), dtype=dtype)
+    smaller = tf_minimum(one / norm, keras_literal(1.0 / clipnorm, dtype))
+    return keras_literal(clipnorm, dtype) * smaller + (norm - norm)
+
+
+@dataclass(frozen=True)
+class Clipping:
+    """Transform 3: which of Keras' clipping options is set (at most one; ``None`` or 0: off)."""
+
+    clipnorm: float | None = None
+    clipvalue: float | None = None
+    global_clipnorm: float | None = None
+
+
+def clip_all(
+    grads: Sequence[Gradient],
+    shapes: Sequence[Sequence[int]],
+    clipping: Clipping,
+    max_threads: int,
+) -> list[Gradient]:
+    """Transform 3: Keras' ``_clip_gradients`` on one step's gradients.
+
+    ``clipnorm`` clips each gradient (an IndexedSlices' rows as given,
+    :func:`keras_clip_by_norm`); ``global_clipnorm`` scales all by
+    :func:`keras_global_norm_scale` (an IndexedSlices' squares are summed
+    densified, and the product densifies it); ``clipvalue`` clips each element.
+
+    >>> clip_all([torch.tensor([3.0, -4.0])], [(2,)], Clipping(clipnorm=1.0), max_threads=1)
+    [tensor([ 0.6000, -0.8000])]
+    """
+    if clipping.clipnorm and clipping.clipnorm > 0:
+        return [_on_values(g, keras_clip_by_norm, clipping.clipnorm, max_threads) for g in grads]
+    if clipping.global_clipnorm and clipping.global_clipnorm > 0:
+        squared = []
+        for g, shape in zip(grads, shapes, strict=True):
+            if isinstance(g, IndexedSlices):
+                # ops.square keeps the IndexedSlices; ops.sum then densifies the squares.
+                squares = flush_subnormal(g.values * g.values)
+                squared.append(tf_sum(keras_densify(g.indices, squares, shape), max_threads))
+            else:
+                squared.append(keras_squared_norm(g, max_threads))
+        scale = keras_global_norm_scale(squared, clipping.global_clipnorm, max_threads)
+        # `v * scale` turns an IndexedSlices into a dense tensor.
+        return [densify(g, shape) * scale for g, shape in zip(grads, shapes, strict=True)]
+    if clipping.clipvalue and clipping.clipvalue > 0:
+        return [_on_values(g, keras_clip_by_value, clipping.clipvalue) for g in grads]
+    return list(grads)
+
+
+def _on_values(g: Gradient, clip: Callable[..., torch.Tensor], *args: Any) -> Gradient:
+    if isinstance(g, IndexedSlices):
+        return IndexedSlices(clip(g.values, *args), g.indices, g.dense_shape)
+    return clip(g, *args)
+
+
+# --- 4c. Weight decay (before the update) and the moving average (after) --------------
+
+
+def keras_weight_decay(theta: torch.Tensor, weight_decay: torch.Tensor, lr: torch.Tensor) -> None:
+    """Decoupled weight decay, before the Adam step, in place: ``θ = θ - (θ * wd) * lr``.
+
+    ``weight_decay`` and ``lr`` are ``T`` scalars (:func:`keras_cast`).
+    """
+    theta.sub_((theta * weight_decay) * lr)
+
+
+def keras_ema_update(
+    average: torch.Tensor, theta: torch.Tensor, ema_momentum: float, first_step: bool
+) -> None:
+    """``use_ema``, after the step, in place::
+
+        momentum = T(iterations != 0) * T(ema_momentum)
+        average = momentum * average + (T(1) - momentum) * θ
+
+    so the first step copies θ (momentum 0).
+    """
+    dtype = theta.dtype
+    momentum = torch.zeros((), dtype=dtype) if first_step else keras_literal(ema_momentum, dtype)
+    one = torch.ones((), dtype=dtype)
+    average.copy_(momentum * average + (one - momentum) * theta)
+
+
+def decay_all(
+    thetas: Sequence[torch.Tensor],
+    weight_decay: float,
+    learning_rates: Sequence[HyperValue | None],
+) -> None:
+    """Transform 4, before the update: :func:`keras_weight_decay` of each variable, in place.
+
+    ``learning_rates[i]`` is the learning rate Keras read for ``thetas[i]``
+    (None: the variable is excluded from weight decay); both are cast to the
+    variable's dtype (:func:`keras_cast`).
+
+    >>> theta = torch.ones(2)
+    >>> decay_all([theta], 0.5, [torch.tensor(0.1)]); theta
+    tensor([0.9500, 0.9500])
+    """
+    for theta, lr in zip(thetas, learning_rates, strict=True):
+        if lr is not None:
+            dtype = theta.dtype
+            keras_weight_decay(theta, keras_cast(weight_decay, dtype), keras_cast(lr, dtype))
+
+
+def moving_average_all(
+    averages: Sequence[torch.Tensor],
+    thetas: Sequence[torch.Tensor],
+    ema_momentum: float,
+    iterations: int,
+    overwrite_frequency: int | None,
+) -> None:
+    """Transform 5, after the update: :func:`keras_ema_update` of every variable, in place.
+
+    ``iterations`` is Keras' counter before this call's increment; every
+    ``overwrite_frequency``-th call the averages are copied into the variables.
+    """
+    for average, theta in zip(averages, thetas, strict=True):
+        keras_ema_update(average, theta, ema_momentum, iterations == 0)
+    if overwrite_frequency and (iterations + 1) % overwrite_frequency == 0:
+        for average, theta in zip(averages, thetas, strict=True):
+            theta.copy_(average)
