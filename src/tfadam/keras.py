@@ -567,6 +567,11 @@ class Adam:
                         f"restore_state: slot {name!r} of {_label(position, var)} must be a "
                         f"tensor of shape {tuple(held[name].shape)}; got {shape!r}."
                     )
+                if not value.dtype.is_floating_point or value.is_meta:
+                    raise ValueError(
+                        f"restore_state: slot {name!r} of {_label(position, var)} must hold "
+                        f"floating values; got a {value.dtype} tensor on {value.device}."
+                    )
                 writes.append((held[name], value))
         counter = _as_scalar(iterations, "iterations")
         if not float(counter).is_integer() or float(counter) < 0:
