@@ -180,3 +180,28 @@ def test_bad_restore_changes_nothing(
     assert fragment in str(raised.value), case
     for a, e in zip(opt.variables + variables, before + variables_before, strict=True):
         same(a, e, case)
+
+
+class OnCuda(torch.Tensor):
+    """A CPU tensor that reports a CUDA device: the face's device check, without a GPU."""
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return torch.device("cuda", 0)
+
+
+def off_the_cpu() -> list[torch.Tensor]:
+    if torch.cuda.is_available():
+        return [torch.zeros(3, device="cuda"), torch.zeros(3).as_subclass(OnCuda)]
+    return [torch.zeros(3).as_subclass(OnCuda)]
+
+
+@pytest.mark.parametrize("var", off_the_cpu(), ids=lambda v: type(v).__name__)
+def test_variables_off_the_cpu_are_refused_before_anything_changes(var: torch.Tensor) -> None:
+    # Keras' transforms are torch ops on the variable's device, proven on the CPU only.
+    opt = tfadam.keras.Adam()
+    with pytest.raises(ValueError, match="gives Keras' bits on CPU tensors only"):
+        opt.apply_gradients([(torch.ones(3), var)])
+    with pytest.raises(ValueError, match="Keep the variables on the CPU"):
+        opt.build([var])
+    assert not opt.built and int(opt.iterations) == 0

@@ -701,6 +701,15 @@ class Adam:
                     f"{_label(position, var)} is not a floating variable; Adam updates "
                     "float16, bfloat16, float32 and float64 variables only."
                 )
+            if var.device.type not in ("cpu", "meta"):  # meta: the engine names it
+                # Keras' transforms (clipping, weight decay, EMA) are torch ops on the
+                # variable's device, proven bit-exact on the CPU only (see kernels.path_for).
+                raise ValueError(
+                    f"{_label(position, var)} is on {var.device}; tfadam.keras.Adam gives "
+                    "Keras' bits on CPU tensors only (on a GPU, NaN bits and roundings are "
+                    "unproven). Keep the variables on the CPU, or use tfadam.Adam / "
+                    "tfadam.AdamOptimizer, which update CUDA tensors through the CPU."
+                )
             if id(var) in seen:
                 raise ValueError(
                     f"{_label(position, var)} is the same tensor as variable #{seen[id(var)]}; "
