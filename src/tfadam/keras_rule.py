@@ -45,7 +45,7 @@ import torch
 
 from .rule import Coefficients, HyperValue, cast_scalar, deduplicate
 from .sparse import IndexedSlices
-from .tfmath import exact_sqrt, flush_subnormal
+from .tfmath import TFArithmetic, exact_sqrt, flush_subnormal
 
 Gradient = torch.Tensor | IndexedSlices
 
@@ -211,7 +211,7 @@ def keras_update(
     g_squared: torch.Tensor | None = None,
     vhat: torch.Tensor | None = None,
 ) -> None:
-    """Keras' ``Adam.update_step`` on one variable, in place::
+    """Keras' ``Adam.update_step`` on one variable, in place, each op one TF op::
 
         m = m + (g - m) * (1 - β1)
         v = v + (g_squared - v) * (1 - β2)           g_squared = g*g unless given
@@ -222,13 +222,19 @@ def keras_update(
     gradient with repeated indices: Keras squares its values *before* TF
     densifies them, so ``g_squared`` holds summed squares, not the square of the
     sum (pass both densified, see :func:`keras_densify`). AMSGrad: Keras takes
-    ``tf.maximum``, which keeps a NaN's own bits (:func:`tf_maximum`).
+    ``tf.maximum``, which keeps a NaN's own bits (:func:`tf_maximum`), and its
+    additions are not swapped (TF1's fused AMSGrad kernel swaps them). Every
+    operation rounds as TF's CPU ops do (:class:`tfadam.tfmath.TFArithmetic`:
+    subnormals flushed to zero, measured against live Keras).
     """
-    m.add_((g - m) * c.one_minus_beta1)
-    v.add_(((g * g if g_squared is None else g_squared) - v) * c.one_minus_beta2)
+    t = TFArithmetic(theta.dtype)
+    m.copy_(t.add(m, t.mul(t.sub(g, m), c.one_minus_beta1)))
+    square = t.mul(g, g) if g_squared is None else g_squared
+    v.copy_(t.add(v, t.mul(t.sub(square, v), c.one_minus_beta2)))
     if vhat is not None:
         vhat.copy_(tf_maximum(vhat, v))
-    theta.sub_((m * c.alpha) / (exact_sqrt(v if vhat is None else vhat) + c.epsilon))
+    denominator = t.add(t.sqrt(v if vhat is None else vhat), c.epsilon)
+    theta.copy_(t.sub(theta, t.div(t.mul(m, c.alpha), denominator)))
 
 
 def differs_from_tf1(g: Gradient, amsgrad: bool) -> bool:
@@ -261,7 +267,8 @@ def keras_only_update(
     g_squared = None
     if isinstance(g, IndexedSlices):
         if bool(torch.unique(g.indices).numel() != g.indices.numel()):
-            g_squared = keras_densify(g.indices, g.values * g.values, theta.shape)
+            squares = TFArithmetic(theta.dtype).mul(g.values, g.values)
+            g_squared = keras_densify(g.indices, squares, theta.shape)
         g = keras_densify(g.indices, g.values, theta.shape)
     keras_update(
         theta,
