@@ -207,7 +207,10 @@ def _not_the_checkpoint(parser: argparse.ArgumentParser, checkpoint: str, out: P
     if os.path.abspath(out.parent) == os.path.abspath(Path(prefix).parent) and (
         name in (own, own + ".index") or name.startswith(own + ".data-")
     ):
-        parser.error(f"OUT {str(out)!r} is a file of the checkpoint itself; write elsewhere")
+        parser.error(
+            f"OUT {str(out)!r} is a file of the checkpoint itself (its prefix, .index or "
+            ".data- shard); write elsewhere"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
