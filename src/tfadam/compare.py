@@ -183,7 +183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="PNG plot path (default: ./tfadam-compare.png)",
     )
-    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-plot", action="store_true", help="print the table only")
     parser.add_argument("--no-tf", action="store_true", help="skip TensorFlow even if installed")
     args = parser.parse_args(argv)
     if args.no_plot and args.out is not None:
