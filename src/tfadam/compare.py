@@ -118,9 +118,10 @@ def run_comparison(
 
 def format_table(rows: list[Row], every: int) -> str:
     """A fixed-width table of every ``every``-th row (and the last)."""
-    names = list(rows[0].deviations)
-    width = max(len(n) for n in names) + 6
-    header = f"{'step':>5}  " + "  ".join(f"{n + ' diff%':>{width}} {'max rel':>9}" for n in names)
+    widths = {name: max(len(name) + 6, 9) for name in rows[0].deviations}  # "name diff%"
+    header = f"{'step':>5}  " + "  ".join(
+        f"{name + ' diff%':>{width}} {'max rel':>9}" for name, width in widths.items()
+    )
     lines = [
         f"deviation from {rows[0].reference} (bits that differ, max relative difference)",
         header,
@@ -129,8 +130,8 @@ def format_table(rows: list[Row], every: int) -> str:
         if row.step % every and row is not rows[-1]:
             continue
         cells = "  ".join(
-            f"{100 * d.differing:>{width - 1}.2f}% {d.max_relative:>9.2e}"
-            for d in row.deviations.values()
+            f"{100 * d.differing:>{widths[name] - 1}.2f}% {d.max_relative:>9.2e}"
+            for name, d in row.deviations.items()
         )
         lines.append(f"{row.step:>5}  {cells}")
     return "\n".join(lines)
