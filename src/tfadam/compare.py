@@ -1,7 +1,7 @@
 """``python -m tfadam compare``: one gradient stream, three optimizers.
 
 Feeds the same random gradients (scales 1e-4 .. 1e2) to tfadam,
-``torch.optim.Adam`` and TensorFlow's ``tf.compat.v1.train.AdamOptimizer``
+``torch.optim.Adam(fused=True)`` and TensorFlow's ``tf.compat.v1.train.AdamOptimizer``
 (when TensorFlow is importable), and reports after each step how far each
 is from TF: the fraction of parameter elements whose bits differ and the
 largest relative difference. Writes a PNG plot of it.
@@ -24,7 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli import (
+    ArgumentParser,
+    learning_rate,
+    nonnegative_int,
+    output_file,
+    positive_int,
+)
 from .optimizer import Adam
+
+TORCH = "torch.optim.Adam(fused=True)"  # the contender's label: what is run, as it is called
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,7 @@ def run_comparison(
         for param, opt in ((ours, tfadam_opt), (theirs, torch_opt)):
             param.grad = torch.from_numpy(g.copy())
             opt.step()
-        results = {"tfadam": ours.detach().numpy(), "torch.optim.Adam": theirs.detach().numpy()}
+        results = {"tfadam": ours.detach().numpy(), TORCH: theirs.detach().numpy()}
         if tf is not None:
             tf_opt.apply_gradients([(tf.constant(g), tf_var)])
             reference_name, reference = "tensorflow", tf_var.numpy()
@@ -109,8 +118,10 @@ def run_comparison(
 
 def format_table(rows: list[Row], every: int) -> str:
     """A fixed-width table of every ``every``-th row (and the last)."""
-    names = list(rows[0].deviations)
-    header = f"{'step':>5}  " + "  ".join(f"{n + ' diff%':>24} {'max rel':>9}" for n in names)
+    widths = {name: max(len(name) + 6, 9) for name in rows[0].deviations}  # "name diff%"
+    header = f"{'step':>5}  " + "  ".join(
+        f"{name + ' diff%':>{width}} {'max rel':>9}" for name, width in widths.items()
+    )
     lines = [
         f"deviation from {rows[0].reference} (bits that differ, max relative difference)",
         header,
@@ -119,7 +130,8 @@ def format_table(rows: list[Row], every: int) -> str:
         if row.step % every and row is not rows[-1]:
             continue
         cells = "  ".join(
-            f"{100 * d.differing:>23.2f}% {d.max_relative:>9.2e}" for d in row.deviations.values()
+            f"{100 * d.differing:>{widths[name] - 1}.2f}% {d.max_relative:>9.2e}"
+            for name, d in row.deviations.items()
         )
         lines.append(f"{row.step:>5}  {cells}")
     return "\n".join(lines)
@@ -149,34 +161,48 @@ def plot(rows: list[Row], path: Path) -> bool:
     bottom.set_xlabel("step")
     bottom.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")  # PNG whatever the name's suffix
     plt.close(fig)
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tfadam compare", description=__doc__.split("\n\n")[0]
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, checked whole before any work starts (exit status 2 if bad)."""
+    parser = ArgumentParser(prog="python -m tfadam compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=positive_int, default=200, help="steps (>= 1)")
+    parser.add_argument(
+        "--size", type=positive_int, default=100_003, help="parameter elements (>= 1)"
     )
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--size", type=int, default=100_003, help="parameter elements")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--every", type=int, default=20, help="print every N-th step")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (>= 0)")
+    parser.add_argument("--lr", type=learning_rate, default=1e-3, help="learning rate (>= 0)")
+    parser.add_argument(
+        "--every", type=positive_int, default=20, help="print every N-th step (>= 1)"
+    )
     parser.add_argument(
         "--out",
-        type=Path,
-        default=Path("tfadam-compare.png"),
+        type=output_file,
+        default=None,
         help="PNG plot path (default: ./tfadam-compare.png)",
     )
-    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-plot", action="store_true", help="print the table only")
     parser.add_argument("--no-tf", action="store_true", help="skip TensorFlow even if installed")
     args = parser.parse_args(argv)
+    if args.no_plot and args.out is not None:
+        parser.error("--out and --no-plot contradict each other; drop one")
+    if args.out is None and not args.no_plot:
+        try:
+            args.out = output_file("tfadam-compare.png")
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"the default plot path: {error}; give --out PATH or --no-plot")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     use_tf = not args.no_tf
     if use_tf and _import_tensorflow() is None:
         print(
-            "TensorFlow was not found: comparing torch.optim.Adam with tfadam instead "
+            f"TensorFlow was not found: comparing {TORCH} with tfadam instead "
             "(pip install tensorflow-cpu to compare against TF itself)."
         )
         use_tf = False
@@ -188,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     if use_tf:
         verdict = "bit-identical to TensorFlow" if last["tfadam"].differing == 0 else "DIFFERENT"
         print(
-            f"\ntfadam after {args.steps} steps: {verdict}; torch.optim.Adam: "
-            f"{100 * last['torch.optim.Adam'].differing:.1f}% of elements differ "
-            f"(max relative {last['torch.optim.Adam'].max_relative:.2e})."
+            f"\ntfadam after {args.steps} steps: {verdict}; {TORCH}: "
+            f"{100 * last[TORCH].differing:.1f}% of elements differ "
+            f"(max relative {last[TORCH].max_relative:.2e})."
         )
     if not args.no_plot:
         if plot(rows, args.out):

@@ -22,10 +22,12 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
+from ..cli import ArgumentParser, nonempty_text, output_file
 from .bundle import BundleReader
 from .errors import CheckpointError
 from .names import CheckpointNames
@@ -197,30 +199,65 @@ def format_report(result: ConvertResult) -> str:
     return "\n".join(lines)
 
 
+def _not_the_checkpoint(parser: argparse.ArgumentParser, checkpoint: str, out: Path) -> None:
+    """Refuse an OUT that is one of the checkpoint's own files (it would be overwritten)."""
+    prefix = checkpoint[: -len(".index")] if checkpoint.endswith(".index") else checkpoint
+    own = Path(prefix).name
+    name = out.name
+    if os.path.abspath(out.parent) == os.path.abspath(Path(prefix).parent) and (
+        name in (own, own + ".index") or name.startswith(own + ".data-")
+    ):
+        parser.error(
+            f"OUT {str(out)!r} is a file of the checkpoint itself (its prefix, .index or "
+            ".data- shard); write elsewhere"
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m tfadam convert",
         description="Convert a TensorFlow checkpoint (model and Adam state) to a torch.save "
         "file, without TensorFlow.",
     )
-    p.add_argument("checkpoint", help="checkpoint prefix, its .index file, or a directory")
-    p.add_argument("out", nargs="?", help="output file (torch.save); omit with --list")
+    p.add_argument(
+        "checkpoint", type=nonempty_text, help="checkpoint prefix, its .index file, or a directory"
+    )
+    p.add_argument(
+        "out", nargs="?", type=output_file, help="output file (torch.save); omit with --list"
+    )
     p.add_argument("--list", action="store_true", help="list the tensors and exit")
     p.add_argument(
-        "--optimizer-name", default="Adam", help="TF1 optimizer name in slot names (Adam)"
+        "--optimizer-name",
+        type=nonempty_text,
+        default="Adam",
+        help="TF1 optimizer name in slot names (Adam)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, checked whole before any work starts (exit status 2 if bad)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.list and args.out is not None:
+        parser.error("--list prints the tensors and writes nothing; drop OUT or --list")
+    if not args.list and args.out is None:
+        parser.error("OUT is required unless --list is given")
+    if args.out is not None:
+        _not_the_checkpoint(parser, args.checkpoint, args.out)
+    return args
 
 
 def cli_convert(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m tfadam convert``; returns the exit status.
 
     ``argv`` excludes the program and subcommand names, e.g.
-    ``cli_convert(["model.ckpt-100", "model.pt"])``. Errors in the input
-    print one line to stderr and return 1.
+    ``cli_convert(["model.ckpt-100", "model.pt"])``. A bad command line exits
+    with status 2 before anything is read; errors in the checkpoint print one
+    line to stderr and return 1.
     """
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         if args.list:
             with BundleReader(args.checkpoint) as reader:
@@ -230,8 +267,6 @@ def cli_convert(argv: Sequence[str] | None = None) -> int:
                     part = "  (partitioned)" if info.partitioned else ""
                     print(f"  {key}  {info.dtype} {list(info.shape)}{part}")
             return 0
-        if args.out is None:
-            _parser().error("OUT is required unless --list is given")
         result = convert(
             args.checkpoint,
             args.out,
