@@ -278,6 +278,11 @@ class _KerasFace(_Optimizer):
                 self.opt._learning_rate.copy_(shared["learning_rate"])
 
 
+def _optimized(target: _Target) -> bool:
+    """Adam updates floating variables only; an integer one (``global_step``) is a value."""
+    return target.param.dtype.is_floating_point
+
+
 def _adapter(optimizer: Any, targets: list[_Target]) -> _Optimizer | None:
     if optimizer is None:
         return None
@@ -293,7 +298,7 @@ def _adapter(optimizer: Any, targets: list[_Target]) -> _Optimizer | None:
     except ImportError:  # pragma: no cover - the Keras face ships with tfadam
         KerasAdam = None  # noqa: N806
     if KerasAdam is not None and isinstance(optimizer, KerasAdam):
-        return _KerasFace(optimizer, [t.param for t in targets])
+        return _KerasFace(optimizer, [t.param for t in targets if _optimized(t)])
     raise TypeError(
         f"optimizer is a {type(optimizer).__name__}; load_tf_checkpoint restores TF's Adam "
         "state into tfadam.Adam, tfadam.AdamOptimizer or tfadam.keras.Adam (or pass "
@@ -400,7 +405,7 @@ def load_tf_checkpoint(
             if problem:
                 problems.append(problem)
             state = None
-            if adapter is not None and adapter.owns(target.param):
+            if adapter is not None and _optimized(target) and adapter.owns(target.param):
                 state = names.optimizer_state(var)
             if state is not None:
                 assert adapter is not None
@@ -451,7 +456,7 @@ def load_tf_checkpoint(
         for target, var, state in plan:
             values.append(reader.read_torch(var.key))
             result.variables[target.tf_name] = var.key
-            if adapter is None or not adapter.owns(target.param):
+            if adapter is None or not _optimized(target) or not adapter.owns(target.param):
                 continue
             if state is None:
                 cleared.append(target.param)
