@@ -14,10 +14,13 @@ from typing import Any
 
 import torch
 
-from .bundle import BundleReader
 from .dtypes import DTYPES
 from .errors import CheckpointError
+from .formats import open_checkpoint
 from .names import CheckpointNames, OptimizerState, Variable
+
+# TF dtype name -> torch dtype (None: no torch equivalent)
+_TORCH = {d.name: d.torch for d in DTYPES.values()}
 
 __all__ = ["LoadResult", "load_tf_checkpoint"]
 
@@ -310,18 +313,18 @@ def _adapter(optimizer: Any, targets: list[_Target]) -> _Optimizer | None:
 # -- the load --------------------------------------------------------------------
 
 
-def _check_fits(reader: BundleReader, key: str, tensor: torch.Tensor, what: str) -> str | None:
+def _check_fits(reader: Any, key: str, tensor: torch.Tensor, what: str) -> str | None:
     info = reader.info(key)
-    dtype = DTYPES.get(reader.entry(key).dtype)
+    dtype = _TORCH.get(info.dtype)
     want = tuple(tensor.shape)
-    if info.shape == want and dtype is not None and dtype.torch == tensor.dtype:
+    if info.shape == want and dtype == tensor.dtype:
         return None
     fix = ""
     if info.shape != want and len(want) == 2 and info.shape == want[::-1]:
         fix = " (TF stores a Dense kernel as (in, out), torch.nn.Linear as (out, in): map"
         fix += " linear.weight.T)"
-    elif info.shape == want and dtype is not None and dtype.torch is not None:
-        fix = f" (cast the model with .to({dtype.torch}), or load into a {dtype.name} copy)"
+    elif info.shape == want and dtype is not None:
+        fix = f" (cast the model with .to({dtype}), or load into a {info.dtype} copy)"
     return (
         f"{key!r} is {list(info.shape)} {info.dtype} in the checkpoint, but {what} is "
         f"{list(want)} {str(tensor.dtype).replace('torch.', '')}{fix}"
@@ -391,8 +394,8 @@ def load_tf_checkpoint(
     if optimizer_name is None:
         get_name = getattr(optimizer, "get_name", None)
         optimizer_name = get_name() if callable(get_name) else "Adam"
-    with BundleReader(path) as reader:
-        names = CheckpointNames(reader, optimizer_name=optimizer_name)
+    reader, names = open_checkpoint(path, optimizer_name=optimizer_name)
+    with reader:
         result = LoadResult()
         problems: list[str] = []
         plan: list[tuple[_Target, Variable, OptimizerState | None]] = []
@@ -492,9 +495,7 @@ def load_tf_checkpoint(
     return result
 
 
-def _check_flavour(
-    state: OptimizerState, adapter: _Optimizer, reader: BundleReader, var: Variable
-) -> None:
+def _check_flavour(state: OptimizerState, adapter: _Optimizer, reader: Any, var: Variable) -> None:
     if state.flavour == adapter.flavour:
         return
     if state.flavour == "keras":
@@ -517,7 +518,7 @@ def _check_flavour(
 def _shared_keys(
     state: OptimizerState,
     names: CheckpointNames,
-    reader: BundleReader,
+    reader: Any,
     var: Variable,
     accumulators: tuple[str, str] | None,
 ) -> tuple[tuple[str, str], ...]:
