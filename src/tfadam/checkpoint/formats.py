@@ -13,7 +13,7 @@ is refused with what it looked like.
 ...         open_checkpoint(f.name)
 ...     except CheckpointError as err:
 ...         print(err.detail.split("; ")[0], "|", SUPPORTED in err.detail)
-not a checkpoint format tfadam reads (33 bytes, starting b'root:x:0:0:root:') | True
+not a checkpoint format tfadam reads (32 bytes, starting b'root:x:0:0:root:') | True
 """
 
 from __future__ import annotations
