@@ -302,3 +302,66 @@ def test_zip_bomb_and_huge_declarations_cost_no_memory(tmp_path):
     assert [line.split()[0] for line in lines[:3]] == ["refused"] * 3, run.stdout
     growth = int(lines[-1].split()[-1])
     assert growth < 64, run.stdout
+
+
+def test_keras_files_load_without_tensorflow_or_keras(saved_keras):
+    from test_checkpoint_no_tf import BLOCKER
+
+    script = BLOCKER + (
+        "import sys, torch, tfadam.keras\n"
+        "from tfadam.checkpoint import load_tf_checkpoint\n"
+        "assert sys.modules.get('keras') is None and sys.modules.get('tensorflow') is None\n"
+        "kernel, bias = torch.zeros(6, 5), torch.zeros(5)\n"
+        "opt = tfadam.keras.Adam()\n"
+        "load_tf_checkpoint(sys.argv[1], opt, {'mlp/hidden/kernel': kernel, "
+        "'mlp/hidden/bias': bias})\n"
+        "print(int(opt.iterations), float(kernel.abs().sum()) > 0)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, saved_keras.path], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == [str(saved_keras.iterations), "True"]
+
+
+def test_an_optimizer_that_does_not_line_up_still_lets_the_variables_load(tmp_path):
+    path = tmp_path / "m.weights.h5"
+    with h5py.File(path, "w") as f:
+        f.create_group("vars").attrs["name"] = "mlp"
+        g = f.create_group("layers/dense/vars")
+        g.attrs["name"] = "hidden"
+        g["0"], g["1"] = np.ones((3, 2), np.float32), np.ones(2, np.float32)
+        o = f.create_group("optimizer/vars")
+        o["0"], o["1"] = np.int64(4), np.float32(0.1)
+        o["2"], o["3"] = np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32)  # transposed
+        o["4"], o["5"] = np.zeros(2, np.float32), np.zeros(2, np.float32)
+    kernel = torch.zeros(3, 2)
+    opt = tfadam.keras.Adam()
+    with pytest.raises(CheckpointError, match="do not line up with the model's"):
+        load_tf_checkpoint(path, opt, {"mlp/hidden/kernel": kernel})
+    assert not kernel.any() and not opt.built
+    load_tf_checkpoint(path, None, {"mlp/hidden/kernel": kernel})
+    assert torch.equal(kernel, torch.ones(3, 2))
+
+
+def test_overlapping_or_outlying_data_is_refused(tmp_path):
+    """Two datasets declared over the same bytes: reading both would read the file twice."""
+    path = tmp_path / "m.weights.h5"
+    # point the second dataset's layout at the first one's bytes
+    _hostile_h5(
+        path,
+        lambda g: (
+            g.create_dataset("0", data=np.arange(64, dtype=np.float32)),
+            g.create_dataset("1", data=np.arange(64, dtype=np.float32) + 1),
+        ),
+    )
+    data = bytearray(path.read_bytes())
+    with h5py.File(path) as f:
+        a = f["layers/dense/vars/0"].id.get_offset()
+        b = f["layers/dense/vars/1"].id.get_offset()
+    address = b.to_bytes(8, "little")
+    assert data.count(address) == 1, "the layout message holds the data address once"
+    data[data.index(address) : data.index(address) + 8] = a.to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="overlaps 'layers/dense/vars/0'"):
+        convert(path, tmp_path / "out.pt")

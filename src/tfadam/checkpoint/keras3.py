@@ -102,6 +102,7 @@ _LAYERS: dict[str, _Spec] = {
     "p_re_lu": ((("alpha", None),), ()),
 }
 _MODELS = {"sequential", "functional", "model"}
+_MAX_NESTING = 64  # models within models: a crafted file must not exhaust the stack
 
 
 def _require_h5py() -> Any:
@@ -196,10 +197,12 @@ class KerasFile:
         self.config: dict[str, Any] | None = None
         self._zip: zipfile.ZipFile | None = None
         self._raw: BinaryIO | None = None
+        self._h5_size = 0  # bytes of the HDF5 image: every dataset's bytes lie inside
         h5py = _require_h5py()
         try:
             self._raw = open(self.prefix, "rb")  # noqa: SIM115 - closed by close()
             source: Any = self._raw
+            self._h5_size = os.fstat(self._raw.fileno()).st_size
             if self.kind == "keras":
                 source = self._open_archive()
             elif self.kind != "h5":
@@ -248,6 +251,7 @@ class KerasFile:
                     f"config.json is not readable JSON ({type(err).__name__})", path=self.prefix
                 ) from None
             self.config = loaded if isinstance(loaded, dict) else None
+        self._h5_size = members[_WEIGHTS_MEMBER].file_size
         try:
             return _zip_member(self._zip, self._raw, members[_WEIGHTS_MEMBER])
         except CheckpointError as err:
@@ -267,6 +271,25 @@ class KerasFile:
             raise CheckpointError(f"damaged HDF5 file ({err})", path=self._where()) from None
         for name, ds in found:
             self._datasets[name] = self._check_dataset(name, ds)
+        # The bytes each dataset declares must lie in the file, each byte in one
+        # dataset: reading everything then costs at most the file's size.
+        end, previous = 0, None
+        for d in sorted(
+            (d for d in self._datasets.values() if d.order >= 0 and d.nbytes),
+            key=lambda d: d.order,
+        ):
+            if d.order < end or d.order + d.nbytes > self._h5_size:
+                why = (
+                    f"overlaps {previous!r}"
+                    if d.order < end
+                    else f"runs past the end of the {self._h5_size}-byte file"
+                )
+                raise CheckpointError(
+                    f"its {d.nbytes} bytes at offset {d.order} {why}",
+                    path=self._where(),
+                    key=d.key,
+                )
+            end, previous = d.order + d.nbytes, d.key
 
     def _check_dataset(self, name: str, ds: Any) -> _Dataset:
         h5py = _require_h5py()
@@ -536,8 +559,15 @@ class KerasNames:
         self._states: dict[str, OptimizerState] = {}
         self._optimizer_vars: dict[str, str] = {}
         self._bookkeeping: set[str] = set()
+        # a misaligned optimizer is an error only for a load that wants its state
+        self._optimizer_problem: CheckpointError | None = None
         if self._optimizer_group is not None:
-            self._index_optimizer(self._optimizer_group)
+            try:
+                self._index_optimizer(self._optimizer_group)
+            except CheckpointError as err:
+                self._optimizer_problem = err
+                self._states.clear()
+                self._optimizer_vars.clear()
 
     # -- the model ---------------------------------------------------------------
 
@@ -549,8 +579,13 @@ class KerasNames:
         name: str,
         config: dict[str, Any] | None,
         prefix: str,
+        depth: int = 0,
     ) -> None:
         """Collect the layers of a Sequential/functional model in ``model.layers`` order."""
+        if depth > _MAX_NESTING:
+            raise CheckpointError(
+                f"models nested over {_MAX_NESTING} deep at {group!r}", path=self.reader.prefix
+            )
         # A Sequential builds its layers inside its own name scope; a functional
         # model's layers were built (called) before the model existed.
         inner = f"{prefix}{name}/" if _snake(class_name) == "sequential" else ""
@@ -582,7 +617,7 @@ class KerasNames:
             sub_name = sub_name or sub_group.rsplit("/", 1)[-1]
             snake = _snake(kind) if kind[:1].isupper() else kind
             if snake in _MODELS or "layers" in self.reader.subgroups(sub_group):
-                self._walk_model(model, sub_group, kind, sub_name, sub_config, inner)
+                self._walk_model(model, sub_group, kind, sub_name, sub_config, inner, depth + 1)
                 continue
             count = len(self.reader.vars_of(sub_group))
             if count == 0:
@@ -733,6 +768,8 @@ class KerasNames:
         return found
 
     def optimizer_state(self, var: Variable) -> OptimizerState | None:
+        if self._optimizer_problem is not None:
+            raise self._optimizer_problem
         return self._states.get(var.key)
 
     def optimizer_variables(self) -> dict[str, str]:
