@@ -365,3 +365,47 @@ def test_overlapping_or_outlying_data_is_refused(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="overlaps 'layers/dense/vars/0'"):
         convert(path, tmp_path / "out.pt")
+
+
+LAYERS = {  # each layer of the name table, in a model Keras builds: (input shape, layer)
+    "Dense": ((5,), lambda: keras.layers.Dense(3)),
+    "Dense no bias": ((5,), lambda: keras.layers.Dense(3, use_bias=False)),
+    "EinsumDense": ((5,), lambda: keras.layers.EinsumDense("ab,bc->ac", (3,), bias_axes="c")),
+    "Conv1D": ((6, 2), lambda: keras.layers.Conv1D(3, 2)),
+    "Conv2D": ((6, 6, 2), lambda: keras.layers.Conv2D(3, 2)),
+    "Conv3D": ((4, 4, 4, 2), lambda: keras.layers.Conv3D(3, 2)),
+    "Conv2DTranspose": ((6, 6, 2), lambda: keras.layers.Conv2DTranspose(3, 2)),
+    "DepthwiseConv2D": ((6, 6, 2), lambda: keras.layers.DepthwiseConv2D(2)),
+    "SeparableConv2D": ((6, 6, 2), lambda: keras.layers.SeparableConv2D(3, 2)),
+    "Embedding": ((4,), lambda: keras.layers.Embedding(7, 3)),
+    "BatchNormalization": ((5,), lambda: keras.layers.BatchNormalization()),
+    "BatchNormalization no center": (
+        (5,),
+        lambda: keras.layers.BatchNormalization(center=False),
+    ),
+    "LayerNormalization": ((5,), lambda: keras.layers.LayerNormalization()),
+    "GroupNormalization": ((4,), lambda: keras.layers.GroupNormalization(groups=2)),
+    "PReLU": ((5,), lambda: keras.layers.PReLU()),
+}
+
+
+@pytest.mark.parametrize("fmt", ["keras", "weights"])
+def test_the_name_table_gives_keras_paths(tmp_path, fmt):
+    for label, (shape, make) in LAYERS.items():
+        dtype = "int32" if label == "Embedding" else "float32"
+        model = keras.Sequential([keras.Input(shape, dtype=dtype), make()], name="m")
+        path = str(tmp_path / ("m.keras" if fmt == "keras" else "m.weights.h5"))
+        if fmt == "keras":
+            model.save(path)
+        else:
+            model.save_weights(path)
+        result = convert(path, path + ".pt")
+        if "no center" in label and fmt == "weights":  # gamma or beta? only the config says
+            assert [n.rsplit("/", 2)[1:] for n in result.model] == [
+                ["vars", "0"],
+                ["vars", "1"],
+                ["vars", "2"],
+            ]
+            continue
+        assert sorted(result.model) == sorted(v.path for v in model.variables), label
+        os.remove(path)
