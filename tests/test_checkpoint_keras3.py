@@ -263,7 +263,7 @@ def test_hostile_datasets_are_refused_before_reading(tmp_path, name):
 
 
 _MEMORY_PROBE = """
-import resource, sys, torch
+import resource, sys, torch, h5py
 from tfadam.checkpoint import CheckpointError, convert
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for path in sys.argv[1:]:
@@ -271,9 +271,9 @@ for path in sys.argv[1:]:
         convert(path, path + ".pt")
         print("converted", path)
     except CheckpointError as err:
-        print("refused", path, "--", str(err)[:100])
+        print("refused", path, "--", str(err)[:400])
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print("peak growth MiB", (after - before) // 1024)
+print("peak growth MiB", (after - before) // 1024)  # ru_maxrss: KiB on Linux
 """
 
 
@@ -287,21 +287,25 @@ def test_zip_bomb_and_huge_declarations_cost_no_memory(tmp_path):
             for _ in range(512):  # 512 MiB of zeros, ~0.5 MB compressed
                 member.write(block)
     assert bomb.stat().st_size < 4 << 20
+    stored = tmp_path / "stored.keras"  # uncompressed, 64 MiB, not HDF5
+    with zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("model.weights.h5", bytes(64 << 20))
     huge = tmp_path / "huge.weights.h5"
     _hostile_h5(huge, HOSTILE["unallocated"][0])
     compressed = tmp_path / "compressed.weights.h5"
     _hostile_h5(compressed, HOSTILE["compressed"][0])
     run = subprocess.run(
-        [sys.executable, "-c", _MEMORY_PROBE, str(bomb), str(huge), str(compressed)],
+        [sys.executable, "-c", _MEMORY_PROBE, str(bomb), str(stored), str(huge), str(compressed)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.splitlines()
-    assert [line.split()[0] for line in lines[:3]] == ["refused"] * 3, run.stdout
+    assert [line.split()[0] for line in lines[:4]] == ["refused"] * 4, run.stdout
     growth = int(lines[-1].split()[-1])
-    assert growth < 64, run.stdout
+    assert growth < 16, run.stdout
+    assert "is compressed" in lines[0] and "is not HDF5" in lines[1], run.stdout
 
 
 def test_keras_files_load_without_tensorflow_or_keras(saved_keras):

@@ -161,7 +161,13 @@ class _Window(io.RawIOBase):
 def _zip_member(archive: zipfile.ZipFile, f: BinaryIO, info: zipfile.ZipInfo) -> BinaryIO:
     """A seekable view of one member, without extracting it to memory or disk."""
     if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
-        return archive.open(info)  # inflated while read: bounded by its declared size
+        # Keras stores it uncompressed. HDF5 reads at random offsets, and every
+        # backward seek in a deflated stream inflates it again from the start.
+        raise CheckpointError(
+            f"zip member {info.filename!r} is compressed or encrypted (Keras stores it "
+            "uncompressed)",
+            hint=f"Extract {info.filename} and load that file, or re-zip with zip -0",
+        )
     f.seek(info.header_offset)
     header = f.read(30)
     if len(header) != 30 or not header.startswith(ZIP_MAGIC):
@@ -172,6 +178,10 @@ def _zip_member(archive: zipfile.ZipFile, f: BinaryIO, info: zipfile.ZipInfo) ->
     f.seek(0, io.SEEK_END)
     if start + info.file_size > f.tell():
         raise CheckpointError(f"zip member {info.filename!r} runs past the end of the archive")
+    f.seek(start)
+    head = f.read(len(HDF5_MAGIC))
+    if head != HDF5_MAGIC:
+        raise CheckpointError(f"zip member {info.filename!r} is not HDF5 (starts {head!r})")
     return io.BufferedReader(_Window(f, start, info.file_size))
 
 
