@@ -343,8 +343,9 @@ def load_tf_checkpoint(
     """Restore variables and Adam state from a TensorFlow checkpoint; no TF needed.
 
     Args:
-        path: checkpoint prefix (``model.ckpt-1000``), its ``.index`` file, or a
-            directory (its latest checkpoint).
+        path: checkpoint prefix (``model.ckpt-1000``), its ``.index`` file, a
+            directory (its latest checkpoint), or a Keras 3 ``.keras`` /
+            ``.weights.h5`` file (variables named by their Keras path).
         optimizer: for a TF1 ``AdamOptimizer``'s state (TF1 ``Saver``, or TF2
             ``tf.train.Checkpoint`` over ``tf.compat.v1.train.AdamOptimizer``):
             a :class:`tfadam.Adam` (m, v into ``optimizer.state[p]``,
@@ -358,7 +359,9 @@ def load_tf_checkpoint(
             TF name (``dense/kernel``), a TF2 object path (``model/dense/kernel``)
             or a checkpoint key. A tensor may be a view of a whole parameter —
             ``linear.weight.T`` loads a TF Dense kernel, stored (in, out), into
-            torch's (out, in) layout, slots included. Or an ``nn.Module``: its
+            torch's (out, in) layout, slots included (kept in the parameter's
+            layout: train the parameter). An integer tensor (``global_step``)
+            is loaded as a value. Or an ``nn.Module``: its
             named parameters, named by ``rename(torch_name)`` (default: dots
             become slashes; return None to skip one).
         optimizer_name: TF1 slot suffix (``<var>/<name>``, ``<var>/<name>_1``);
