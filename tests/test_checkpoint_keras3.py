@@ -413,3 +413,14 @@ def test_the_name_table_gives_keras_paths(tmp_path, fmt):
             continue
         assert sorted(result.model) == sorted(v.path for v in model.variables), label
         os.remove(path)
+
+
+def test_an_sstable_file_is_named_as_tf1s_v1_format(tmp_path):
+    """V1 checkpoints are single SSTable files: an SSTable that is not a prefix's .index."""
+    from tfadam.checkpoint.writer import write_bundle
+
+    write_bundle(str(tmp_path / "ckpt"), {"w": np.ones(3, np.float32)})
+    (tmp_path / "old.ckpt").write_bytes((tmp_path / "ckpt.index").read_bytes())
+    with pytest.raises(CheckpointError, match="TF1's old V1 format") as err:
+        load_tf_checkpoint(tmp_path / "old.ckpt", None, {"w": torch.zeros(3)})
+    assert "a Keras 3 .keras archive" in str(err.value)
