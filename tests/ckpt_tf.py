@@ -285,3 +285,53 @@ def keras_resume_run(
             run.final[v.path + "/vhat"] = optimizer._velocity_hats[i].numpy()
     run.final["iterations"] = optimizer.iterations.numpy()
     return run
+
+
+DECAY_STEPS, DECAY_RATE = 7, 0.9
+
+
+def tf1_global_step_run(directory: str, *, before: int = 50, after: int = 50, seed: int = 8) -> Run:
+    """TF1 ``Session``: Adam with ``exponential_decay(LR, global_step, 7, 0.9)``.
+
+    Trains ``before`` steps (``minimize(..., global_step=)``), saves, trains
+    ``after`` more. ``final`` also holds ``global_step`` and, per step after
+    the save, the learning rate TF used (``lr/<step>``).
+    """
+    rng = np.random.default_rng(seed)
+    names = ("dense/kernel", "dense/bias")
+    init = {n: rng.standard_normal(SHAPES[n]).astype("float32") for n in names}
+    grads = [
+        {
+            n: (rng.standard_normal(SHAPES[n]) * 10.0 ** rng.uniform(-3, 1)).astype("float32")
+            for n in names
+        }
+        for _ in range(before + after)
+    ]
+    run = Run(os.path.join(directory, "model.ckpt"), "float32")
+    graph = tf.Graph()
+    with graph.as_default():
+        var = {n: tf1.get_variable(n, initializer=init[n], use_resource=True) for n in names}
+        global_step = tf1.train.get_or_create_global_step()
+        feeds = {n: tf1.placeholder(tf.float32, SHAPES[n]) for n in names}
+        loss = sum(tf.reduce_sum(var[n] * feeds[n]) for n in names)
+        lr = tf1.train.exponential_decay(LR, global_step, DECAY_STEPS, DECAY_RATE)
+        opt = tf1.train.AdamOptimizer(lr, BETA1, BETA2, EPS)
+        train = opt.minimize(loss, global_step=global_step)
+        saver = tf1.train.Saver()
+        with tf1.Session(graph=graph) as sess:
+            sess.run(tf1.global_variables_initializer())
+            for step in range(before + after):
+                if step == before:
+                    run.prefix = saver.save(sess, run.prefix, global_step=global_step)
+                feed = {feeds[n]: grads[step][n] for n in names}
+                if step >= before:
+                    run.final[f"lr/{step}"] = sess.run(lr)
+                sess.run(train, feed)
+            for n in names:
+                run.final[n], run.final[n + "/m"], run.final[n + "/v"] = sess.run(
+                    [var[n], opt.get_slot(var[n], "m"), opt.get_slot(var[n], "v")]
+                )
+            run.final["global_step"] = sess.run(global_step)
+            run.beta_powers = tuple(sess.run(list(opt._get_beta_accumulators())))
+    run.dense_grads = grads[before:]
+    return run

@@ -381,11 +381,16 @@ def test_keras_checkpoint_resumes_bitwise_in_the_keras_face(tmp_path, amsgrad):
     result = load_tf_checkpoint(run.prefix, opt, var_map)
     assert set(result.optimizer_variables) == {"iterations", "learning_rate"}
     assert int(opt.iterations) == 3 and float(opt.learning_rate) == np.float32(LR)
+    # built on the parameters (torch layout); the views of var_map are recognised
     params = [hidden.weight, hidden.bias, out.weight, out.bias]
-    for grads in run.dense_grads:
+    for step, grads in enumerate(run.dense_grads):
         as_torch = [to_torch(grads[name]) for name in var_map]
-        as_torch = [g.T.contiguous() if g.dim() == 2 else g for g in as_torch]
-        opt.apply_gradients(zip(as_torch, params, strict=True))
+        if step % 2:  # the parameters, gradients in torch layout
+            as_torch = [g.T.contiguous() if g.dim() == 2 else g for g in as_torch]
+            opt.apply_gradients(zip(as_torch, params, strict=True))
+        else:  # fresh views, gradients in Keras' layout
+            views = [hidden.weight.T, hidden.bias, out.weight.T, out.bias]
+            opt.apply_gradients(zip(as_torch, views, strict=True))
     slot_names = ["m", "v", "vhat"] if amsgrad else ["m", "v"]
     keras_names = {"m": "momentum", "v": "velocity", "vhat": "velocity_hat"}
     for (name, tensor), param in zip(var_map.items(), params, strict=True):

@@ -355,6 +355,30 @@ class Adam:
         found += [slots["velocity_hat"] for slots in self._slots if "velocity_hat" in slots]
         return found
 
+    def _held_variable(self, var: torch.Tensor) -> torch.Tensor | None:
+        """The built variable whose elements ``var`` designates, all of them, or None.
+
+        Each ``weight.T`` is a new tensor object; a view of all of a variable
+        (same memory, any layout) stands for it. Its gradient is laid out like
+        the variable before the step, which is elementwise: the same bits.
+        """
+        key = _alias_key(var)
+        for held in self._trainable:
+            if _alias_key(held) == key:
+                return held
+            if (
+                held.dtype == var.dtype
+                and held.device == var.device
+                and held.numel() == var.numel() > 0
+                and not var.is_meta
+                and held.untyped_storage().data_ptr() == var.untyped_storage().data_ptr()
+                and held.storage_offset() == var.storage_offset()
+                and _dense(held)
+                and _dense(var)
+            ):
+                return held
+        return None
+
     def build(self, var_list: Sequence[torch.Tensor]) -> None:
         """Create the state for ``var_list`` (zeros), as the first apply call does."""
         if self.built:
@@ -677,14 +701,24 @@ class Adam:
             )
         self._check_variables(variables)
         if self.built:
+            substituted = False
             for position, var in enumerate(variables):
-                if id(var) not in self._index:
+                if id(var) in self._index:
+                    continue
+                held = self._held_variable(var)
+                if held is None:
                     raise ValueError(
                         f"Unknown variable: {_label(position, var)}. This optimizer can only be "
-                        "called for the variables it was originally built with. When working "
-                        "with a new set of variables, you should recreate a new optimizer "
-                        "instance."
+                        "called for the variables it was originally built with (or views of "
+                        "all of one, such as weight.T). When working with a new set of "
+                        "variables, you should recreate a new optimizer instance."
                     )
+                if not _same_layout(var, held):
+                    grads[position] = _relayout(grads[position], var, held, position)
+                variables[position] = held
+                substituted = True
+            if substituted:
+                self._check_variables(variables)  # two views of one variable
         return variables
 
     @staticmethod
@@ -849,3 +883,64 @@ class Adam:
         if steps:
             keras_rule.reset_accumulators([s["gradient_accumulator"] for s in self._slots])
         return True
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """``t`` covers ``numel`` consecutive elements of its storage, each once."""
+    expected = 1
+    for stride, size in sorted(
+        (st, s) for s, st in zip(t.shape, t.stride(), strict=True) if s != 1
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.stride() == b.stride()
+
+
+def _relayout(grad: Any, view: torch.Tensor, held: torch.Tensor, position: int) -> Any:
+    """A dense gradient of ``view`` laid out like ``held`` (the variable ``view`` shows)."""
+    if grad is None:
+        return None
+    if (
+        not isinstance(grad, torch.Tensor)
+        or grad.layout != torch.strided
+        or grad.shape != view.shape
+        or grad.dtype != view.dtype
+        or grad.device != view.device
+    ):
+        raise ValueError(
+            f"{_label(position, view)} is a view of a variable in another layout (e.g. "
+            "weight.T); its gradient must be a dense tensor of the view's shape, dtype and "
+            f"device, got {_gradient_label(grad)}. Or pass the variable itself."
+        )
+    out = torch.empty_like(held, memory_format=torch.preserve_format)
+    if out.stride() != held.stride():  # _dense(held) makes this unreachable
+        raise ValueError(f"{_label(position, view)}: cannot lay out its gradient like it")
+    out.as_strided(view.shape, view.stride(), out.storage_offset()).copy_(grad.detach())
+    return out
+
+
+def _gradient_label(grad: Any) -> str:
+    if isinstance(grad, torch.Tensor):
+        return (
+            f"a {grad.layout} tensor of shape {tuple(grad.shape)}, {grad.dtype}, on {grad.device}"
+        )
+    return f"an object of type {type(grad).__name__}"
+
+
+def _alias_key(var: torch.Tensor) -> tuple[Any, ...]:
+    """What a variable is: its memory and its layout (a tensor without memory: itself)."""
+    if var.is_meta:
+        return ("object", id(var))
+    return (
+        str(var.device),
+        var.untyped_storage().data_ptr(),
+        var.storage_offset(),
+        tuple(var.shape),
+        var.stride(),
+        var.dtype,
+    )

@@ -132,6 +132,7 @@ class AdamOptimizer:
             _check_global_step(global_step)
         with self._lock if self._use_locking else nullcontext():
             _check_distinct(updates)
+            _check_not_views_of_slotted(updates, self._slots)
             # A non-tensor may be unhashable; prepare() names it properly.
             updates = [
                 engine.Update(u.param, u.grad, self._slots.get(u.param, {}), u.name)
@@ -294,6 +295,22 @@ def _check_distinct(updates: Sequence[engine.Update]) -> None:
                 "pass each variable once."
             )
         seen[key] = update.name
+
+
+def _check_not_views_of_slotted(
+    updates: Sequence[engine.Update], slots: dict[torch.Tensor, dict[str, torch.Tensor]]
+) -> None:
+    # Slots belong to a tensor object; each `w.T` is a new one, which would get
+    # fresh zero slots while w's (restored, say) stay unused.
+    for update in updates:
+        var = update.param
+        base = getattr(var, "_base", None) if isinstance(var, torch.Tensor) else None
+        if base is not None and var not in slots and base in slots:
+            raise ValueError(
+                f"{update.name} is a view of a variable that has Adam slots (a new tensor "
+                "object each time, e.g. weight.T); pass the variable itself, with its "
+                "gradient in its layout."
+            )
 
 
 def _leaves_of(loss: torch.Tensor) -> list[torch.Tensor]:

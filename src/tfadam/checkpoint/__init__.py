@@ -3,6 +3,9 @@
 * :class:`BundleReader` reads a tensor-bundle checkpoint (TF1 ``Saver``, TF2
   ``tf.train.Checkpoint``, Keras under TF) with numpy alone: the ``.index``
   table, the data shards, partitioned variables; every checksum verified.
+* :class:`~tfadam.checkpoint.keras3.KerasFile` reads Keras 3's own files,
+  ``.keras`` and ``.weights.h5`` (h5py needed: ``pip install tfadam[keras]``),
+  naming each variable by its Keras path.
 * :func:`load_tf_checkpoint` restores variables and Adam's m, v and
   ``beta1_power``/``beta2_power`` into :class:`tfadam.Adam` or
   :class:`tfadam.AdamOptimizer`, so a TF run continues bit for bit.

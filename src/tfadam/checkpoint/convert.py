@@ -28,9 +28,8 @@ from typing import Any, TextIO
 import torch
 
 from ..cli import ArgumentParser, nonempty_text, output_file
-from .bundle import BundleReader
 from .errors import CheckpointError
-from .names import CheckpointNames
+from .formats import open_checkpoint
 
 __all__ = ["ConvertResult", "cli_convert", "convert", "main"]
 
@@ -90,8 +89,8 @@ def convert(
     """
     stream = sys.stderr if stream is None else stream
     out = os.fspath(out)
-    with BundleReader(path) as reader:
-        names = CheckpointNames(reader, optimizer_name=optimizer_name)
+    reader, names = open_checkpoint(path, optimizer_name=optimizer_name)
+    with reader:
         result = ConvertResult(out)
         bookkeeping = names.bookkeeping_keys()
         optimizer_vars = names.optimizer_variables()
@@ -168,7 +167,7 @@ def convert(
         payload = {
             "format": FORMAT,
             "source": reader.prefix,
-            "naming": "tf2" if names.object_based else "tf1",
+            "naming": getattr(names, "naming", "tf2" if names.object_based else "tf1"),
             "model": model,
             "optimizer": optimizer,
             "keys": keys,
@@ -260,12 +259,15 @@ def cli_convert(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.list:
-            with BundleReader(args.checkpoint) as reader:
+            reader, names = open_checkpoint(args.checkpoint, optimizer_name=args.optimizer_name)
+            with reader:
                 print(f"{reader.prefix}: {len(reader)} tensors")
+                known = {v.key: v.name for v in names.variables if v.name != v.key}
                 for key in reader.keys():
                     info = reader.info(key)
                     part = "  (partitioned)" if info.partitioned else ""
-                    print(f"  {key}  {info.dtype} {list(info.shape)}{part}")
+                    name = f"  = {known[key]}" if key in known else ""
+                    print(f"  {key}  {info.dtype} {list(info.shape)}{part}{name}")
             return 0
         result = convert(
             args.checkpoint,

@@ -14,10 +14,13 @@ from typing import Any
 
 import torch
 
-from .bundle import BundleReader
 from .dtypes import DTYPES
 from .errors import CheckpointError
+from .formats import open_checkpoint
 from .names import CheckpointNames, OptimizerState, Variable
+
+# TF dtype name -> torch dtype (None: no torch equivalent)
+_TORCH = {d.name: d.torch for d in DTYPES.values()}
 
 __all__ = ["LoadResult", "load_tf_checkpoint"]
 
@@ -278,6 +281,11 @@ class _KerasFace(_Optimizer):
                 self.opt._learning_rate.copy_(shared["learning_rate"])
 
 
+def _optimized(target: _Target) -> bool:
+    """Adam updates floating variables only; an integer one (``global_step``) is a value."""
+    return target.param.dtype.is_floating_point
+
+
 def _adapter(optimizer: Any, targets: list[_Target]) -> _Optimizer | None:
     if optimizer is None:
         return None
@@ -293,7 +301,7 @@ def _adapter(optimizer: Any, targets: list[_Target]) -> _Optimizer | None:
     except ImportError:  # pragma: no cover - the Keras face ships with tfadam
         KerasAdam = None  # noqa: N806
     if KerasAdam is not None and isinstance(optimizer, KerasAdam):
-        return _KerasFace(optimizer, [t.param for t in targets])
+        return _KerasFace(optimizer, [t.param for t in targets if _optimized(t)])
     raise TypeError(
         f"optimizer is a {type(optimizer).__name__}; load_tf_checkpoint restores TF's Adam "
         "state into tfadam.Adam, tfadam.AdamOptimizer or tfadam.keras.Adam (or pass "
@@ -305,18 +313,18 @@ def _adapter(optimizer: Any, targets: list[_Target]) -> _Optimizer | None:
 # -- the load --------------------------------------------------------------------
 
 
-def _check_fits(reader: BundleReader, key: str, tensor: torch.Tensor, what: str) -> str | None:
+def _check_fits(reader: Any, key: str, tensor: torch.Tensor, what: str) -> str | None:
     info = reader.info(key)
-    dtype = DTYPES.get(reader.entry(key).dtype)
+    dtype = _TORCH.get(info.dtype)
     want = tuple(tensor.shape)
-    if info.shape == want and dtype is not None and dtype.torch == tensor.dtype:
+    if info.shape == want and dtype == tensor.dtype:
         return None
     fix = ""
     if info.shape != want and len(want) == 2 and info.shape == want[::-1]:
         fix = " (TF stores a Dense kernel as (in, out), torch.nn.Linear as (out, in): map"
         fix += " linear.weight.T)"
-    elif info.shape == want and dtype is not None and dtype.torch is not None:
-        fix = f" (cast the model with .to({dtype.torch}), or load into a {dtype.name} copy)"
+    elif info.shape == want and dtype is not None:
+        fix = f" (cast the model with .to({dtype}), or load into a {info.dtype} copy)"
     return (
         f"{key!r} is {list(info.shape)} {info.dtype} in the checkpoint, but {what} is "
         f"{list(want)} {str(tensor.dtype).replace('torch.', '')}{fix}"
@@ -335,8 +343,9 @@ def load_tf_checkpoint(
     """Restore variables and Adam state from a TensorFlow checkpoint; no TF needed.
 
     Args:
-        path: checkpoint prefix (``model.ckpt-1000``), its ``.index`` file, or a
-            directory (its latest checkpoint).
+        path: checkpoint prefix (``model.ckpt-1000``), its ``.index`` file, a
+            directory (its latest checkpoint), or a Keras 3 ``.keras`` /
+            ``.weights.h5`` file (variables named by their Keras path).
         optimizer: for a TF1 ``AdamOptimizer``'s state (TF1 ``Saver``, or TF2
             ``tf.train.Checkpoint`` over ``tf.compat.v1.train.AdamOptimizer``):
             a :class:`tfadam.Adam` (m, v into ``optimizer.state[p]``,
@@ -350,7 +359,9 @@ def load_tf_checkpoint(
             TF name (``dense/kernel``), a TF2 object path (``model/dense/kernel``)
             or a checkpoint key. A tensor may be a view of a whole parameter —
             ``linear.weight.T`` loads a TF Dense kernel, stored (in, out), into
-            torch's (out, in) layout, slots included. Or an ``nn.Module``: its
+            torch's (out, in) layout, slots included (kept in the parameter's
+            layout: train the parameter). An integer tensor (``global_step``)
+            is loaded as a value. Or an ``nn.Module``: its
             named parameters, named by ``rename(torch_name)`` (default: dots
             become slashes; return None to skip one).
         optimizer_name: TF1 slot suffix (``<var>/<name>``, ``<var>/<name>_1``);
@@ -386,8 +397,8 @@ def load_tf_checkpoint(
     if optimizer_name is None:
         get_name = getattr(optimizer, "get_name", None)
         optimizer_name = get_name() if callable(get_name) else "Adam"
-    with BundleReader(path) as reader:
-        names = CheckpointNames(reader, optimizer_name=optimizer_name)
+    reader, names = open_checkpoint(path, optimizer_name=optimizer_name)
+    with reader:
         result = LoadResult()
         problems: list[str] = []
         plan: list[tuple[_Target, Variable, OptimizerState | None]] = []
@@ -400,7 +411,7 @@ def load_tf_checkpoint(
             if problem:
                 problems.append(problem)
             state = None
-            if adapter is not None and adapter.owns(target.param):
+            if adapter is not None and _optimized(target) and adapter.owns(target.param):
                 state = names.optimizer_state(var)
             if state is not None:
                 assert adapter is not None
@@ -451,7 +462,7 @@ def load_tf_checkpoint(
         for target, var, state in plan:
             values.append(reader.read_torch(var.key))
             result.variables[target.tf_name] = var.key
-            if adapter is None or not adapter.owns(target.param):
+            if adapter is None or not _optimized(target) or not adapter.owns(target.param):
                 continue
             if state is None:
                 cleared.append(target.param)
@@ -487,9 +498,7 @@ def load_tf_checkpoint(
     return result
 
 
-def _check_flavour(
-    state: OptimizerState, adapter: _Optimizer, reader: BundleReader, var: Variable
-) -> None:
+def _check_flavour(state: OptimizerState, adapter: _Optimizer, reader: Any, var: Variable) -> None:
     if state.flavour == adapter.flavour:
         return
     if state.flavour == "keras":
@@ -512,7 +521,7 @@ def _check_flavour(
 def _shared_keys(
     state: OptimizerState,
     names: CheckpointNames,
-    reader: BundleReader,
+    reader: Any,
     var: Variable,
     accumulators: tuple[str, str] | None,
 ) -> tuple[tuple[str, str], ...]:
