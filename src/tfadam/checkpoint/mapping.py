@@ -251,7 +251,7 @@ class _KerasFace(_Optimizer):
         self.params = params
 
     def owns(self, param: torch.Tensor) -> bool:
-        return not self.opt.built or id(param) in self.opt._index
+        return not self.opt.built or self.opt.owns(param)
 
     def slot_names(self, param: torch.Tensor) -> list[str]:
         names = ["m", "v"]
@@ -268,17 +268,16 @@ class _KerasFace(_Optimizer):
     ) -> None:
         if not self.opt.built:
             self.opt.build(self.params)
-        with torch.no_grad():
-            for param, named in slots.items():
-                held = self.opt._slots[self.opt._index[id(param)]]
-                for name, value in named.items():
-                    held[self.NAMES[name]].copy_(value)
-            for param in cleared:
-                for tensor in self.opt._slots[self.opt._index[id(param)]].values():
-                    tensor.zero_()
-            self.opt._iterations.copy_(shared["iterations"])
-            if "learning_rate" in shared and isinstance(self.opt._learning_rate, torch.Tensor):
-                self.opt._learning_rate.copy_(shared["learning_rate"])
+        by_var: dict[torch.Tensor, dict[str, torch.Tensor]] = {
+            param: {self.NAMES[name]: value for name, value in named.items()}
+            for param, named in slots.items()
+        }
+        for param in cleared:  # never updated by TF: Keras' slots start at zero
+            by_var[param] = {
+                name: torch.zeros_like(tensor)
+                for name, tensor in (self.opt.slots_of(param) or {}).items()
+            }
+        self.opt.restore_state(by_var, shared["iterations"], shared.get("learning_rate"))
 
 
 def _optimized(target: _Target) -> bool:
