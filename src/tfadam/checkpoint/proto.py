@@ -112,15 +112,17 @@ def _decode(buf: bytes | memoryview, schema: Schema, what: str) -> dict[str, Any
 
 
 def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(old)
+    # In place: a message repeated n times must cost n merges, not n copies of
+    # its growing lists (a field repeated 100,000 times would be quadratic).
+    # ``old`` is always a dict this decoder just built, owned by no one else.
     for name, value in new.items():
         if isinstance(value, list):
-            merged[name] = old.get(name, []) + value
+            old.setdefault(name, []).extend(value)
         elif isinstance(value, dict) and isinstance(old.get(name), dict):
-            merged[name] = _merge(old[name], value)
+            _merge(old[name], value)
         else:
-            merged[name] = value
-    return merged
+            old[name] = value
+    return old
 
 
 def _convert(value: Any, wire: int, kind: Any, what: str, packed_ok: bool) -> list[Any]:
@@ -236,7 +238,7 @@ def parse_header(buf: bytes | memoryview) -> BundleHeader:
     >>> parse_header(b"\\x08\\x01\\x1a\\x02\\x08\\x01").num_shards
     1
     """
-    d = _decode(buf, _HEADER, "BundleHeaderProto")
+    d = _decode(memoryview(buf), _HEADER, "BundleHeaderProto")
     version = d.get("version") or {}
     return BundleHeader(
         num_shards=d.get("num_shards", 0),
@@ -253,7 +255,7 @@ def parse_entry(buf: bytes | memoryview) -> BundleEntry:
     >>> parse_entry(b"\\x08\\x01\\x12\\x06\\x12\\x02\\x08\\x02\\x12\\x00").shape
     (2, 0)
     """
-    d = _decode(buf, _ENTRY, "BundleEntryProto")
+    d = _decode(memoryview(buf), _ENTRY, "BundleEntryProto")
     shape_d = d.get("shape") or {}
     if shape_d.get("unknown_rank"):
         raise CheckpointError("BundleEntryProto: tensor shape has unknown rank")
@@ -297,7 +299,9 @@ def parse_object_graph(buf: bytes | memoryview) -> ObjectGraph:
     >>> g.nodes[0].children
     ((0, 'x'),)
     """
-    d = _decode(buf, _GRAPH, "TrackableObjectGraph")
+    d = _decode(memoryview(buf), _GRAPH, "TrackableObjectGraph")
+    if not d["nodes"]:
+        raise CheckpointError("TrackableObjectGraph: no root object (the graph has no nodes)")
     nodes = []
     for n in d["nodes"]:
         nodes.append(

@@ -36,6 +36,10 @@ __all__ = ["TABLE_MAGIC", "read_table"]
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
 _TRAILER_SIZE = 5
+# TensorFlow's table builder restarts prefix compression every 16 keys, so its
+# keys add up to at most 16 times the file; a forged chain of shared prefixes
+# (one 64 KiB key extended 50,000 times) would expand to gigabytes.
+_KEY_EXPANSION = 32
 _NO_COMPRESSION, _SNAPPY = 0, 1
 
 
@@ -75,8 +79,12 @@ def _block(data: bytes, offset: int, size: int, what: str) -> memoryview:
     return view[offset : offset + size]
 
 
-def _entries(block: memoryview, what: str) -> list[tuple[bytes, memoryview]]:
-    """Decode a block's prefix-compressed entries, checking its restart array."""
+def _entries(block: memoryview, what: str, budget: list[int]) -> list[tuple[bytes, memoryview]]:
+    """Decode a block's prefix-compressed entries, checking its restart array.
+
+    ``budget[0]``: how many more key bytes the table may expand to (shared
+    prefixes are stored once but copied into every key).
+    """
     n = len(block)
     if n < 4:
         raise CheckpointError(f"{what}: block of {n} bytes is too short")
@@ -92,16 +100,36 @@ def _entries(block: memoryview, what: str) -> list[tuple[bytes, memoryview]]:
     unshared_starts = set()
     key = b""
     pos = 0
+    left = budget[0]
     try:
         while pos < limit:
             start = pos
-            shared, pos = read_varint(block, pos)
-            non_shared, pos = read_varint(block, pos)
-            value_len, pos = read_varint(block, pos)
+            # three varints; one byte each in practice (the fast path)
+            shared = block[pos]
+            if shared < 0x80:
+                pos += 1
+            else:
+                shared, pos = read_varint(block, pos)
+            non_shared = block[pos] if pos < limit else 0x80
+            if non_shared < 0x80:
+                pos += 1
+            else:
+                non_shared, pos = read_varint(block, pos)
+            value_len = block[pos] if pos < limit else 0x80
+            if value_len < 0x80:
+                pos += 1
+            else:
+                value_len, pos = read_varint(block, pos)
             if shared > len(key) or pos + non_shared + value_len > limit:
                 raise CheckpointError(f"{what}: corrupted entry at byte {start}")
             if shared == 0:
                 unshared_starts.add(start)
+            left -= shared + non_shared
+            if left < 0:
+                raise CheckpointError(
+                    f"{what}: keys expand to more than {_KEY_EXPANSION} times the size of "
+                    "the file (a forged chain of shared prefixes)"
+                )
             key = key[:shared] + bytes(block[pos : pos + non_shared])
             pos += non_shared
             entries.append((key, block[pos : pos + value_len]))
@@ -110,6 +138,9 @@ def _entries(block: memoryview, what: str) -> list[tuple[bytes, memoryview]]:
         if err.detail.startswith(what):
             raise
         raise CheckpointError(f"{what}: corrupted entry ({err.detail})") from None
+    except IndexError:  # a varint's first byte lies past the entries
+        raise CheckpointError(f"{what}: corrupted entry at byte {start}") from None
+    budget[0] = left
     if limit > 0 and any(r not in unshared_starts for r in restarts):
         raise CheckpointError(f"{what}: restart points do not match the entries")
     return entries
@@ -138,10 +169,12 @@ def read_table(data: bytes) -> list[tuple[bytes, memoryview]]:
     index_off, index_size, pos = _handle(footer, pos, "footer")
     if pos > FOOTER_SIZE - 8:
         raise CheckpointError("footer: block handles overrun the footer")
+    budget = [_KEY_EXPANSION * size]
     _block(data, meta_off, meta_size, "metaindex block")  # checked, then unused
-    index = _entries(_block(data, index_off, index_size, "index block"), "index block")
+    index = _entries(_block(data, index_off, index_size, "index block"), "index block", budget)
     out: list[tuple[bytes, memoryview]] = []
     prev_separator = None
+    next_free = 0  # data blocks follow each other: none is decoded twice
     for separator, handle in index:
         if prev_separator is not None and separator <= prev_separator:
             raise CheckpointError("index block: keys out of order")
@@ -150,7 +183,12 @@ def read_table(data: bytes) -> list[tuple[bytes, memoryview]]:
         if end != len(handle):
             raise CheckpointError("index block: malformed block handle")
         what = f"data block at byte {offset}"
-        for key, value in _entries(_block(data, offset, bsize, what), what):
+        if offset < next_free:
+            raise CheckpointError(
+                f"{what} overlaps the block before it: the index block is damaged"
+            )
+        next_free = offset + bsize + _TRAILER_SIZE
+        for key, value in _entries(_block(data, offset, bsize, what), what, budget):
             if (out and key <= out[-1][0]) or key > separator:
                 raise CheckpointError(f"{what}: keys out of order")
             out.append((key, value))
