@@ -201,7 +201,7 @@ class BundleReader:
         except CheckpointError as err:
             raise err.located(path=self.index_path, key="<header>") from None
         self._check_header()
-        self._raw: dict[bytes, memoryview] = dict(entries[1:])
+        self._raw: dict[bytes, bytes] = dict(entries[1:])
         self._entries: dict[bytes, BundleEntry] = {}
         self._object_graph: ObjectGraph | None = None
         # Slice entries are an implementation detail of partitioned tensors;
