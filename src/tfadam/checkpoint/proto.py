@@ -121,7 +121,7 @@ def _decode(buf: bytes | memoryview, schema: Schema, what: str) -> dict[str, Any
         if spec is None:
             continue
         name, kind, repeated = spec
-        if wire == _VARINT and kind in _SMALL_INT and value < 0x80000000:
+        if wire == _VARINT and (kind == "int32" or kind == "int64") and value < 0x80000000:
             values = [value]  # a non-negative int32/int64: nothing to convert
         else:
             values = _convert(value, wire, kind, what, name, packed_ok=repeated)
@@ -132,9 +132,6 @@ def _decode(buf: bytes | memoryview, schema: Schema, what: str) -> dict[str, Any
         else:
             out[name] = values[-1]  # and keeps the last of a repeated scalar
     return out
-
-
-_SMALL_INT = frozenset(("int32", "int64"))
 
 
 def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
