@@ -43,12 +43,6 @@ except ImportError:  # the fallback generator below needs none of it
 if atheris is not None:
     with atheris.instrument_imports(include=["tfadam.checkpoint"]):
         import tfadam.checkpoint  # noqa: F401
-        import tfadam.checkpoint.bundle
-        import tfadam.checkpoint.convert
-        import tfadam.checkpoint.names
-        import tfadam.checkpoint.proto
-        import tfadam.checkpoint.slices
-        import tfadam.checkpoint.table
 
 import forge  # noqa: E402
 
@@ -134,7 +128,9 @@ def materialize(blob: bytes, directory: str) -> str:
     return forge.write(prefix, forge.table(items, per_block=per_block), [data])
 
 
-def encode(items: list[tuple[bytes, bytes]], data: bytes, mode: int = STRUCTURED | FIX_CRC) -> bytes:
+def encode(
+    items: list[tuple[bytes, bytes]], data: bytes, mode: int = STRUCTURED | FIX_CRC
+) -> bytes:
     """The fuzz input for a structured checkpoint (used to make the seeds)."""
     out = bytes([mode, 16]) + len(items).to_bytes(2, "little")
     for key, value in items:
@@ -173,7 +169,10 @@ def seeds() -> list[bytes]:
     raw, _ = forge.strings([b"abc", b"", b"de"])
     out.append(encode([(b"", head), (b"s", forge.entry(7, (3,), size=len(raw)))], raw))
     # a partitioned tensor
-    part = [(b"", head), (b"p", forge.entry(1, (4, 2), size=0, slices=[[(0, 2), (0, None)], [(2, 2), (0, None)]]))]
+    part = [
+        (b"", head),
+        (b"p", forge.entry(1, (4, 2), size=0, slices=[[(0, 2), (0, None)], [(2, 2), (0, None)]])),
+    ]
     part.append((slice_key("p", ((0, 2), (0, None))), forge.entry(1, (2, 2), offset=0, size=16)))
     part.append((slice_key("p", ((2, 2), (0, None))), forge.entry(1, (2, 2), offset=16, size=16)))
     part.sort()
@@ -214,7 +213,9 @@ def seeds() -> list[bytes]:
     finally:
         shutil.rmtree(d, ignore_errors=True)
     out.append(bytes([RAW]) + len(index).to_bytes(4, "little") + index + data)
-    out.append(bytes([STATE]) + b'model_checkpoint_path: "ckpt"\nall_model_checkpoint_paths: "ckpt"\n')
+    out.append(
+        bytes([STATE]) + b'model_checkpoint_path: "ckpt"\nall_model_checkpoint_paths: "ckpt"\n'
+    )
     return out
 
 
