@@ -4,6 +4,8 @@
     python tests/fuzz_checkpoint.py -max_total_time=900 -rss_limit_mb=1024 -timeout=10 \\
         -print_final_stats=1 /tmp/ckpt-corpus            # the long run
     python tests/fuzz_checkpoint.py --no-atheris --runs 2000 --seed 1   # without atheris
+    coverage run --source=src/tfadam/checkpoint tests/fuzz_checkpoint.py --no-atheris \
+        --replay /tmp/ckpt-corpus && coverage report       # line coverage of a corpus
 
 One fuzz input describes a whole checkpoint, so that mutations reach past the
 checksums into the entries, the object graph and the name resolution:
@@ -40,7 +42,7 @@ try:
 except ImportError:  # the fallback generator below needs none of it
     atheris = None
 
-if atheris is not None:
+if atheris is not None and "--no-atheris" not in sys.argv:
     with atheris.instrument_imports(include=["tfadam.checkpoint"]):
         import tfadam.checkpoint  # noqa: F401
 
@@ -279,6 +281,26 @@ def mutate(rng: random.Random, blob: bytes) -> bytes:
     return bytes(b[:65536])
 
 
+def replay(directory: str) -> int:
+    """Run every input of a corpus once; print the slowest and the peak memory."""
+    import resource
+    import time
+
+    timings = []
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as f:
+            blob = f.read()
+        start = time.perf_counter()
+        one_input(blob)
+        timings.append((time.perf_counter() - start, len(blob), name))
+    timings.sort(reverse=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"replayed {len(timings)} inputs; peak RSS {peak:.0f} MiB (imports included)")
+    for seconds, size, name in timings[:3]:
+        print(f"  slowest: {name} ({size} bytes) {seconds * 1000:.1f} ms")
+    return 0
+
+
 def run_fallback(runs: int, seed: int) -> int:
     rng = random.Random(seed)
     corpus = seeds()
@@ -294,7 +316,10 @@ def main() -> int:
         p.add_argument("--no-atheris", action="store_true")
         p.add_argument("--runs", type=int, default=1000)
         p.add_argument("--seed", type=int, default=1)
+        p.add_argument("--replay", metavar="CORPUS_DIR")
         args, _ = p.parse_known_args()
+        if args.replay:
+            return replay(args.replay)
         return run_fallback(args.runs, args.seed)
     corpus = [a for a in sys.argv[1:] if not a.startswith("-")]
     if corpus and not os.listdir(corpus[0]):  # start from the seeds
