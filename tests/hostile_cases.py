@@ -384,7 +384,7 @@ def object_graph_dangling_child(d):
 
 @case(None)
 def object_graph_long_chain(d):
-    # a 320 kB chain of 40,000 nodes: the path strings of all nodes add up to N**2
+    # a 420 kB chain of 40,000 nodes: the path strings of all nodes add up to N**2
     n = 40_000
     nodes = [{"children": [(i + 1, "a")]} for i in range(n - 1)] + [{}]
     return with_graph(os.path.join(d, "ckpt"), object_graph(nodes))
