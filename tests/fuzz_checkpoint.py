@@ -42,7 +42,8 @@ try:
 except ImportError:  # the fallback generator below needs none of it
     atheris = None
 
-if atheris is not None and "--no-atheris" not in sys.argv:
+if __name__ == "__main__" and atheris is not None and "--no-atheris" not in sys.argv:
+    # instrument the reader for coverage: it must be imported first, in here
     with atheris.instrument_imports(include=["tfadam.checkpoint"]):
         import tfadam.checkpoint  # noqa: F401
 

@@ -33,14 +33,10 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch
 
-import torch  # noqa: E402
-
-import tfadam  # noqa: E402
-from tfadam.checkpoint import BundleReader, CheckpointError, cli_convert, load_tf_checkpoint  # noqa: E402
-
-torch.set_num_threads(1)
+import tfadam
+from tfadam.checkpoint import BundleReader, CheckpointError, cli_convert, load_tf_checkpoint
 
 
 def _status(field: str) -> int:
@@ -191,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-s", type=float, default=10.0)
     p.add_argument("cases", nargs="+", help="NAME=PATH")
     args = p.parse_args(argv)
+    torch.set_num_threads(1)  # no thread pool to fork under, or to reserve memory
     for spec in args.cases:
         name, path = spec.split("=", 1)
         for record in run_case(name, path, args.mem_mib << 20, args.time_s):

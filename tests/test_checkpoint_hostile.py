@@ -36,6 +36,7 @@ def results(tmp_path_factory):
         directory.mkdir()
         args.append(f"{case.name}={case.build(str(directory))}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    env["OMP_NUM_THREADS"] = "1"  # no thread pools in the process that forks
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "hostile_worker.py"), "--mem-mib", str(MEM_MIB)]
         + ["--time-s", str(TIME_S)]
