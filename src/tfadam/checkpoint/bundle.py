@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import itertools
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -40,23 +42,63 @@ from .proto import (
     parse_object_graph,
     read_varint,
 )
-from .slices import box, check_cover, slice_key
+from .slices import box, check_cover, check_volumes, slice_keys
 from .table import read_table
 
-__all__ = ["OBJECT_GRAPH_KEY", "BundleReader", "TensorInfo", "resolve_prefix"]
+__all__ = ["OBJECT_GRAPH_KEY", "BundleReader", "TensorInfo", "open_regular", "resolve_prefix"]
 
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 _BUNDLE_VERSION = 1  # kTensorBundleVersion: the format version this reader implements
 _DATA_SUFFIX = re.compile(r"\.data-\d{5}-of-\d{5}$")
+# numpy's limit on dimensions (NPY_MAXDIMS): 64 since numpy 2, 32 before
+_NUMPY_MAX_RANK = 64 if int(np.__version__.split(".")[0]) >= 2 else 32
+_MAX_ARRAY_BYTES = (1 << 63) - 1
 
 
-def _text_proto_string(text: str, field: str) -> str | None:
-    # CheckpointState is a text proto; its strings are C-escaped.
-    match = re.search(rf'^\s*{field}\s*:\s*"((?:[^"\\]|\\.)*)"', text, re.MULTILINE)
-    if match is None:
+def open_regular(path: str, *, key: str | None = None) -> BinaryIO:
+    """``path`` opened for reading, refused unless it is a regular file.
+
+    A FIFO would block the open (or the reads) forever, a device such as
+    ``/dev/zero`` would feed endless bytes: a checkpoint names only regular
+    files. ``O_NONBLOCK`` keeps the open itself from waiting on a FIFO.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise CheckpointError(f"cannot read: {err.strerror}", path=path, key=key) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(
+                "not a regular file (a checkpoint's files are plain files)", path=path, key=key
+            )
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _text_proto_string(text: str, field: str, path: str) -> str | None:
+    # CheckpointState is a text proto; its strings are C-escaped. Line by line:
+    # a pattern spanning lines (^\s* under MULTILINE) rescans every line.
+    pattern = re.compile(rf'[ \t]*{field}[ \t]*:[ \t]*"((?:[^"\\]|\\.)*)"')
+    for line in text.splitlines():
+        match = pattern.match(line)
+        if match is not None:
+            break
+    else:
         return None
-    raw = codecs.escape_decode(match.group(1).encode("utf-8"))[0]
-    return raw.decode("utf-8")
+    try:
+        raw = codecs.escape_decode(match.group(1).encode("utf-8"))[0]
+    except ValueError as err:
+        raise CheckpointError(
+            f"malformed {field} ({err}): the state file is damaged",
+            path=path,
+            hint="Pass the checkpoint prefix instead of its directory",
+        ) from None
+    # a file name is bytes: keep undecodable ones as the OS does (surrogateescape)
+    return os.fsdecode(raw)
 
 
 def resolve_prefix(path: str | os.PathLike[str]) -> str:
@@ -77,8 +119,9 @@ def resolve_prefix(path: str | os.PathLike[str]) -> str:
         state = os.path.join(path, "checkpoint")
         latest = None
         if os.path.isfile(state):
-            with open(state, encoding="utf-8", errors="replace") as f:
-                latest = _text_proto_string(f.read(), "model_checkpoint_path")
+            with open_regular(state) as f:
+                text = f.read().decode("utf-8", errors="replace")
+            latest = _text_proto_string(text, "model_checkpoint_path", state)
         if latest is not None:
             path = latest if os.path.isabs(latest) else os.path.join(path, latest)
         else:
@@ -137,11 +180,13 @@ class BundleReader:
         self.prefix = resolve_prefix(path)
         self.index_path = self.prefix + ".index"
         self._files: dict[int, BinaryIO] = {}
-        try:
-            with open(self.index_path, "rb") as f:
+        with open_regular(self.index_path) as f:
+            try:
                 data = f.read()
-        except OSError as err:
-            raise CheckpointError(f"cannot read: {err.strerror}", path=self.index_path) from None
+            except OSError as err:
+                raise CheckpointError(
+                    f"cannot read: {err.strerror}", path=self.index_path
+                ) from None
         try:
             entries = read_table(data)
         except CheckpointError as err:
@@ -156,7 +201,7 @@ class BundleReader:
         except CheckpointError as err:
             raise err.located(path=self.index_path, key="<header>") from None
         self._check_header()
-        self._raw: dict[bytes, memoryview] = dict(entries[1:])
+        self._raw: dict[bytes, bytes] = dict(entries[1:])
         self._entries: dict[bytes, BundleEntry] = {}
         self._object_graph: ObjectGraph | None = None
         # Slice entries are an implementation detail of partitioned tensors;
@@ -277,11 +322,10 @@ class BundleReader:
         nbytes = entry.size
         if entry.slices:
             nbytes = 0
-            for extents in entry.slices:
-                part = self._raw.get(slice_key(key, extents))
-                if part is not None:
+            for part_key in set(slice_keys(key, entry.slices)):
+                if part_key in self._raw:
                     try:
-                        nbytes += parse_entry(part).size
+                        nbytes += self._entry(part_key).size
                     except CheckpointError:
                         pass  # reported when the tensor is read
         return TensorInfo(key, name, entry.shape, nbytes, bool(entry.slices))
@@ -319,19 +363,35 @@ class BundleReader:
         f = self._files.get(shard)
         if f is None:
             path = self.data_path(shard)
-            try:
-                f = open(path, "rb")  # kept open across reads; closed by close()
-            except FileNotFoundError:
+            if not os.path.lexists(path):
                 raise CheckpointError(
                     f"data shard {shard} of {self.header.num_shards} is missing",
                     path=path,
                     key=key,
                     hint="Copy every file of the checkpoint: the .index and all .data-* shards",
-                ) from None
-            except OSError as err:
-                raise CheckpointError(f"cannot read: {err.strerror}", path=path, key=key) from None
+                )
+            f = open_regular(path, key=key)  # kept open across reads; closed by close()
             self._files[shard] = f
         return f
+
+    def _check_shape(self, key: str, shape: tuple[int, ...], itemsize: int) -> int:
+        """The element count of ``shape``, refused where numpy could not hold it."""
+        if len(shape) > _NUMPY_MAX_RANK:
+            raise CheckpointError(
+                f"rank {len(shape)} exceeds the {_NUMPY_MAX_RANK} dimensions numpy supports",
+                path=self.index_path,
+                key=key,
+                hint="TensorFlow allows up to 254; this reader cannot hold such a tensor",
+            )
+        count, extent = 1, max(itemsize, 1)
+        for dim in shape:
+            count *= dim
+            extent *= dim or 1  # numpy refuses these even when a dimension is 0
+        if extent > _MAX_ARRAY_BYTES:
+            raise CheckpointError(
+                f"shape {list(shape)} is too large for an array", path=self.index_path, key=key
+            )
+        return count
 
     def _check_range(self, key: str, entry: BundleEntry) -> None:
         """The entry's bytes lie inside an existing data file."""
@@ -359,6 +419,44 @@ class BundleReader:
                 hint="Copy the checkpoint again, completely",
             )
 
+    def _check_disjoint(self, ranges: list[tuple[str, BundleEntry]]) -> None:
+        """The entries' bytes lie in their files and no two share a byte.
+
+        TensorFlow writes every tensor (and every slice) to bytes of its own;
+        entries sharing bytes are forged, and would let a small file expand
+        into any number of copies of itself.
+        """
+        spans = []
+        for key, entry in ranges:
+            self._check_range(key, entry)
+            if entry.size:
+                spans.append((entry.shard_id, entry.offset, entry.offset + entry.size, key))
+        spans.sort()
+        for (shard, _, stop, first), (shard2, start, _, second) in itertools.pairwise(spans):
+            if shard == shard2 and start < stop:
+                what = "two of its slices" if first == second else f"it and tensor {first!r}"
+                raise CheckpointError(
+                    f"{what} share bytes [{start}, {stop}) of the data file "
+                    "(TensorFlow gives every tensor and slice bytes of its own): the index "
+                    "is forged or damaged",
+                    path=self.data_path(shard),
+                    key=second,
+                )
+
+    def check_layout(self, keys: list[str]) -> None:
+        """Check, before reading, that ``keys`` lie in the data files without sharing bytes.
+
+        Reading them all then holds at most the size of the data files.
+        """
+        ranges = []
+        for key in keys:
+            entry = self.entry(key)
+            if entry.slices:
+                ranges += [(key, part) for _, part in self._slice_parts(key, entry)]
+            else:
+                ranges.append((key, entry))
+        self._check_disjoint(ranges)
+
     def _read_bytes(self, key: str, entry: BundleEntry) -> tuple[np.ndarray, str]:
         self._check_range(key, entry)
         f = self._file(entry.shard_id, key)
@@ -381,11 +479,9 @@ class BundleReader:
 
     def _read_entry(self, key: str, entry: BundleEntry) -> np.ndarray:
         dtype = self._dtype(key, entry)
-        count = 1
-        for dim in entry.shape:
-            count *= dim
         if dtype.enum == STRING:
-            return self._read_strings(key, entry, count)
+            return self._read_strings(key, entry, self._check_shape(key, entry.shape, 8))
+        count = self._check_shape(key, entry.shape, dtype.itemsize)
         if entry.size != count * dtype.itemsize:
             raise CheckpointError(
                 f"size {entry.size} bytes does not match shape {entry.shape} of "
@@ -419,9 +515,9 @@ class BundleReader:
                 path=self.index_path,
                 key=key,
             )
-        out = np.empty(count, dtype=object)
         if count == 0:
-            return out.reshape(entry.shape)
+            return np.empty(entry.shape, dtype=object)
+        # the bytes must exist before `count` objects are allocated for them
         buf, path = self._read_bytes(key, entry)
         data = memoryview(buf)
         byteorder = "big" if self.header.endianness == 1 else "little"
@@ -452,6 +548,7 @@ class BundleReader:
                 path=path,
                 key=key,
             )
+        out = np.empty(count, dtype=object)
         for i, length in enumerate(lengths):
             out[i] = bytes(data[pos : pos + length])
             pos += length
@@ -460,21 +557,30 @@ class BundleReader:
             raise self._checksum_error(key, path, unmask(entry.crc32c), crc)
         return out.reshape(entry.shape)
 
-    def _read_partitioned(self, key: str, entry: BundleEntry) -> np.ndarray:
+    def _slice_parts(
+        self, key: str, entry: BundleEntry
+    ) -> list[tuple[tuple[tuple[int, int], ...], BundleEntry]]:
+        """Each slice's box in the full tensor and its entry, checked against the whole."""
         dtype = self._dtype(key, entry)
         if dtype.storage is None:
             raise CheckpointError(
                 "partitioned string tensors are not supported", path=self.index_path, key=key
             )
-        # Check the whole layout before allocating the full tensor: its size
-        # is then bounded by slices that were checked to fit in the files.
+        self._check_shape(key, entry.shape, dtype.itemsize)
         parts = []
-        for extents in entry.slices:
+        seen = set()
+        for extents, part_key in zip(entry.slices, slice_keys(key, entry.slices), strict=True):
             try:
                 b = box(extents, entry.shape)
             except CheckpointError as err:
                 raise err.located(path=self.index_path, key=key) from None
-            part_key = slice_key(key, extents)
+            if b in seen:  # TF lists each slice once
+                raise CheckpointError(
+                    f"slice {[f'{a}:{z}' for a, z in b]} is listed twice",
+                    path=self.index_path,
+                    key=key,
+                )
+            seen.add(b)
             if part_key not in self._raw:
                 raise CheckpointError(
                     f"slice {[f'{a}:{z}' for a, z in b]} is missing from the index",
@@ -483,6 +589,9 @@ class BundleReader:
                 )
             part = self._entry(part_key)
             want = tuple(z - a for a, z in b)
+            count = 1
+            for dim in want:
+                count *= dim
             if part.slices or part.dtype != entry.dtype or part.shape != want:
                 raise CheckpointError(
                     f"slice entry has dtype {part.dtype} shape {part.shape}, "
@@ -490,14 +599,35 @@ class BundleReader:
                     path=self.index_path,
                     key=key,
                 )
+            if part.size != count * dtype.itemsize:
+                raise CheckpointError(
+                    f"slice {[f'{a}:{z}' for a, z in b]} has {part.size} bytes, its shape "
+                    f"{list(want)} of {dtype.name} needs {count * dtype.itemsize}",
+                    path=self.index_path,
+                    key=key,
+                )
             parts.append((b, part))
+        # Sizes match volumes and the bytes exist, once each: the volumes add
+        # up to at most the data files, which bounds the cover check's work.
+        try:
+            check_volumes([b for b, _ in parts], entry.shape)
+        except CheckpointError as err:
+            raise err.located(path=self.index_path, key=key) from None
+        self._check_disjoint([(key, part) for _, part in parts])
         try:
             check_cover([b for b, _ in parts], entry.shape)
         except CheckpointError as err:
             raise err.located(path=self.index_path, key=key) from None
-        for _, part in parts:
-            self._check_range(key, part)
-        out = np.empty(entry.shape, dtype=dtype.storage.newbyteorder("="))
+        return parts
+
+    def _read_partitioned(self, key: str, entry: BundleEntry) -> np.ndarray:
+        # Check the whole layout before allocating the full tensor: the slices
+        # tile it exactly and lie in the files without sharing bytes, so its
+        # size is bounded by the data files.
+        parts = self._slice_parts(key, entry)
+        storage = self._dtype(key, entry).storage
+        assert storage is not None
+        out = np.empty(entry.shape, dtype=storage.newbyteorder("="))
         for b, part in parts:
             try:
                 out[tuple(slice(a, z) for a, z in b)] = self._read_entry(key, part)

@@ -18,7 +18,9 @@ kernel as (in, out), so ``torch.nn.Linear.weight`` is its transpose.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ from ..cli import ArgumentParser, nonempty_text, output_file
 from .errors import CheckpointError
 from .formats import open_checkpoint
 
-__all__ = ["ConvertResult", "cli_convert", "convert", "main"]
+__all__ = ["ConvertResult", "cli_convert", "convert", "main", "save_exclusive"]
 
 FORMAT = "tfadam.convert/1"
 _PROGRESS_MIN_BYTES = 64 << 20
@@ -131,6 +133,9 @@ def convert(
                 f"mixed optimizer kinds {sorted(flavours)}", path=reader.index_path
             )
         result.flavour = next(iter(flavours), None)
+        # every byte range read lies in the files, none shared: what is held
+        # below is bounded by the size of the data files
+        reader.check_layout([k for k, _ in todo])
         total = sum(reader.info(k).nbytes for k, _ in todo)
         bar = _progress(total, progress, stream)
         tensors: dict[str, torch.Tensor] = {}
@@ -173,10 +178,55 @@ def convert(
             "keys": keys,
             "unmapped": dict(result.unmapped),
         }
-    tmp = out + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, out)  # never leave a half-written OUT behind
+    save_exclusive(payload, out)
     return result
+
+
+def save_exclusive(obj: Any, out: str) -> None:
+    """``torch.save(obj)`` to ``out`` through a fresh file renamed into place.
+
+    The temporary file, ``.OUT.<random>.tmp`` beside ``out``, is created with
+    ``O_CREAT | O_EXCL | O_NOFOLLOW``: whatever already lies at any name (a
+    link planted at ``OUT.tmp`` included) is never opened, followed or
+    overwritten. It is written, fsynced, then renamed over ``out`` (a link at
+    ``out`` is replaced, not followed), so ``out`` is either the old file or
+    the complete new one. Errors are ``OSError`` naming the file.
+
+    >>> import os, tempfile, torch
+    >>> d = tempfile.mkdtemp()
+    >>> os.symlink(os.path.join(d, "victim"), os.path.join(d, "out.pt.tmp"))
+    >>> save_exclusive({"x": 1}, os.path.join(d, "out.pt"))
+    >>> sorted(os.listdir(d)), torch.load(os.path.join(d, "out.pt"))
+    (['out.pt', 'out.pt.tmp'], {'x': 1})
+    """
+    directory, base = os.path.split(os.path.abspath(out))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 64 random bits
+        raise FileExistsError(f"cannot create a temporary file beside {out}")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)  # never leave a half-written OUT behind
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def format_report(result: ConvertResult) -> str:
@@ -280,6 +330,9 @@ def cli_convert(argv: Sequence[str] | None = None) -> int:
         return 0
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # writing OUT (reading errors are CheckpointErrors)
+        print(f"error: cannot write {err.filename or args.out}: {err.strerror}", file=sys.stderr)
         return 1
 
 

@@ -18,6 +18,8 @@ True
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 __all__ = ["crc32c", "mask", "unmask"]
@@ -86,6 +88,27 @@ def _register_py(reg: int, data: memoryview) -> int:
     for byte in data:
         reg = table[(reg ^ byte) & 0xFF] ^ (reg >> 8)
     return reg
+
+
+_LO16_LIST: list[int] = []
+_HI16_LIST: list[int] = []
+
+
+def _register_words(reg: int, data: memoryview) -> int:
+    """:func:`_register_py` a 32-bit word per step (two lookups): ~4x faster.
+
+    For the small inputs the vector path does not pay for (index blocks of
+    4 KiB, short tensors); the 16-bit tables become lists on first use.
+    """
+    if not _LO16_LIST:
+        _LO16_LIST.extend(_LO16.tolist())
+        _HI16_LIST.extend(_HI16.tolist())
+    lo, hi = _LO16_LIST, _HI16_LIST
+    n4 = len(data) - len(data) % 4
+    for (word,) in struct.iter_unpack("<I", data[:n4]):
+        reg ^= word
+        reg = lo[reg & 0xFFFF] ^ hi[reg >> 16]
+    return _register_py(reg, data[n4:])
 
 
 # Linear operator "feed n zero bytes": a 32x32 GF(2) matrix kept as its 32
@@ -183,7 +206,7 @@ def _register(reg: int, data: memoryview) -> int:
     n = len(data)
     head = n % _CHUNK
     if n - head < 16 * _CHUNK:
-        return _register_py(reg, data)
+        return _register_words(reg, data) if n >= 64 else _register_py(reg, data)
     reg = _register_py(reg, data[:head])
     words = np.frombuffer(data, dtype="<u4", offset=head)
     for start in range(0, words.shape[0], _BLOCK // 4):

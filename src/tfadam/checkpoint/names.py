@@ -95,19 +95,29 @@ class CheckpointNames:
         self.optimizer_name = optimizer_name
         self.graph: ObjectGraph | None = reader.object_graph
         self.variables: list[Variable] = []
-        self._paths: dict[int, str] = {}
+        # node -> (parent, local name) on its first breadth-first path; the
+        # path strings are built on demand (all of them at once would take
+        # memory quadratic in the depth of a chain of nodes)
+        self._parent: dict[int, tuple[int, str]] = {}
         self._node_var: dict[int, Variable] = {}
         self._children: dict[int, dict[str, int]] = {}
         # original variable node -> [(owner node, slot name, slot variable)]
         self._slot_refs: dict[int, list[tuple[int, str, Variable]]] = {}
-        # trainable variable node -> [(Keras optimizer node, list index)]
+        # trainable variable node -> [(list node, index)]; list node -> its optimizers
         self._keras_refs: dict[int, list[tuple[int, str]]] = {}
+        self._list_owners: dict[int, list[int]] = {}
         self._tf1_accumulators: tuple[str, str] | None = None
         if self.graph is None:
             self.variables = [Variable(k, k) for k in reader.keys()]
         else:
             self._index_graph(self.graph)
         self._by_key = {v.key: v for v in self.variables}
+        self._by_path: dict[str, Variable] = {}
+        self._by_name: dict[str, list[Variable]] = {}
+        for v in self.variables:
+            if v.path is not None:
+                self._by_path.setdefault(v.path, v)
+            self._by_name.setdefault(v.name, []).append(v)
 
     @property
     def object_based(self) -> bool:
@@ -118,16 +128,15 @@ class CheckpointNames:
 
     def _index_graph(self, graph: ObjectGraph) -> None:
         # Breadth-first from the root, first path wins: how TF names objects.
-        paths = {0: ""}
+        parent: dict[int, tuple[int, str]] = {0: (-1, "")}
         queue = deque([0])
         while queue:
             node_id = queue.popleft()
             for child, local in graph.nodes[node_id].children:
-                if child not in paths:
-                    prefix = paths[node_id]
-                    paths[child] = f"{prefix}/{local}" if prefix else local
+                if child not in parent:
+                    parent[child] = (node_id, local)
                     queue.append(child)
-        self._paths = paths
+        self._parent = parent
         for node_id, node in enumerate(graph.nodes):
             for name, full_name, key in node.attributes:
                 if name == "VARIABLE_VALUE" and key in self.reader:
@@ -143,8 +152,21 @@ class CheckpointNames:
             # Keras 3 optimizers track parallel lists, not slot_variables.
             trainable = self._child(owner_id, "_trainable_variables")
             if trainable is not None:
-                for child, index in graph.nodes[trainable].children:
-                    self._keras_refs.setdefault(child, []).append((owner_id, index))
+                owners = self._list_owners.setdefault(trainable, [])
+                if not owners:  # each list indexed once, however many share it
+                    for child, index in graph.nodes[trainable].children:
+                        self._keras_refs.setdefault(child, []).append((trainable, index))
+                owners.append(owner_id)
+
+    def _path(self, node_id: int) -> str:
+        """The object path of a node (``model/dense/kernel``), or ``node N``."""
+        if node_id not in self._parent:
+            return f"node {node_id}"
+        parts = []
+        while node_id > 0:
+            node_id, local = self._parent[node_id]
+            parts.append(local)
+        return "/".join(reversed(parts))
 
     def _child(self, node_id: int, local_name: str) -> int | None:
         assert self.graph is not None
@@ -165,9 +187,9 @@ class CheckpointNames:
         """The variable called ``name`` (TF name, object path or checkpoint key)."""
         found = self._by_key.get(name)
         if found is None and self.object_based:
-            found = next((v for v in self.variables if v.path == name), None)
+            found = self._by_path.get(name)
             if found is None:
-                same = [v for v in self.variables if v.name == name]
+                same = self._by_name.get(name, [])
                 if len(same) > 1:
                     raise CheckpointError(
                         f"{len(same)} variables have the TF name {name!r}: "
@@ -256,7 +278,17 @@ class CheckpointNames:
                 owners[owner_id] = OptimizerState(
                     slots, iterations=it.key if it else None, flavour="keras"
                 )
-        for owner_id, index in self._keras_refs.get(var.node, []):
+        for trainable, index in self._keras_refs.get(var.node, []):
+            owner_ids = self._list_owners[trainable]
+            if len(owner_ids) > 1:  # Keras gives each optimizer a list of its own
+                raise CheckpointError(
+                    f"{len(owner_ids)} optimizers share one list of trainable variables: "
+                    + ", ".join(self._path(o) for o in owner_ids[:3])
+                    + (", ..." if len(owner_ids) > 3 else ""),
+                    path=self.reader.index_path,
+                    key=var.key,
+                )
+            owner_id = owner_ids[0]
             slots = {}
             for list_name, slot in KERAS_SLOT_LISTS:
                 holder = self._child(owner_id, list_name)
@@ -277,7 +309,7 @@ class CheckpointNames:
         if not owners:
             return None
         if len(owners) > 1:
-            where = ", ".join(self._paths.get(o, f"node {o}") for o in owners)
+            where = ", ".join(self._path(o) for o in owners)
             raise CheckpointError(
                 f"several optimizers hold state for this variable: {where}",
                 path=self.reader.index_path,
@@ -299,7 +331,9 @@ class CheckpointNames:
             return {b1: "beta1_power", b2: "beta2_power"}
         assert self.graph is not None
         owners = {o for refs in self._slot_refs.values() for o, _, _ in refs}
-        owners |= {o for refs in self._keras_refs.values() for o, _ in refs}
+        for trainable, list_owners in self._list_owners.items():
+            if self.graph.nodes[trainable].children:
+                owners.update(list_owners)
         found = {}
         for owner_id in owners:
             for child, local in self.graph.nodes[owner_id].children:

@@ -68,28 +68,48 @@ def _signed(value: int, bits: int) -> int:
 Schema = dict[int, tuple[str, Any, bool]]
 
 
+_REPEATED: dict[int, tuple[str, ...]] = {}
+
+
 def _decode(buf: bytes | memoryview, schema: Schema, what: str) -> dict[str, Any]:
-    out: dict[str, Any] = {name: [] for name, _, rep in schema.values() if rep}
+    repeated_names = _REPEATED.get(id(schema))
+    if repeated_names is None:
+        repeated_names = tuple(name for name, _, rep in schema.values() if rep)
+        _REPEATED[id(schema)] = repeated_names
+    out: dict[str, Any] = {name: [] for name in repeated_names}
     pos = 0
     end = len(buf)
     while pos < end:
-        tag, pos = read_varint(buf, pos)
+        # one-byte varints (tags, small values) inline: the common case by far
+        tag = buf[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = read_varint(buf, pos)
         number, wire = tag >> 3, tag & 7
         if number == 0:
             raise CheckpointError(f"{what}: field number 0 is invalid")
         if wire == _VARINT:
-            value, pos = read_varint(buf, pos)
+            if pos < end and buf[pos] < 0x80:
+                value = buf[pos]
+                pos += 1
+            else:
+                value, pos = read_varint(buf, pos)
+        elif wire == _LENGTH:
+            if pos < end and buf[pos] < 0x80:
+                length = buf[pos]
+                pos += 1
+            else:
+                length, pos = read_varint(buf, pos)
+            if pos + length > end:
+                raise CheckpointError(f"{what}: field {number} runs past the end of the message")
+            value = buf[pos : pos + length]
+            pos += length
         elif wire == _FIXED64:
             if pos + 8 > end:
                 raise CheckpointError(f"{what}: truncated 64-bit field {number}")
             value = int.from_bytes(buf[pos : pos + 8], "little")
             pos += 8
-        elif wire == _LENGTH:
-            length, pos = read_varint(buf, pos)
-            if pos + length > end:
-                raise CheckpointError(f"{what}: field {number} runs past the end of the message")
-            value = buf[pos : pos + length]
-            pos += length
         elif wire == _FIXED32:
             if pos + 4 > end:
                 raise CheckpointError(f"{what}: truncated 32-bit field {number}")
@@ -101,7 +121,10 @@ def _decode(buf: bytes | memoryview, schema: Schema, what: str) -> dict[str, Any
         if spec is None:
             continue
         name, kind, repeated = spec
-        values = _convert(value, wire, kind, f"{what}.{name}", packed_ok=repeated)
+        if wire == _VARINT and (kind == "int32" or kind == "int64") and value < 0x80000000:
+            values = [value]  # a non-negative int32/int64: nothing to convert
+        else:
+            values = _convert(value, wire, kind, what, name, packed_ok=repeated)
         if repeated:
             out[name].extend(values)
         elif isinstance(kind, dict) and name in out:
@@ -112,18 +135,23 @@ def _decode(buf: bytes | memoryview, schema: Schema, what: str) -> dict[str, Any
 
 
 def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(old)
+    # In place: a message repeated n times must cost n merges, not n copies of
+    # its growing lists (a field repeated 100,000 times would be quadratic).
+    # ``old`` is always a dict this decoder just built, owned by no one else.
     for name, value in new.items():
         if isinstance(value, list):
-            merged[name] = old.get(name, []) + value
+            old.setdefault(name, []).extend(value)
         elif isinstance(value, dict) and isinstance(old.get(name), dict):
-            merged[name] = _merge(old[name], value)
+            _merge(old[name], value)
         else:
-            merged[name] = value
-    return merged
+            old[name] = value
+    return old
 
 
-def _convert(value: Any, wire: int, kind: Any, what: str, packed_ok: bool) -> list[Any]:
+def _convert(
+    value: Any, wire: int, kind: Any, message: str, name: str, packed_ok: bool
+) -> list[Any]:
+    what = f"{message}.{name}"
     if isinstance(kind, dict):
         if wire != _LENGTH:
             raise CheckpointError(f"{what}: expected a message, got wire type {wire}")
@@ -236,7 +264,7 @@ def parse_header(buf: bytes | memoryview) -> BundleHeader:
     >>> parse_header(b"\\x08\\x01\\x1a\\x02\\x08\\x01").num_shards
     1
     """
-    d = _decode(buf, _HEADER, "BundleHeaderProto")
+    d = _decode(memoryview(buf), _HEADER, "BundleHeaderProto")
     version = d.get("version") or {}
     return BundleHeader(
         num_shards=d.get("num_shards", 0),
@@ -253,7 +281,7 @@ def parse_entry(buf: bytes | memoryview) -> BundleEntry:
     >>> parse_entry(b"\\x08\\x01\\x12\\x06\\x12\\x02\\x08\\x02\\x12\\x00").shape
     (2, 0)
     """
-    d = _decode(buf, _ENTRY, "BundleEntryProto")
+    d = _decode(memoryview(buf), _ENTRY, "BundleEntryProto")
     shape_d = d.get("shape") or {}
     if shape_d.get("unknown_rank"):
         raise CheckpointError("BundleEntryProto: tensor shape has unknown rank")
@@ -297,7 +325,9 @@ def parse_object_graph(buf: bytes | memoryview) -> ObjectGraph:
     >>> g.nodes[0].children
     ((0, 'x'),)
     """
-    d = _decode(buf, _GRAPH, "TrackableObjectGraph")
+    d = _decode(memoryview(buf), _GRAPH, "TrackableObjectGraph")
+    if not d["nodes"]:
+        raise CheckpointError("TrackableObjectGraph: no root object (the graph has no nodes)")
     nodes = []
     for n in d["nodes"]:
         nodes.append(

@@ -16,13 +16,14 @@ b'\\x00part\\x00\\x01\\x01\\x02\\x84\\x83\\x80\\x7f'
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable
 
 import numpy as np
 
 from .errors import CheckpointError
 from .proto import Extent
 
-__all__ = ["box", "check_cover", "slice_key"]
+__all__ = ["box", "check_cover", "check_volumes", "slice_key", "slice_keys"]
 
 
 def _num_increasing(value: int) -> bytes:
@@ -32,15 +33,8 @@ def _num_increasing(value: int) -> bytes:
 
 
 def _escape(value: bytes) -> bytes:
-    out = bytearray()
-    for byte in value:
-        if byte == 0x00:
-            out += b"\x00\xff"
-        elif byte == 0xFF:
-            out += b"\xff\x00"
-        else:
-            out.append(byte)
-    return bytes(out)
+    # 0x00 -> 00 ff, 0xff -> ff 00 (OrderedCode's string escapes), at C speed
+    return b"\x00\xff".join(part.replace(b"\xff", b"\xff\x00") for part in value.split(b"\x00"))
 
 
 # Header bits of the first two bytes, by encoded length 1..10.
@@ -64,16 +58,29 @@ def _signed_increasing(value: int) -> bytes:
     return bytes(raw)
 
 
-def slice_key(name: str | bytes, extents: tuple[Extent, ...]) -> bytes:
-    """The table key under which one slice of ``name`` is stored."""
+def _prefix(name: str | bytes) -> bytes:
     raw = name if isinstance(name, bytes) else name.encode("utf-8")
-    key = _num_increasing(0) + _escape(raw) + b"\x00\x01"
-    key += _num_increasing(len(extents))
+    return _num_increasing(0) + _escape(raw) + b"\x00\x01"
+
+
+def _suffix(extents: tuple[Extent, ...]) -> bytes:
+    key = _num_increasing(len(extents))
     for start, length in extents:
         if length is None:
             start, length = 0, -1
         key += _signed_increasing(start) + _signed_increasing(length)
     return key
+
+
+def slice_key(name: str | bytes, extents: tuple[Extent, ...]) -> bytes:
+    """The table key under which one slice of ``name`` is stored."""
+    return _prefix(name) + _suffix(extents)
+
+
+def slice_keys(name: str | bytes, slices: Iterable[tuple[Extent, ...]]) -> list[bytes]:
+    """:func:`slice_key` of each slice (the name is escaped once, not once per slice)."""
+    prefix = _prefix(name)
+    return [prefix + _suffix(extents) for extents in slices]
 
 
 def box(extents: tuple[Extent, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
@@ -93,11 +100,37 @@ def box(extents: tuple[Extent, ...], shape: tuple[int, ...]) -> tuple[tuple[int,
     return tuple(out)
 
 
+def check_volumes(boxes: list[tuple[tuple[int, int], ...]], shape: tuple[int, ...]) -> None:
+    """Require the slices' volumes to add up to the tensor's (arithmetic only).
+
+    >>> check_volumes([((0, 2),), ((1, 4),)], (4,))
+    Traceback (most recent call last):
+    ...
+    tfadam.checkpoint.errors.CheckpointError: slices overlap
+    """
+    total = 1
+    for dim in shape:
+        total *= dim
+    volume = 0
+    for b in boxes:
+        size = 1
+        for start, stop in b:
+            size *= stop - start
+        volume += size
+    if volume < total:
+        raise CheckpointError("slices do not cover the whole tensor: some partitions are missing")
+    if volume > total:
+        raise CheckpointError("slices overlap")
+
+
 def check_cover(boxes: list[tuple[tuple[int, int], ...]], shape: tuple[int, ...]) -> None:
     """Require the slices to tile the full tensor exactly (no gap, no overlap).
 
-    The slice bounds cut each dimension into intervals; counting how many
-    slices cover each cell of that grid is exact and linear in the grid size.
+    Their volumes must add up to the tensor's; then the slice bounds cut each
+    dimension into intervals, and each slice marks the cells of that grid it
+    covers, stopping at the first cell marked twice. A cell holds at least one
+    element, so the work and the grid are bounded by the tensor's size
+    (callers check that the slices' bytes exist before calling this).
 
     >>> check_cover([((0, 4), (0, 3)), ((4, 10), (0, 3))], (10, 3))
     >>> check_cover([((0, 4), (0, 3)), ((3, 10), (0, 3))], (10, 3))
@@ -105,22 +138,16 @@ def check_cover(boxes: list[tuple[tuple[int, int], ...]], shape: tuple[int, ...]
     ...
     tfadam.checkpoint.errors.CheckpointError: slices overlap
     """
-    breaks = []
-    cells = 1
-    for d, dim in enumerate(shape):
-        cuts = sorted({0, dim} | {bound for b in boxes for bound in b[d]})
-        breaks.append(cuts)
-        cells *= len(cuts) - 1
-    if cells > 10_000_000:
-        raise CheckpointError(f"slice layout too fragmented to check ({cells} grid cells)")
-    counts = np.zeros([len(cuts) - 1 for cuts in breaks], dtype=np.int64)
+    check_volumes(boxes, shape)
+    breaks = [
+        sorted({0, dim} | {bound for b in boxes for bound in b[d]}) for d, dim in enumerate(shape)
+    ]
+    covered = np.zeros([len(cuts) - 1 for cuts in breaks], dtype=bool)
     for b in boxes:
         index = tuple(
             slice(bisect.bisect_left(cuts, start), bisect.bisect_left(cuts, stop))
             for (start, stop), cuts in zip(b, breaks, strict=True)
         )
-        counts[index] += 1
-    if (counts > 1).any():
-        raise CheckpointError("slices overlap")
-    if (counts == 0).any():
-        raise CheckpointError("slices do not cover the whole tensor: some partitions are missing")
+        if covered[index].any():
+            raise CheckpointError("slices overlap")
+        covered[index] = True

@@ -36,6 +36,10 @@ __all__ = ["TABLE_MAGIC", "read_table"]
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
 _TRAILER_SIZE = 5
+# TensorFlow's table builder restarts prefix compression every 16 keys, so its
+# keys add up to at most 16 times the file; a forged chain of shared prefixes
+# (one 64 KiB key extended 50,000 times) would expand to gigabytes.
+_KEY_EXPANSION = 32
 _NO_COMPRESSION, _SNAPPY = 0, 1
 
 
@@ -75,47 +79,78 @@ def _block(data: bytes, offset: int, size: int, what: str) -> memoryview:
     return view[offset : offset + size]
 
 
-def _entries(block: memoryview, what: str) -> list[tuple[bytes, memoryview]]:
-    """Decode a block's prefix-compressed entries, checking its restart array."""
-    n = len(block)
+def _entries(block: memoryview, what: str, budget: list[int]) -> list[tuple[bytes, bytes]]:
+    """Decode a block's prefix-compressed entries, checking restarts and key order.
+
+    ``budget[0]``: how many more key bytes the table may expand to (shared
+    prefixes are stored once but copied into every key).
+    """
+    data = bytes(block)  # indexing and slicing bytes is several times faster
+    n = len(data)
     if n < 4:
         raise CheckpointError(f"{what}: block of {n} bytes is too short")
-    num_restarts = int.from_bytes(block[n - 4 :], "little")
+    num_restarts = int.from_bytes(data[n - 4 :], "little")
     limit = n - 4 * (num_restarts + 1)
     if num_restarts == 0 or limit < 0:
         raise CheckpointError(f"{what}: bad restart count {num_restarts}")
     restarts = [
-        int.from_bytes(block[limit + 4 * i : limit + 4 * i + 4], "little")
+        int.from_bytes(data[limit + 4 * i : limit + 4 * i + 4], "little")
         for i in range(num_restarts)
     ]
-    entries: list[tuple[bytes, memoryview]] = []
+    entries: list[tuple[bytes, bytes]] = []
     unshared_starts = set()
     key = b""
-    pos = 0
+    pos = start = 0
+    left = budget[0]
     try:
         while pos < limit:
             start = pos
-            shared, pos = read_varint(block, pos)
-            non_shared, pos = read_varint(block, pos)
-            value_len, pos = read_varint(block, pos)
+            # three varints, one byte each in practice: that case inline
+            shared = data[pos]
+            if shared < 0x80:
+                pos += 1
+            else:
+                shared, pos = read_varint(data, pos)
+            non_shared = data[pos]
+            if non_shared < 0x80:
+                pos += 1
+            else:
+                non_shared, pos = read_varint(data, pos)
+            value_len = data[pos]
+            if value_len < 0x80:
+                pos += 1
+            else:
+                value_len, pos = read_varint(data, pos)
             if shared > len(key) or pos + non_shared + value_len > limit:
                 raise CheckpointError(f"{what}: corrupted entry at byte {start}")
             if shared == 0:
                 unshared_starts.add(start)
-            key = key[:shared] + bytes(block[pos : pos + non_shared])
+            left -= shared + non_shared
+            if left < 0:
+                raise CheckpointError(
+                    f"{what}: keys expand to more than {_KEY_EXPANSION} times the size of "
+                    "the file (a forged chain of shared prefixes)"
+                )
+            new_key = key[:shared] + data[pos : pos + non_shared]
+            if entries and new_key <= key:
+                raise CheckpointError(f"{what}: keys out of order")
+            key = new_key
             pos += non_shared
-            entries.append((key, block[pos : pos + value_len]))
+            entries.append((key, data[pos : pos + value_len]))
             pos += value_len
     except CheckpointError as err:
         if err.detail.startswith(what):
             raise
         raise CheckpointError(f"{what}: corrupted entry ({err.detail})") from None
+    except IndexError:  # a varint's first byte lies past the entries
+        raise CheckpointError(f"{what}: corrupted entry at byte {start}") from None
+    budget[0] = left
     if limit > 0 and any(r not in unshared_starts for r in restarts):
         raise CheckpointError(f"{what}: restart points do not match the entries")
     return entries
 
 
-def read_table(data: bytes) -> list[tuple[bytes, memoryview]]:
+def read_table(data: bytes) -> list[tuple[bytes, bytes]]:
     """All (key, value) pairs of an SSTable, in key order.
 
     Raises :class:`CheckpointError` (without a file name: the caller adds it)
@@ -138,10 +173,12 @@ def read_table(data: bytes) -> list[tuple[bytes, memoryview]]:
     index_off, index_size, pos = _handle(footer, pos, "footer")
     if pos > FOOTER_SIZE - 8:
         raise CheckpointError("footer: block handles overrun the footer")
+    budget = [_KEY_EXPANSION * size]
     _block(data, meta_off, meta_size, "metaindex block")  # checked, then unused
-    index = _entries(_block(data, index_off, index_size, "index block"), "index block")
-    out: list[tuple[bytes, memoryview]] = []
+    index = _entries(_block(data, index_off, index_size, "index block"), "index block", budget)
+    out: list[tuple[bytes, bytes]] = []
     prev_separator = None
+    next_free = 0  # data blocks follow each other: none is decoded twice
     for separator, handle in index:
         if prev_separator is not None and separator <= prev_separator:
             raise CheckpointError("index block: keys out of order")
@@ -150,8 +187,15 @@ def read_table(data: bytes) -> list[tuple[bytes, memoryview]]:
         if end != len(handle):
             raise CheckpointError("index block: malformed block handle")
         what = f"data block at byte {offset}"
-        for key, value in _entries(_block(data, offset, bsize, what), what):
-            if (out and key <= out[-1][0]) or key > separator:
-                raise CheckpointError(f"{what}: keys out of order")
-            out.append((key, value))
+        if offset < next_free:
+            raise CheckpointError(
+                f"{what} overlaps the block before it: the index block is damaged"
+            )
+        next_free = offset + bsize + _TRAILER_SIZE
+        block = _entries(_block(data, offset, bsize, what), what, budget)
+        # in order within the block (checked there), after the previous block,
+        # and not after the separator the index gives for this one
+        if block and ((out and block[0][0] <= out[-1][0]) or block[-1][0] > separator):
+            raise CheckpointError(f"{what}: keys out of order")
+        out += block
     return out
