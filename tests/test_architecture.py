@@ -223,15 +223,6 @@ ALLOWED = {
 # owns / restore_state; AdamOptimizer's per the engine helper); the lead
 # switches these modules to them at merge, and this list empties.
 KNOWN = {
-    ("tfadam.checkpoint.mapping", 251, "self.opt._index"),
-    ("tfadam.checkpoint.mapping", 270, "self.opt._slots"),
-    ("tfadam.checkpoint.mapping", 270, "self.opt._index"),
-    ("tfadam.checkpoint.mapping", 274, "self.opt._slots"),
-    ("tfadam.checkpoint.mapping", 274, "self.opt._index"),
-    ("tfadam.checkpoint.mapping", 276, "self.opt._iterations"),
-    ("tfadam.checkpoint.mapping", 277, "self.opt._learning_rate"),
-    ("tfadam.checkpoint.mapping", 278, "self.opt._learning_rate"),
-    ("tfadam.checkpoint.mapping", 535, "reader._missing"),
     ("tfadam.persist", 391, "optimizer._get_beta_accumulators"),
     ("tfadam.persist", 445, "optimizer._accumulators"),
     ("tfadam.persist", 446, "optimizer._slots"),
@@ -294,8 +285,7 @@ def test_no_new_private_reads() -> None:
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "checkpoint/mapping.py:251,270,274,276-278 (self.opt._index/_slots/_iterations/"
-        "_learning_rate of tfadam.keras.Adam), mapping.py:535 (reader._missing), persist.py:391 "
+        "persist.py:391 "
         "(_get_beta_accumulators), 445-455 (optimizer._accumulators/_slots of "
         "AdamOptimizer) read the faces' private state; the lead switches them to the faces' "
         "public state methods at merge (then remove this mark)"

@@ -272,7 +272,7 @@ class BundleReader:
     def entry(self, key: str) -> BundleEntry:
         """The decoded ``BundleEntryProto`` of tensor ``key``."""
         if key not in self._name_set:
-            raise self._missing(key)
+            raise self.missing_key_error(key)
         return self._entry(key.encode("utf-8"))
 
     def _entry(self, raw_key: bytes) -> BundleEntry:
@@ -281,7 +281,7 @@ class BundleReader:
             name = raw_key.decode("utf-8", "backslashreplace")
             raw = self._raw.get(raw_key)
             if raw is None:
-                raise self._missing(name)
+                raise self.missing_key_error(name)
             try:
                 entry = parse_entry(raw)
             except CheckpointError as err:
@@ -293,7 +293,8 @@ class BundleReader:
             self._entries[raw_key] = entry
         return entry
 
-    def _missing(self, key: str) -> CheckpointError:
+    def missing_key_error(self, key: str) -> CheckpointError:
+        """The error for ``key`` absent from this checkpoint, naming the closest keys."""
         close = difflib.get_close_matches(key, self._names, n=3, cutoff=0.6)
         hint = f"Did you mean {', '.join(map(repr, close))}?" if close else None
         return CheckpointError(

@@ -540,7 +540,7 @@ def _shared_keys(
         pair = accumulators
         for key in pair:
             if key not in reader:
-                raise reader._missing(key)
+                raise reader.missing_key_error(key)
     elif state.beta1_power is not None and state.beta2_power is not None:
         pair = (state.beta1_power, state.beta2_power)
     elif not names.object_based:
