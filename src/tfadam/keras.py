@@ -392,13 +392,14 @@ class Adam:
         variables = self._variables_for(grads, trainable_variables)
         plan = self._validated(grads, variables)
         learning_rates = self._learning_rates_for(plan)
-        if not self.built:
-            self._build(variables)
-        with torch.no_grad():
+        # The step and its count commit together: an interrupt waits for both.
+        with engine.atomic(), torch.no_grad():
+            if not self.built:
+                self._build(variables)
             self._step(plan, learning_rates)
             if self.use_ema:
                 self._update_moving_average()
-        self._iterations.add_(1)
+            self._iterations.add_(1)
 
     def scale_loss(self, loss: Any) -> Any:
         """``loss * loss_scale_factor`` (the loss unchanged without one)."""
