@@ -294,31 +294,38 @@ def _written(
 def _check_disjoint(
     updates: Sequence[Update], written: tuple[torch.Tensor, ...], earlier: Sequence[Plan]
 ) -> None:
+    plans = [(plan.updates, plan.written) for plan in earlier]
     before = [t for plan in earlier for t in plan.written]
     reads = [u.grad.values if isinstance(u.grad, IndexedSlices) else u.grad for u in updates]
-    tensors = [*written, *before, *reads]
-    count = len(written) + len(before)
+    # In the step's order (earlier groups first), so that errors name the later tensor first.
+    tensors = [*before, *written, *reads]
+    count = len(before) + len(written)
 
     def name(index: int) -> str:
-        if index < len(updates):
-            return updates[index].name
-        if index < len(written):
-            return _slot_name(updates, index)
+        if index < len(before):
+            for members, group in plans:
+                if index < len(group):
+                    return _written_name(members, index)
+                index -= len(group)
         if index < count:
-            return "a tensor of another param group of this step"
+            return _written_name(updates, index - len(before))
         return f"the gradient of {updates[index - count].name}"
 
     guard.check_disjoint(tensors, count, name)
 
 
-def _slot_name(updates: Sequence[Update], index: int) -> str:
+def _written_name(updates: Sequence[Update], index: int) -> str:
+    """The name of ``_written(updates, ...)[index]``."""
+    if index < len(updates):
+        return updates[index].name
     index -= len(updates)
     for update in updates:
-        tensors = [k for k, t in update.state.items() if isinstance(t, torch.Tensor)]
-        if index < len(tensors):
-            return f"optimizer slot {tensors[index]!r} of {update.name}"
-        index -= len(tensors)
-    return ("beta1_power", "beta2_power")[index]
+        slots = [k for k, t in update.state.items() if isinstance(t, torch.Tensor)]
+        if index < len(slots):
+            return f"optimizer slot {slots[index]!r} of {update.name}"
+        index -= len(slots)
+    power = ("beta1_power", "beta2_power")[index]
+    return f"the {power} of {updates[0].name}'s group" if updates else f"the {power}"
 
 
 def execute(plan: Plan, schedule: Schedule) -> None:
@@ -453,6 +460,8 @@ def _plainly_valid(update: Update, options: Options) -> bool:
     ):
         return False
     state = update.state
+    if type(state) is not dict:
+        return False
     if state:
         slots = options.slot_names
         if sum(map(state.__contains__, slots)) not in (0, len(slots)):
@@ -505,7 +514,7 @@ def _uniformly_plain(
     if slot_counts == {len(slot_names)}:
         try:
             columns += [list(map(itemgetter(slot), states)) for slot in slot_names]
-        except KeyError:
+        except (KeyError, TypeError):  # a slot missing, or a state that is not a dict
             return None
         for column in columns[2:]:
             if (

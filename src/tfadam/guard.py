@@ -481,10 +481,11 @@ read them after writing). Pass tensors that do not overlap (e.g. .clone() one of
         for j in order_list[:position]:
             if (i >= written and j >= written) or not _overlap(tensors[i], tensors[j]):
                 continue
+            later, earlier = max(i, j), min(i, j)
             raise ValueError(
-                f"{name(i)} shares memory with {name(j)}: the step would write the shared "
-                "elements twice (or read them after writing). Pass tensors that do not overlap "
-                "(e.g. .clone() one of them)."
+                f"{name(later)} shares memory with {name(earlier)}: the step would write the "
+                "shared elements twice (or read them after writing). Pass tensors that do not "
+                "overlap (e.g. .clone() one of them)."
             )
 
 

@@ -334,10 +334,11 @@ by another optimizer?
                     )
             accumulators = engine.Accumulators.create(beta1_power, beta2_power)
         merged = new_slots if replace else {**self._slots, **new_slots}
+        labels = {var: _label(position, var) for position, var in enumerate(new_slots)}
         engine.check_state(
             [
-                (var, named, _label(position, var), self._options)
-                for position, (var, named) in enumerate(merged.items())
+                (var, named, labels.get(var) or _held_label(var), self._options)
+                for var, named in merged.items()
             ],
             []
             if accumulators is None
@@ -352,6 +353,10 @@ def _label(position: int, var: Any) -> str:
     if isinstance(var, torch.Tensor):
         return f"variable #{position} (shape {tuple(var.shape)}, {var.dtype})"
     return f"variable #{position} ({type(var).__name__})"
+
+
+def _held_label(var: torch.Tensor) -> str:
+    return f"a variable this optimizer already holds (shape {tuple(var.shape)}, {var.dtype})"
 
 
 def _check_global_step(global_step: Any) -> None:
