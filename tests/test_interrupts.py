@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -131,8 +132,12 @@ def _interrupt(rng: random.Random) -> Callable[[], None]:
     return lambda: signal.pthread_kill(main, signal.SIGINT)
 
 
-def _trial(face: str, delay: float, shoot: Callable[[], None]) -> tuple[Any, bool]:
-    """One step with an interrupt after ``delay`` s: (the state afterwards, whether it landed)."""
+def _trial(face: str, delay: float, shoot: Callable[[], None]) -> tuple[Any, str]:
+    """One step with an interrupt after ``delay`` s: the state afterwards, and where it landed.
+
+    ``"held"``: it arrived while the step wrote and was raised when the writes
+    were done; ``"free"``: it was raised where it arrived; ``""``: not at all.
+    """
     world = WORLDS[face]()
     fired = threading.Event()
 
@@ -142,7 +147,7 @@ def _trial(face: str, delay: float, shoot: Callable[[], None]) -> tuple[Any, boo
         fired.set()
 
     shooter = threading.Thread(target=later)
-    interrupted = False
+    landed = ""
     try:
         shooter.start()
         try:
@@ -153,10 +158,11 @@ def _trial(face: str, delay: float, shoot: Callable[[], None]) -> tuple[Any, boo
         for _ in range(1000):
             time.sleep(0)
         time.sleep(0.001)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as interrupt:
+        frames = traceback.extract_tb(interrupt.__traceback__)
+        landed = "held" if any(f.filename.endswith("interrupts.py") for f in frames) else "free"
     shooter.join()
-    return world.snapshot(), interrupted
+    return world.snapshot(), landed
 
 
 def _run(face: str, trials: int, seed: int) -> dict[str, int]:
@@ -166,7 +172,7 @@ def _run(face: str, trials: int, seed: int) -> dict[str, int]:
         pytest.skip("SIGINT has a non-default handler in this process")
     before, after, elapsed = _references(face)
     rng = random.Random(seed)
-    outcomes = {"before": 0, "after": 0, "split": 0, "landed": 0}
+    outcomes = {"before": 0, "after": 0, "split": 0, "held": 0, "free": 0}
     # The shooter thread needs the GIL to fire: switch often, so that it fires
     # when its delay is up and not at the main thread's next release.
     interval = sys.getswitchinterval()
@@ -174,7 +180,8 @@ def _run(face: str, trials: int, seed: int) -> dict[str, int]:
     try:
         for _ in range(trials):
             state, landed = _trial(face, rng.uniform(0.0, 1.5 * elapsed), _interrupt(rng))
-            outcomes["landed"] += landed
+            if landed:
+                outcomes[landed] += 1
             outcome = "before" if state == before else "after" if state == after else "split"
             outcomes[outcome] += 1
     finally:
@@ -190,9 +197,10 @@ SEEDS = {"torch": 1, "tf1": 2, "keras": 3}
 def test_an_interrupt_never_splits_a_step(face: str) -> None:
     outcomes = _run(face, trials=70, seed=SEEDS[face])
     assert outcomes["split"] == 0, outcomes
-    assert outcomes["landed"] == 70, outcomes  # every interrupt was delivered
-    # Both ends are reached: the interrupts did land before and during steps.
-    assert outcomes["before"] > 0 and outcomes["after"] > 0, outcomes
+    assert outcomes["held"] + outcomes["free"] == 70, outcomes  # every interrupt was raised
+    # Some arrived while the step wrote (the case that matters), and some
+    # completed steps are seen: the trials do cover the step.
+    assert outcomes["held"] > 0 and outcomes["after"] > 0, outcomes
 
 
 def test_without_the_hold_interrupts_do_split_steps(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -271,7 +271,10 @@ def prepare(
         slots = options.slot_names[0]
         fresh = tuple(u for u in checked if slots not in u.state)
     written = _written(checked, accumulators)
-    _check_disjoint(checked, written, earlier)
+    # The fast path has seen every variable, slot and gradient on one device;
+    # the accumulators live on the CPU.
+    one_device = common is not None and common[0][0].type == "cpu" and not earlier
+    _check_disjoint(checked, written, earlier, one_device)
     if options.nonfinite == "raise":
         guard.check_finite(((u.grad, u.name) for u in checked), when)
     return Plan(checked, hyper, options, dense, sparse, fresh, accumulators, written)
@@ -292,7 +295,10 @@ def _written(
 
 
 def _check_disjoint(
-    updates: Sequence[Update], written: tuple[torch.Tensor, ...], earlier: Sequence[Plan]
+    updates: Sequence[Update],
+    written: tuple[torch.Tensor, ...],
+    earlier: Sequence[Plan],
+    one_device: bool,
 ) -> None:
     plans = [(plan.updates, plan.written) for plan in earlier]
     before = [t for plan in earlier for t in plan.written]
@@ -311,7 +317,7 @@ def _check_disjoint(
             return _written_name(updates, index - len(before))
         return f"the gradient of {updates[index - count].name}"
 
-    guard.check_disjoint(tensors, count, name)
+    guard.check_disjoint(tensors, count, name, one_device=one_device)
 
 
 def _written_name(updates: Sequence[Update], index: int) -> str:
