@@ -28,7 +28,7 @@ from reliab_support import bits, tf1_face_tensors, torch_face_tensors
 
 import tfadam
 import tfadam.keras
-from tfadam import IndexedSlices, engine
+from tfadam import IndexedSlices, engine, interrupts
 
 
 @dataclass
@@ -160,7 +160,10 @@ def _trial(face: str, delay: float, shoot: Callable[[], None]) -> tuple[Any, str
         time.sleep(0.001)
     except KeyboardInterrupt as interrupt:
         frames = traceback.extract_tb(interrupt.__traceback__)
-        landed = "held" if any(f.filename.endswith("interrupts.py") for f in frames) else "free"
+        deferred = any(
+            f.filename.endswith("interrupts.py") and f.name == "__exit__" for f in frames
+        )
+        landed = "held" if deferred else "free"
     shooter.join()
     return world.snapshot(), landed
 
@@ -208,3 +211,60 @@ def test_without_the_hold_interrupts_do_split_steps(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(engine, "held", contextlib.nullcontext)
     outcomes = _run("torch", trials=60, seed=7)
     assert outcomes["split"] > 0, outcomes
+
+
+# -- the mechanism itself ------------------------------------------------------------------------
+
+
+def _sigint_handler() -> Any:
+    return signal.getsignal(signal.SIGINT)
+
+
+def test_held_defers_a_python_handler_and_restores_it() -> None:
+    calls: list[str] = []
+    original = signal.signal(signal.SIGINT, lambda signum, frame: calls.append("handler"))
+    try:
+        handler = _sigint_handler()
+        with interrupts.held():
+            with interrupts.held():  # nested: held once, by the outer block
+                _thread.interrupt_main()
+                for _ in range(100):
+                    time.sleep(0)
+            calls.append("inner done")
+            for _ in range(100):
+                time.sleep(0)
+            calls.append("outer done")
+        assert calls == ["inner done", "outer done", "handler"]
+        assert _sigint_handler() is handler
+    finally:
+        signal.signal(signal.SIGINT, original)
+
+
+def test_an_interrupt_pending_at_entry_is_raised_before_the_block() -> None:
+    """signal.signal runs pending handlers first: the block never starts, and the hold is undone."""
+    handler = _sigint_handler()
+    ran = False
+    with pytest.raises(KeyboardInterrupt):
+        _thread.interrupt_main()  # pending until the next check: signal.signal makes one
+        with interrupts.held():
+            ran = True
+    assert not ran
+    assert _sigint_handler() is handler
+    with pytest.raises(KeyboardInterrupt):  # and the next block holds again
+        with interrupts.held():
+            _thread.interrupt_main()
+            ran = True
+    assert ran and _sigint_handler() is handler
+
+
+def test_held_does_nothing_off_the_main_thread() -> None:
+    seen: list[Any] = []
+
+    def body() -> None:
+        with interrupts.held():
+            seen.append(_sigint_handler())
+
+    worker = threading.Thread(target=body)
+    worker.start()
+    worker.join()
+    assert seen == [_sigint_handler()]

@@ -78,13 +78,23 @@ class held:  # noqa: N801 (used as a function: ``with held():``)
             return
         held._depth = 1
         previous = held._previous
-        for signum in _SIGNALS:
-            handler = _signal.getsignal(signum)
-            # SIG_DFL and SIG_IGN are ints (the OS acts, Python never runs);
-            # a handler installed from C reads as None: both are left alone.
-            if callable(handler):
-                previous[signum] = handler
-                _signal.signal(signum, _record)
+        try:
+            for signum in _SIGNALS:
+                handler = _signal.getsignal(signum)
+                # SIG_DFL and SIG_IGN are ints (the OS acts, Python never runs);
+                # a handler installed from C reads as None: both are left alone.
+                if callable(handler):
+                    previous[signum] = handler
+                    # signal.signal first runs the handlers of signals already
+                    # arrived: an interrupt may be raised here, before the block.
+                    _signal.signal(signum, _record)
+        except BaseException:
+            for signum, handler in previous.items():
+                _signal.signal(signum, handler)
+            previous.clear()
+            held._arrived.clear()
+            held._depth = 0
+            raise
 
     def __exit__(self, *exc: object) -> None:
         if held._depth != 1:
