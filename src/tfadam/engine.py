@@ -230,7 +230,8 @@ class Plan:
     @property
     def dtypes(self) -> list[torch.dtype]:
         """The variables' dtypes, each once."""
-        return list(dict.fromkeys(u.param.dtype for u in self.updates))
+        found = [dtype for (_, dtype), _ in self.dense]
+        return list(dict.fromkeys(found + [u.param.dtype for u in self.sparse]))
 
 
 def prepare(
@@ -273,7 +274,15 @@ def prepare(
     written = _written(checked, accumulators)
     # The fast path has seen every variable, slot and gradient on one device;
     # the accumulators live on the CPU.
-    one_device = common is not None and common[0][0].type == "cpu" and not earlier
+    one_device = (
+        common is not None
+        and common[0][0].type == "cpu"
+        and not earlier
+        and (
+            accumulators is None
+            or (accumulators.beta1_power.is_cpu and accumulators.beta2_power.is_cpu)
+        )
+    )
     _check_disjoint(checked, written, earlier, one_device)
     if options.nonfinite == "raise":
         guard.check_finite(((u.grad, u.name) for u in checked), when)
