@@ -65,6 +65,7 @@ __all__ = [
     "check_finite",
     "check_state",
     "check_torch_state",
+    "check_variable",
     "checked_gradient",
     "dtensor_class",
     "is_dtensor",
