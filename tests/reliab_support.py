@@ -39,7 +39,7 @@ def torch_face_tensors(opt: torch.optim.Optimizer) -> dict[str, Any]:
     """Every tensor of a ``tfadam.Adam``: params, grads, slots, accumulators, groups, counters."""
     found: dict[str, Any] = {"_calls": getattr(opt, "_calls", None)}
     found["state keys"] = sorted(
-        (repr(type(k)), tuple(sorted(map(str, v))) if isinstance(v, Mapping) else repr(v))
+        (repr(type(k)), ",".join(sorted(map(str, v))) if isinstance(v, Mapping) else repr(v))
         for k, v in opt.state.items()
     )
     for gi, group in enumerate(opt.param_groups):

@@ -1,4 +1,5 @@
-"""engine._plainly_valid (the per-tensor fast check) never passes what the full check would not."""
+"""engine._plainly_valid (the per-tensor fast check) never passes what guard.checked_gradient
+would not."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import itertools
 
 import torch
 
-from tfadam import engine
+from tfadam import engine, guard
 
 
 def variants() -> list[engine.Update]:
@@ -19,6 +20,8 @@ def variants() -> list[engine.Update]:
             return torch.zeros(1, 3).expand(4, 3)
         if kind == "int":
             return torch.zeros(4, 3, dtype=torch.int32)
+        if kind == "meta":
+            return torch.nn.Parameter(torch.zeros(4, 3, device="meta"))
         with torch.inference_mode():
             return torch.zeros(4, 3)  # "inference"
 
@@ -40,24 +43,30 @@ def variants() -> list[engine.Update]:
             "shape": {"m": torch.zeros(12), "v": torch.zeros(4, 3)},
             "dtype": {"m": torch.zeros(4, 3, dtype=torch.float64), "v": torch.zeros(4, 3)},
             "not_tensor": {"m": 0.0, "v": torch.zeros(4, 3)},
+            "partial": {"m": torch.zeros(4, 3)},
+            "expanded": {"m": torch.zeros(1, 3).expand(4, 3), "v": torch.zeros(4, 3)},
         }[kind]
 
-    params = ["ok", "non_leaf", "expanded", "int", "inference"]
+    params = ["ok", "non_leaf", "expanded", "int", "inference", "meta"]
     grads = ["ok", "f64", "shape", "requires_grad", "sparse", "none", "list"]
-    states = ["empty", "ok", "shape", "dtype", "not_tensor"]
+    states = ["empty", "ok", "shape", "dtype", "not_tensor", "partial", "expanded"]
     return [
         engine.Update(param(p), grad(g), state(s), f"{p}/{g}/{s}")  # type: ignore[arg-type]
         for p, g, s in itertools.product(params, grads, states)
     ]
 
 
+def _full_check(u: engine.Update, options: engine.Options) -> object:
+    return guard.checked_gradient(u.param, u.grad, u.state, u.name, options)
+
+
 def test_fast_check_implies_full_check_passes_unchanged() -> None:
     options = engine.Options()
     passed = 0
     for update in variants():
-        if engine._plainly_valid(update):
+        if engine._plainly_valid(update, options):
             passed += 1
-            assert engine._checked_in_full(update, options) is update, update.name
+            assert _full_check(update, options) is update.grad, update.name
     assert passed == 2  # ok/ok/empty and ok/ok/ok: the fast check does take the common case
 
 
@@ -65,8 +74,8 @@ def test_column_check_implies_full_check_passes_unchanged() -> None:
     """engine._uniformly_plain (all updates at once) passes nothing the full check would not."""
     options = engine.Options()
     singles = variants()
-    ok = next(u for u in singles if engine._plainly_valid(u) and u.state)
-    fresh = next(u for u in singles if engine._plainly_valid(u) and not u.state)
+    ok = next(u for u in singles if engine._plainly_valid(u, options) and u.state)
+    fresh = next(u for u in singles if engine._plainly_valid(u, options) and not u.state)
     meta = [
         engine.Update(torch.nn.Parameter(torch.zeros(4, 3)), g, s, "meta")  # type: ignore[arg-type]
         for g, s in (
@@ -85,7 +94,7 @@ def test_column_check_implies_full_check_passes_unchanged() -> None:
                 continue
             taken += 1
             for u in batch:
-                assert engine._checked_in_full(u, options) is u, u.name
+                assert _full_check(u, options) is u.grad, u.name
             key = (batch[0].param.device, batch[0].param.dtype)
             assert all((u.param.device, u.param.dtype) == key for u in batch)
             assert common == (key, all(set(u.state) == {"m", "v"} for u in batch))

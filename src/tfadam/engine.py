@@ -1,97 +1,78 @@
-"""The engine both faces call: validate, create state, resolve, dispatch.
+"""The engine every face calls: validate into a plan, then execute it.
 
-One apply call (TF1's ``apply_gradients``, or one param group of
-``tfadam.Adam.step``) runs in two phases, so that a call that raises leaves
-every variable, slot and accumulator bit-identical:
+One apply call (TF1's ``apply_gradients``, one param group of
+``tfadam.Adam.step``, one Keras ``apply_gradients``) runs in two phases with a
+hard line between them:
 
-1. :func:`prepare` checks every variable, gradient and existing slot and
-   evaluates the hyperparameters. It modifies nothing.
-2. :func:`execute` creates missing slots and accumulators, computes the
-   coefficients per dtype (:mod:`tfadam.rule`), runs the kernels
-   (:mod:`tfadam.kernels`) and advances the accumulators.
+1. :func:`prepare` checks every variable, gradient, slot and accumulator
+   (through :mod:`tfadam.guard`, the validation layer) and returns an
+   immutable :class:`Plan`. Everything that can fail for a reason in the
+   input fails here, and nothing is modified.
+2. :func:`execute` runs a plan: creates missing slots, takes the
+   coefficients from the face's :class:`Schedule` (TF1's :class:`BetaPowers`,
+   Keras' iteration counter), runs the kernels (:mod:`tfadam.kernels`) and
+   advances the schedule. It performs arithmetic only, with the interrupts
+   of :mod:`tfadam.interrupts` held, so a step is applied entirely or not at all.
 
 Example:
     >>> import torch
     >>> theta = torch.zeros(3)
     >>> state: dict = {}
     >>> plan = prepare([Update(theta, torch.ones(3), state, "theta")],
-    ...                resolve_all(0.1, 0.9, 0.999, 1e-8, ""), Options())
-    >>> accumulators = execute(plan, None)
-    >>> theta, float(accumulators.beta1_power)
+    ...                resolve_all(0.1, 0.9, 0.999, 1e-8, ""), Options(),
+    ...                accumulators=Accumulators.create(0.9, 0.999))
+    >>> execute(plan, BetaPowers(plan))
+    >>> theta, float(plan.accumulators.beta1_power)
     (tensor([-0.1000, -0.1000, -0.1000]), 0.809999942779541)
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from functools import partial
 from operator import attrgetter, itemgetter
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from . import guard, kernels, rule
+from .guard import FLOATING, PLAIN, Gradient, Nonfinite, Options, SparseMode
 from .hyper import Resolution, resolve_all
-from .sparse import IndexedSlices, check_indices
-
-SparseMode = Literal["dense", "lazy"]
-Nonfinite = Literal["propagate", "raise"]
-Gradient = torch.Tensor | IndexedSlices
-
-FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .interrupts import held
+from .sparse import IndexedSlices
 
 __all__ = [
     "Accumulators",
+    "BetaPowers",
+    "FLOATING",
+    "Gradient",
+    "Nonfinite",
     "Options",
-    "Update",
     "Plan",
     "Schedule",
-    "BetaPowers",
-    "prepare",
-    "execute",
+    "SparseMode",
+    "Update",
+    "atomic",
+    "check_state",
     "create_slots",
+    "execute",
+    "prepare",
     "resolve_all",
 ]
 
+check_state = guard.check_state
 
-@dataclass(frozen=True)
-class Options:
-    """Choices fixed for an optimizer (not per call).
 
-    Attributes:
-        amsgrad: keep ``vhat = max(vhat, v)`` (TF's ``ApplyAdamWithAmsgrad``).
-        nesterov: TF's ``use_nesterov`` kernel option.
-        sparse: ``"dense"`` (TF1: every row decays) or ``"lazy"`` (touched rows only).
-        numerics: ``"eager"`` or ``"graph"`` (Grappler's rounding of the sparse ``v``).
-        nonfinite: ``"propagate"`` (TF: NaN/Inf gradients are applied) or
-            ``"raise"`` (:func:`prepare` scans every gradient and raises
-            :class:`tfadam.NonFiniteGradientError`, naming call and variable).
+def atomic() -> AbstractContextManager[None]:
+    """A block that an interrupt cannot split (see :mod:`tfadam.interrupts`).
+
+    :func:`execute` runs in one; a face wraps its own bookkeeping of a step
+    (storing new slots, counting the step) together with :func:`execute` in
+    another, so that the step and its record commit together.
     """
-
-    amsgrad: bool = False
-    nesterov: bool = False
-    sparse: SparseMode = "dense"
-    numerics: rule.Numerics = "eager"
-    nonfinite: Nonfinite = "propagate"
-
-    def __post_init__(self) -> None:
-        if self.sparse not in ("dense", "lazy"):
-            raise ValueError(f"sparse={self.sparse!r}: choose 'dense' (TF1) or 'lazy'.")
-        if self.numerics not in ("eager", "graph"):
-            raise ValueError(f"numerics={self.numerics!r}: choose 'eager' or 'graph'.")
-        if self.nonfinite not in ("propagate", "raise"):
-            raise ValueError(
-                f"nonfinite={self.nonfinite!r}: choose 'propagate' (TF: apply NaN/Inf "
-                "gradients) or 'raise' (check every gradient, raise before updating)."
-            )
-        if self.amsgrad and self.sparse == "lazy":
-            raise ValueError("amsgrad=True has no lazy sparse form; use sparse='dense'.")
-
-    @property
-    def slot_names(self) -> list[str]:
-        return ["m", "v", "vhat"] if self.amsgrad else ["m", "v"]
+    return held()
 
 
 @dataclass
@@ -166,48 +147,6 @@ class Update(tuple):
         return f"Update({self.name}, {_describe(self.param)})"
 
 
-@dataclass
-class Plan:
-    """A validated apply call, ready to run; holds no mutation yet."""
-
-    updates: list[Update]
-    hyper: Resolution
-    options: Options
-    dense: dict[tuple[torch.device, torch.dtype], list[Update]] = field(default_factory=dict)
-    sparse: list[Update] = field(default_factory=list)
-    slots_complete: bool = False  # every update already has all its slots
-
-
-def prepare(
-    updates: Sequence[Update], hyper: Resolution, options: Options, *, when: str = "apply call"
-) -> Plan:
-    """Check every update; raise ``TypeError``/``ValueError`` naming the culprit.
-
-    Sparse gradients (torch COO or :class:`IndexedSlices`) are normalised to
-    :class:`IndexedSlices`; nothing else is copied or modified. ``when`` names
-    the call in the error of ``nonfinite="raise"`` (e.g. ``"step() #12"``).
-    """
-    common = _uniformly_plain(updates, options)
-    if common is not None:
-        key, slots_complete = common
-        plan = Plan(list(updates), hyper, options, {key: list(updates)}, [], slots_complete)
-        if options.nonfinite == "raise":
-            guard.check_finite(((u.grad, u.name) for u in plan.updates), when)
-        return plan
-    plan = Plan([], hyper, options)
-    for update in updates:
-        update = _checked(update, options)
-        plan.updates.append(update)
-        if isinstance(update.grad, IndexedSlices):
-            plan.sparse.append(update)
-        else:
-            key = (update.param.device, update.param.dtype)
-            plan.dense.setdefault(key, []).append(update)
-    if options.nonfinite == "raise":
-        guard.check_finite(((u.grad, u.name) for u in plan.updates), when)
-    return plan
-
-
 class Schedule(Protocol):
     """Where a face's coefficients come from, and what it advances after a step.
 
@@ -223,70 +162,201 @@ class Schedule(Protocol):
 
 
 class BetaPowers:
-    """TF1's :class:`Schedule`: coefficients from ``beta1_power``/``beta2_power``.
+    """TF1's schedule: coefficients from a plan's ``beta1_power``/``beta2_power``.
 
-    ``advance`` multiplies each accumulator by its β (:func:`rule.advance_accumulators`).
-
-    >>> powers = BetaPowers(Accumulators.create(0.9, 0.999), resolve_all(0.1, 0.9, 0.999, 1e-8, ""))
-    >>> powers.coefficients(torch.float32).alpha == rule.tf1_coefficients(
-    ...     lr=0.1, beta1=0.9, beta2=0.999, epsilon=1e-8, beta1_power=0.9,
-    ...     beta2_power=0.999, dtype=torch.float32).alpha
-    True
+    ``alpha = lr * sqrt(1 - β2^t) / (1 - β1^t)`` with the accumulators as
+    ``β^t`` (:func:`tfadam.rule.tf1_coefficients`); :meth:`advance` multiplies
+    each accumulator by its β in float32.
     """
 
-    def __init__(self, accumulators: Accumulators, hyper: Resolution) -> None:
-        self.accumulators, self.hyper = accumulators, hyper
-        # float32 accumulators (always, but for an edited state) are read once for
-        # all dtypes: each read is a walk through torch's cold code.
-        powers: tuple[Any, Any] = (accumulators.beta1_power, accumulators.beta2_power)
-        if powers[0].dtype == torch.float32 and powers[1].dtype == torch.float32:
-            powers = (kernels.float32_value(powers[0]), kernels.float32_value(powers[1]))
-        self.powers = powers
+    def __init__(self, plan: Plan) -> None:
+        if plan.accumulators is None:
+            raise ValueError("BetaPowers needs a plan prepared with accumulators=...")
+        self._hyper = plan.hyper
+        self._accumulators = plan.accumulators
+        # float32 accumulators (checked by prepare) are read once for all
+        # dtypes: each read is a walk through torch's cold code.
+        self._powers = (
+            kernels.float32_value(plan.accumulators.beta1_power),
+            kernels.float32_value(plan.accumulators.beta2_power),
+        )
 
     def coefficients(self, dtype: torch.dtype) -> rule.Coefficients:
-        hyper = self.hyper
+        hyper = self._hyper
         return kernels.tf1_coefficients(
             lr=hyper.lr,
             beta1=hyper.beta1,
             beta2=hyper.beta2,
             epsilon=hyper.epsilon,
-            beta1_power=self.powers[0],
-            beta2_power=self.powers[1],
+            beta1_power=self._powers[0],
+            beta2_power=self._powers[1],
             dtype=dtype,
         )
 
     def advance(self) -> None:
-        accumulators = self.accumulators
+        accumulators = self._accumulators
         kernels.advance_accumulators(
-            accumulators.beta1_power, accumulators.beta2_power, self.hyper.beta1, self.hyper.beta2
+            accumulators.beta1_power, accumulators.beta2_power, self._hyper.beta1, self._hyper.beta2
         )
 
 
-def execute(plan: Plan, schedule: Schedule | Accumulators | None) -> Accumulators | None:
-    """Run a prepared apply call with coefficients from ``schedule``, then advance it.
+@dataclass(frozen=True)
+class Plan:
+    """A validated apply call, ready to run; nothing is modified yet.
 
-    TF1's faces pass their :class:`Accumulators` (None: create them) and get
-    them back: that is the :class:`BetaPowers` schedule. Another schedule
-    (Keras' iterations) returns None.
+    Attributes:
+        updates: every update, each checked (sparse gradients as
+            :class:`IndexedSlices`).
+        hyper, options: the call's hyperparameters and the optimizer's options.
+        dense: ``((device, dtype), updates)`` for each group of dense updates.
+        sparse: the updates with sparse gradients.
+        fresh: the updates whose state has no slots yet (:func:`execute`
+            creates them).
+        accumulators: TF1's beta powers (checked), or None for a face that
+            keeps no accumulators.
+        written: every tensor the plan writes (variables, existing slots,
+            accumulators), for checking later plans of the same step against.
     """
-    hyper, options = plan.hyper, plan.options
-    accumulators = None
-    if schedule is None or isinstance(schedule, Accumulators):
-        accumulators = schedule or Accumulators.create(hyper.beta1, hyper.beta2)
-        schedule = BetaPowers(accumulators, hyper)
-    if not plan.slots_complete:
-        for update in plan.updates:
+
+    updates: tuple[Update, ...]
+    hyper: Resolution
+    options: Options
+    dense: tuple[tuple[tuple[torch.device, torch.dtype], tuple[Update, ...]], ...]
+    sparse: tuple[Update, ...]
+    fresh: tuple[Update, ...]
+    accumulators: Accumulators | None
+    written: tuple[torch.Tensor, ...]
+
+    @property
+    def dtypes(self) -> list[torch.dtype]:
+        """The variables' dtypes, each once."""
+        found = [dtype for (_, dtype), _ in self.dense]
+        return list(dict.fromkeys(found + [u.param.dtype for u in self.sparse]))
+
+
+def prepare(
+    updates: Sequence[Update],
+    hyper: Resolution,
+    options: Options,
+    *,
+    accumulators: Accumulators | None = None,
+    earlier: Sequence[Plan] = (),
+    when: str = "apply call",
+) -> Plan:
+    """Check everything a step will read or write; raise ``TypeError``/``ValueError`` naming it.
+
+    Checks each update (:func:`tfadam.guard.checked_gradient`), the
+    accumulators if given (float32 scalars in [0, 1)), and that no two
+    tensors the step writes — of this plan, or of the ``earlier`` plans of the
+    same step (other param groups) — share memory, nor a gradient with one
+    of them. With ``nonfinite="raise"``, scans every gradient (``when``
+    names the call in its error, e.g. ``"step() #12"``). Modifies nothing.
+    """
+    if accumulators is not None:
+        guard.check_accumulators(accumulators.beta1_power, accumulators.beta2_power, "")
+    common = _uniformly_plain(updates, options)
+    if common is not None:
+        key, slots_complete = common
+        checked = tuple(updates)
+        dense = ((key, checked),) if checked else ()
+        sparse: tuple[Update, ...] = ()
+        fresh = () if slots_complete else checked
+    else:
+        checked = tuple(map(partial(_checked, options=options), updates))
+        groups: dict[tuple[torch.device, torch.dtype], list[Update]] = {}
+        for update in checked:
+            if not isinstance(update.grad, IndexedSlices):
+                groups.setdefault((update.param.device, update.param.dtype), []).append(update)
+        dense = tuple((key, tuple(members)) for key, members in groups.items())
+        sparse = tuple(u for u in checked if isinstance(u.grad, IndexedSlices))
+        slots = options.slot_names[0]
+        fresh = tuple(u for u in checked if slots not in u.state)
+    written = _written(checked, accumulators)
+    # The fast path has seen every variable, slot and gradient on one device;
+    # the accumulators live on the CPU.
+    one_device = (
+        common is not None
+        and common[0][0].type == "cpu"
+        and not earlier
+        and (
+            accumulators is None
+            or (accumulators.beta1_power.is_cpu and accumulators.beta2_power.is_cpu)
+        )
+    )
+    _check_disjoint(checked, written, earlier, one_device)
+    if options.nonfinite == "raise":
+        guard.check_finite(((u.grad, u.name) for u in checked), when)
+    return Plan(checked, hyper, options, dense, sparse, fresh, accumulators, written)
+
+
+def _written(
+    updates: Sequence[Update], accumulators: Accumulators | None
+) -> tuple[torch.Tensor, ...]:
+    params = list(map(_PARAM, updates))
+    slots = [
+        tensor
+        for state in map(_STATE, updates)
+        for tensor in state.values()
+        if isinstance(tensor, torch.Tensor)
+    ]
+    powers = [] if accumulators is None else [accumulators.beta1_power, accumulators.beta2_power]
+    return (*params, *slots, *powers)
+
+
+def _check_disjoint(
+    updates: Sequence[Update],
+    written: tuple[torch.Tensor, ...],
+    earlier: Sequence[Plan],
+    one_device: bool,
+) -> None:
+    plans = [(plan.updates, plan.written) for plan in earlier]
+    before = [t for plan in earlier for t in plan.written]
+    reads = [u.grad.values if isinstance(u.grad, IndexedSlices) else u.grad for u in updates]
+    # In the step's order (earlier groups first), so that errors name the later tensor first.
+    tensors = [*before, *written, *reads]
+    count = len(before) + len(written)
+
+    def name(index: int) -> str:
+        if index < len(before):
+            for members, group in plans:
+                if index < len(group):
+                    return _written_name(members, index)
+                index -= len(group)
+        if index < count:
+            return _written_name(updates, index - len(before))
+        return f"the gradient of {updates[index - count].name}"
+
+    guard.check_disjoint(tensors, count, name, one_device=one_device)
+
+
+def _written_name(updates: Sequence[Update], index: int) -> str:
+    """The name of ``_written(updates, ...)[index]``."""
+    if index < len(updates):
+        return updates[index].name
+    index -= len(updates)
+    for update in updates:
+        slots = [k for k, t in update.state.items() if isinstance(t, torch.Tensor)]
+        if index < len(slots):
+            return f"optimizer slot {slots[index]!r} of {update.name}"
+        index -= len(slots)
+    power = ("beta1_power", "beta2_power")[index]
+    return f"the {power} of {updates[0].name}'s group" if updates else f"the {power}"
+
+
+def execute(plan: Plan, schedule: Schedule) -> None:
+    """Run a prepared plan: the arithmetic of one step, then ``schedule.advance()``.
+
+    Cannot fail on input (:func:`prepare` has checked it all). Runs inside
+    :func:`atomic`: an interrupt arriving meanwhile is handled after the
+    step, which is then complete.
+    """
+    options = plan.options
+    with atomic(), torch.no_grad():
+        # Every coefficient before any write: the schedule reads its state once.
+        coefficients = {dtype: schedule.coefficients(dtype) for dtype in plan.dtypes}
+        for update in plan.fresh:
             create_slots(update.param, update.state, options)
-
-    coefficients: dict[torch.dtype, rule.Coefficients] = {}
-
-    def coefficients_for(dtype: torch.dtype) -> rule.Coefficients:
-        if dtype not in coefficients:
-            coefficients[dtype] = schedule.coefficients(dtype)
-        return coefficients[dtype]
-
-    with torch.no_grad():
-        for (_, dtype), group in plan.dense.items():
+        for (_, dtype), group in plan.dense:
             states = list(map(_STATE, group))
             kernels.dense_step(
                 _local(list(map(_PARAM, group))),
@@ -294,16 +364,16 @@ def execute(plan: Plan, schedule: Schedule | Accumulators | None) -> Accumulator
                 _local(list(map(_M, states))),
                 _local(list(map(_V, states))),
                 _local(list(map(_VHAT, states))) if options.amsgrad else None,
-                coefficients_for(dtype),
+                coefficients[dtype],
                 nesterov=options.nesterov,
             )
         # Grappler folds only constants: a β2 given as a tensor (TF: a variable or
         # placeholder) keeps the eager rounding in a TF1 Session too (measured).
-        numerics = options.numerics if isinstance(hyper.beta2, float) else "eager"
+        numerics = options.numerics if isinstance(plan.hyper.beta2, float) else "eager"
         for u in plan.sparse:
             assert isinstance(u.grad, IndexedSlices)
             if options.amsgrad:
-                _amsgrad_sparse(u, coefficients_for(u.param.dtype), options)
+                _amsgrad_sparse(u, coefficients[u.param.dtype], options)
                 continue
             kernels.sparse_step(
                 u.param,
@@ -311,12 +381,11 @@ def execute(plan: Plan, schedule: Schedule | Accumulators | None) -> Accumulator
                 u.state["v"],
                 u.grad.indices,
                 u.grad.values,
-                coefficients_for(u.param.dtype),
+                coefficients[u.param.dtype],
                 lazy=options.sparse == "lazy",
                 numerics=numerics,
             )
         schedule.advance()
-    return accumulators
 
 
 def create_slots(
@@ -332,24 +401,6 @@ def create_slots(
             state[slot] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
-# The exact types of plain tensors: testing ``type(t) in _PLAIN`` costs half
-# an ``isinstance`` on a tensor, which matters at thousands of tensors a step.
-_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
-
-
-def _dtensor_class() -> type | None:
-    # A DTensor can only exist once torch.distributed.tensor has been imported;
-    # looking the class up in sys.modules spares every tfadam import the ~0.6 s
-    # that importing it costs.
-    module = sys.modules.get("torch.distributed.tensor")
-    return None if module is None else module.DTensor
-
-
-def _is_dtensor(t: object) -> bool:
-    dtensor = _dtensor_class()
-    return dtensor is not None and isinstance(t, dtensor)
-
-
 def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """What this process holds of each tensor: a DTensor's local shard, else the tensor.
 
@@ -359,35 +410,13 @@ def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     ``to_local()`` returns the DTensor's own local tensor, so the kernels'
     in-place writes land in the DTensor.
     """
-    dtensor = _dtensor_class()
-    if dtensor is None or _PLAIN.issuperset(map(type, tensors)):
+    dtensor = guard.dtensor_class()
+    if dtensor is None or PLAIN.issuperset(map(type, tensors)):
         return tensors
     return [
-        t.to_local() if type(t) not in _PLAIN and isinstance(t, dtensor) else t  # type: ignore[attr-defined]
+        t.to_local() if type(t) not in PLAIN and isinstance(t, dtensor) else t  # type: ignore[attr-defined]
         for t in tensors
     ]
-
-
-def _check_layout(t: torch.Tensor, param: torch.Tensor, name: str, what: str) -> None:
-    # Updating local shards elementwise is only right if the gradient and the
-    # slots are sharded exactly like the variable.
-    def layout(x: Any) -> tuple[Any, ...] | None:
-        return (x.device_mesh, tuple(x.placements)) if _is_dtensor(x) else None
-
-    if layout(t) == layout(param):
-        return
-
-    def describe(x: Any) -> str:
-        if not _is_dtensor(x):
-            return "a plain tensor"
-        return f"a DTensor with placements {tuple(x.placements)} on {x.device_mesh}"
-
-    raise ValueError(
-        f"{what} of {name} is {describe(t)} but the variable is {describe(param)}; tfadam "
-        "updates each process's local shard and needs them laid out alike (FSDP2 and "
-        "tensor parallelism keep them so). Use .redistribute(param.device_mesh, "
-        "param.placements) or distribute_tensor()."
-    )
 
 
 def _amsgrad_sparse(u: Update, c: rule.Coefficients, options: Options) -> None:
@@ -407,26 +436,29 @@ def _amsgrad_sparse(u: Update, c: rule.Coefficients, options: Options) -> None:
 
 
 def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, {t.dtype}, on {t.device}"
+    return guard.describe(t)
 
 
 def _checked(update: Update, options: Options) -> Update:
-    if _plainly_valid(update):
+    if _plainly_valid(update, options):
         return update
-    return _checked_in_full(update, options)
+    grad = guard.checked_gradient(update.param, update.grad, update.state, update.name, options)
+    if grad is update.grad:
+        return update
+    return Update(update.param, grad, update.state, update[3])
 
 
-def _plainly_valid(update: Update) -> bool:
+def _plainly_valid(update: Update, options: Options) -> bool:
     """The common case, checked with as few tensor attribute reads as possible.
 
-    True only where :func:`_checked_in_full` would pass the update unchanged
+    True only where :func:`tfadam.guard.checked_gradient` would pass the update unchanged
     (plain tensors, a dense gradient of the variable's dtype, device and
     shape, slots alike); anything else, valid or not, goes the full way,
     which names the culprit. With thousands of small parameters this check
     is most of a step's Python time.
     """
     param, grad = update.param, update.grad
-    if type(param) not in _PLAIN or type(grad) not in _PLAIN:
+    if type(param) not in PLAIN or type(grad) not in PLAIN:
         return False
     shape, dtype, device = param.shape, param.dtype, param.device
     if (
@@ -434,6 +466,7 @@ def _plainly_valid(update: Update) -> bool:
         or not param.is_leaf
         or 0 in param.stride()
         or param.is_inference()
+        or param.is_meta
         or grad.layout != torch.strided
         or grad.requires_grad
         or grad.dtype != dtype
@@ -441,12 +474,21 @@ def _plainly_valid(update: Update) -> bool:
         or grad.device != device
     ):
         return False
-    for tensor in update.state.values():
+    state = update.state
+    if type(state) is not dict:
+        return False
+    if state:
+        slots = options.slot_names
+        if sum(map(state.__contains__, slots)) not in (0, len(slots)):
+            return False  # some slots removed: the full check names them
+    for tensor in state.values():
         if (
-            type(tensor) not in _PLAIN
+            type(tensor) not in PLAIN
             or tensor.dtype != dtype
             or tensor.shape != shape
             or tensor.device != device
+            or 0 in tensor.stride()
+            or tensor.is_inference()
         ):
             return False
     return True
@@ -471,11 +513,12 @@ def _uniformly_plain(
     dtype, device = params[0].dtype, params[0].device
     if (
         dtype not in FLOATING
-        or not _PLAIN.issuperset(map(type, params))
-        or not _PLAIN.issuperset(map(type, grads))
+        or not PLAIN.issuperset(map(type, params))
+        or not PLAIN.issuperset(map(type, grads))
         or not all(map(_IS_LEAF, params))
         or not all(map(all, map(_stride, params)))  # no zero stride (see _plainly_valid)
         or any(map(_is_inference, params))
+        or any(map(_IS_META, params))
         or set(map(_LAYOUT, grads)) != {torch.strided}
         or any(map(_REQUIRES_GRAD, grads))
     ):
@@ -486,10 +529,15 @@ def _uniformly_plain(
     if slot_counts == {len(slot_names)}:
         try:
             columns += [list(map(itemgetter(slot), states)) for slot in slot_names]
-        except KeyError:
+        except (KeyError, TypeError):  # a slot missing, or a state that is not a dict
             return None
-        if not all(_PLAIN.issuperset(map(type, column)) for column in columns[2:]):
-            return None
+        for column in columns[2:]:
+            if (
+                not PLAIN.issuperset(map(type, column))
+                or not all(map(all, map(_stride, column)))  # no expand()ed slot
+                or any(map(_is_inference, column))
+            ):
+                return None
     elif slot_counts != {0}:
         return None
     shapes = list(map(_SHAPE, params))
@@ -509,144 +557,5 @@ _PARAM, _GRAD, _STATE = attrgetter("param"), attrgetter("grad"), attrgetter("sta
 _M, _V, _VHAT = itemgetter("m"), itemgetter("v"), itemgetter("vhat")
 _DTYPE, _DEVICE, _SHAPE = attrgetter("dtype"), attrgetter("device"), attrgetter("shape")
 _IS_LEAF, _IS_CPU, _LAYOUT = attrgetter("is_leaf"), attrgetter("is_cpu"), attrgetter("layout")
-_REQUIRES_GRAD = attrgetter("requires_grad")
+_REQUIRES_GRAD, _IS_META = attrgetter("requires_grad"), attrgetter("is_meta")
 _stride, _is_inference = torch.Tensor.stride, torch.Tensor.is_inference
-
-
-def _checked_in_full(update: Update, options: Options) -> Update:
-    param, grad, name = update.param, update.grad, update.name
-    if not isinstance(param, torch.Tensor):
-        raise TypeError(f"{name} is a {type(param).__name__}, not a torch tensor.")
-    # Read once: each tensor attribute read costs ~0.1 µs, and with thousands
-    # of small parameters this function is most of a step's time.
-    shape, dtype, device = param.shape, param.dtype, param.device
-    if dtype not in FLOATING:
-        raise TypeError(
-            f"{name} ({_describe(param)}) is not a floating variable; Adam updates float16, "
-            "bfloat16, float32 and float64 variables only (TF: 'Invalid type')."
-        )
-    if not param.is_leaf:
-        raise ValueError(
-            f"{name} ({_describe(param)}) is not a leaf tensor, so an in-place update would "
-            "not reach the variable it came from. Pass the nn.Parameter (or leaf tensor) itself."
-        )
-    problem = guard.unwritable(param)
-    if problem:
-        raise ValueError(f"{name} ({_describe(param)}) {problem}")
-    # The layout checks are for DTensors; exact types spare plain tensors their cost.
-    plain = type(param) in _PLAIN
-    for slot, tensor in update.state.items():
-        if not isinstance(tensor, torch.Tensor):
-            if slot in options.slot_names:
-                # The kernels would fail on it only after earlier variables moved.
-                raise TypeError(
-                    f"{name}: its optimizer slot {slot!r} is a {type(tensor).__name__}, not a "
-                    "tensor (an edited optimizer state?)."
-                )
-            continue
-        if tensor.shape != shape or tensor.dtype != dtype or tensor.device != device:
-            raise ValueError(
-                f"{name} ({_describe(param)}): its optimizer slot {slot!r} has "
-                f"{_describe(tensor)}; the state does not belong to this variable "
-                "(a mismatched state_dict or checkpoint?)."
-            )
-        if not (plain and type(tensor) in _PLAIN):
-            _check_layout(tensor, param, name, f"optimizer slot {slot!r}")
-    layout = grad.layout if isinstance(grad, torch.Tensor) else None
-    if layout == torch.sparse_coo:
-        try:
-            grad = IndexedSlices.from_coo(grad)
-        except ValueError as error:
-            raise ValueError(f"gradient of {name}: {error}") from error
-    if isinstance(grad, IndexedSlices):
-        if _is_dtensor(param):
-            raise TypeError(
-                f"{name} is a DTensor and its gradient is sparse; tfadam applies sparse "
-                "gradients to plain tensors only. Densify the gradient or keep the "
-                "embedding unsharded."
-            )
-        grad = _checked_slices(grad, param, name)
-    elif isinstance(grad, torch.Tensor):
-        if layout != torch.strided:
-            raise TypeError(
-                f"gradient of {name} has layout {grad.layout}; use a dense tensor, a sparse "
-                "COO tensor or tfadam.IndexedSlices."
-            )
-        if grad.dtype != dtype or grad.device != device:
-            _check_same(grad, param, name, "gradient")
-        if not (plain and type(grad) in _PLAIN):
-            _check_layout(grad, param, name, "gradient")
-        if grad.shape != shape:
-            raise ValueError(
-                f"gradient of {name} has shape {tuple(grad.shape)} but the variable has shape "
-                f"{tuple(param.shape)} (TF: 'Shapes must be equal'). Pass the gradient of this "
-                "variable, in its shape."
-            )
-        if grad.requires_grad:  # (create_graph=True); otherwise detach() is a no-op
-            grad = grad.detach()
-    else:
-        raise TypeError(
-            f"gradient of {name} is a {type(grad).__name__}; expected a tensor, a sparse COO "
-            "tensor, tfadam.IndexedSlices or None."
-        )
-    if grad is update.grad:
-        return update
-    return Update(param, grad, update.state, name)
-
-
-def _check_same(t: torch.Tensor, param: torch.Tensor, name: str, what: str) -> None:
-    if t.dtype != param.dtype:
-        raise TypeError(
-            f"{what} of {name} is {t.dtype} but the variable is {param.dtype}; TF requires "
-            f"them equal. Cast the {what}: .to({param.dtype})."
-        )
-    if t.device != param.device:
-        raise ValueError(
-            f"{what} of {name} is on {t.device} but the variable is on {param.device}. "
-            f"Move it: .to({str(param.device)!r})."
-        )
-
-
-def _checked_slices(g: IndexedSlices, param: torch.Tensor, name: str) -> IndexedSlices:
-    if param.dim() == 0:
-        raise ValueError(f"{name} is 0-dim; a sparse (row) gradient needs at least 1 dim.")
-    values, indices = g.values, g.indices
-    if not isinstance(values, torch.Tensor) or not isinstance(indices, torch.Tensor):
-        raise TypeError(f"sparse gradient of {name}: values and indices must be torch tensors.")
-    _check_same(values, param, name, "sparse gradient values")
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise TypeError(
-            f"sparse gradient of {name}: indices are {indices.dtype}; they must be an integer "
-            "tensor (int32 or int64). Use indices.long()."
-        )
-    if indices.dim() != 1:
-        raise ValueError(
-            f"sparse gradient of {name}: indices must be 1-D, got shape {tuple(indices.shape)}."
-        )
-    if g.dense_shape is not None and tuple(g.dense_shape) != tuple(param.shape):
-        raise ValueError(
-            f"sparse gradient of {name} has dense_shape {tuple(g.dense_shape)} but the variable "
-            f"has shape {tuple(param.shape)}."
-        )
-    expected = (indices.shape[0], *param.shape[1:])
-    if tuple(values.shape) != expected:
-        raise ValueError(
-            f"sparse gradient of {name}: values have shape {tuple(values.shape)}, expected "
-            f"{expected} ({indices.shape[0]} indices, rows of the variable's shape "
-            f"{tuple(param.shape[1:])})."
-        )
-    if indices.is_meta and not param.is_meta:
-        raise ValueError(
-            f"sparse gradient of {name}: indices are on the meta device (no values); pass "
-            f"real indices on {param.device}."
-        )
-    # Each no-op conversion is still a torch op (~10-20 µs once a step's
-    # traffic has flushed the caches): convert only what needs it.
-    if indices.device != param.device:
-        indices = indices.to(param.device)
-    check_indices(indices, param.shape[0], name)
-    if indices.dtype != torch.int64:
-        indices = indices.long()
-    if values.requires_grad:
-        values = values.detach()
-    return IndexedSlices(values, indices, tuple(param.shape))

@@ -416,9 +416,10 @@ class Adam:
         variables = self._variables_for(grads, trainable_variables)
         plan = self._validated(grads, variables)
         learning_rates = self._learning_rates_for(plan)
-        if not self.built:
-            self._build(variables)
-        with torch.no_grad():
+        # The step and its count commit together: an interrupt waits for both.
+        with engine.atomic(), torch.no_grad():
+            if not self.built:
+                self._build(variables)
             schedule = self._schedule(learning_rates)
             updated = self._step(plan, learning_rates, schedule)
             if self.use_ema:

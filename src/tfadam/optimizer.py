@@ -20,7 +20,7 @@ import torch
 from . import engine, guard, hooks
 from .eager import eager_only
 from .errors import StateDictError
-from .hyper import Hyper
+from .hyper import Hyper, Resolution
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
 
@@ -84,7 +84,9 @@ class Adam(torch.optim.Optimizer):
         sparse: engine.SparseMode = "dense",
         numerics: str = "eager",
         nonfinite: engine.Nonfinite = "propagate",
+        **torch_only: Any,
     ) -> None:
+        _refuse_torch_only(torch_only)
         engine.Options(amsgrad, nesterov, sparse, numerics, nonfinite)  # type: ignore[arg-type]
         defaults = dict(
             lr=lr,
@@ -99,6 +101,24 @@ class Adam(torch.optim.Optimizer):
         self._nonfinite = nonfinite
         self._calls = 0  # step() calls that applied, to name the step in errors
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, refusing invalid hyperparameters and options at once.
+
+        As torch does at construction: ``lr >= 0``, ``0 <= betas < 1``, ``eps >= 0``
+        (finite, as float32 for numbers); a bool option takes a bool. A
+        callable is checked where it is evaluated, at each step.
+
+        >>> import torch, tfadam
+        >>> tfadam.Adam([torch.nn.Parameter(torch.ones(2))], lr=-1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: hyperparameter lr=-1.0 makes the Adam update undefined; it must be >= 0 \
+and finite.
+        """
+        if isinstance(param_group, dict):
+            _check_group_settings({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
     def __getstate__(self) -> dict[str, Any]:
         # So that a pickled or deep-copied optimizer keeps its nonfinite policy.
         return {**super().__getstate__(), "_nonfinite": self._nonfinite, "_calls": self._calls}
@@ -107,7 +127,7 @@ class Adam(torch.optim.Optimizer):
         # torch's load_state_dict (after its own checks and casts) and
         # unpickling both end here, before anything is replaced: the one place
         # to refuse a state that does not fit the parameters.
-        guard.check_torch_state(state["state"], state["param_groups"], _slot_names)
+        guard.check_torch_state(state["state"], state["param_groups"])
         super().__setstate__(state)
         self.__dict__.setdefault("_nonfinite", "propagate")
         self.__dict__.setdefault("_calls", 0)
@@ -172,8 +192,9 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = []
+        plans: list[tuple[dict[str, Any], engine.Plan, bool, list[Any]]] = []
         when = f"step() #{self._calls + 1}"
+        # Phase 1: every group is checked and planned before any is touched.
         for index, group in enumerate(self.param_groups):
             updates, fresh = self._updates(index, group)
             # An empty group still steps: it may be a ZeRO rank's share of a
@@ -185,19 +206,30 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
             if not isinstance(betas, (tuple, list)) or len(betas) != 2:
                 raise ValueError(f"{where}betas must be a pair (beta1, beta2); got {betas!r}.")
             hyper = engine.resolve_all(group["lr"], betas[0], betas[1], group["eps"], where)
-            options = _options(group, self._nonfinite)
-            accumulators = _accumulators_of(group, where)
-            plan = engine.prepare(updates, hyper, options, when=when)
-            guard.warn_numerics(self, plan)
-            plans.append((group, plan, accumulators, fresh))
-        for group, plan, accumulators, fresh in plans:
-            accumulators = engine.execute(plan, accumulators)
-            for param, state in fresh:
-                self.state[param] = state
-            group["beta1_power"] = accumulators.beta1_power
-            group["beta2_power"] = accumulators.beta2_power
-        if plans:
-            self._calls += 1
+            options = _options(group, self._nonfinite, where)
+            accumulators, new = _accumulators_of(group, hyper, where)
+            plan = engine.prepare(
+                updates,
+                hyper,
+                options,
+                accumulators=accumulators,
+                earlier=[p for _, p, _, _ in plans],
+                when=when,
+            )
+            guard.warn_numerics(self, plan.hyper, plan.dtypes)
+            plans.append((group, plan, new, fresh))
+        # Phase 2: arithmetic only, and the step's record with it, uninterruptible.
+        with engine.atomic():
+            for group, plan, new, fresh in plans:
+                engine.execute(plan, engine.BetaPowers(plan))
+                for param, state in fresh:
+                    self.state[param] = state
+                if new:
+                    assert plan.accumulators is not None
+                    group["beta1_power"] = plan.accumulators.beta1_power
+                    group["beta2_power"] = plan.accumulators.beta2_power
+            if plans:
+                self._calls += 1
         return loss
 
     def _updates(
@@ -226,19 +258,73 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
         return updates, fresh
 
 
+# torch.optim.Adam's keyword arguments that TF's rule has no counterpart for:
+# what each would mean, and what to do instead.
+_TORCH_ONLY = {
+    "foreach": "tfadam always runs its fused C kernels on CPU (one loop over every tensor of "
+    "a dtype, no per-tensor dispatch), so there is no implementation to choose. Drop it.",
+    "fused": "tfadam always runs its fused C kernels on CPU (one loop over every tensor of a "
+    "dtype), so there is no implementation to choose. Drop it.",
+    "capturable": "TF's rule reads the float32 beta-power accumulators on the host each step; "
+    "tfadam's step cannot be captured in a CUDA graph. Drop it.",
+    "differentiable": "TF's apply ops have no gradient, and tfadam's step runs under no_grad. "
+    "Drop it.",
+    "maximize": "TF's Adam always minimizes. Negate the loss (or the gradients) instead.",
+    "weight_decay": "TF1's Adam has no weight decay. For decoupled weight decay (AdamW) use "
+    "tfadam.keras.Adam(weight_decay=...), Keras' rule; for L2 regularisation add "
+    "wd/2 * sum of squared parameters to the loss.",
+    "decoupled_weight_decay": "TF1's Adam has no weight decay. For decoupled weight decay "
+    "(AdamW) use tfadam.keras.Adam(weight_decay=...), Keras' rule.",
+}
+
+
+def _refuse_torch_only(arguments: dict[str, Any]) -> None:
+    for key, value in arguments.items():
+        if key in _TORCH_ONLY:
+            raise TypeError(
+                f"tfadam.Adam takes no {key}= (got {key}={value!r}), an option of "
+                f"torch.optim.Adam: TF's Adam rule has no such option. {_TORCH_ONLY[key]}"
+            )
+        raise TypeError(f"tfadam.Adam got an unexpected keyword argument {key!r}.")
+
+
+def _check_group_settings(group: dict[str, Any]) -> None:
+    betas = group.get("betas")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}.")
+    values = (group.get("lr"), betas[0], betas[1], group.get("eps"))
+    # Callables are evaluated, and checked, at each step; 0.0 stands in for them.
+    engine.resolve_all(
+        *(0.0 if callable(v) and not isinstance(v, torch.Tensor) else v for v in values),
+        where="",
+    )
+    engine.Options(
+        group.get("amsgrad", False),
+        group.get("nesterov", False),
+        group.get("sparse", "dense"),
+        group.get("numerics", "eager"),
+    )
+
+
 _GRAD = attrgetter("grad")
 _IS_NONE = partial(operator.is_, None)
 
 
-def _options(group: dict[str, Any], nonfinite: str) -> engine.Options:
+def _options(group: dict[str, Any], nonfinite: str, where: str = "") -> engine.Options:
     choices = (group["amsgrad"], group["nesterov"], group["sparse"], group["numerics"], nonfinite)
     try:
-        return _known_options(*choices)
-    except TypeError:  # an unhashable choice: Options names what is wrong with it
-        return engine.Options(*choices)
+        try:
+            return _known_options(*choices)
+        except TypeError as error:  # unhashable: Options names what is wrong with it
+            if "unhashable" not in str(error):
+                raise
+            return engine.Options(*choices)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{where}{error}") from error
 
 
-@lru_cache(maxsize=16)
+# typed: True and 1 are equal keys to a plain cache, and 1 is not a bool option.
+@lru_cache(maxsize=16, typed=True)
 def _known_options(*choices: Any) -> engine.Options:
     return engine.Options(*choices)
 
@@ -248,22 +334,15 @@ def _label(index: int, position: int, names: Sequence[str] | None) -> str:
     return label if names is None else f"{label} ({names[position]!r})"
 
 
-def _accumulators_of(group: dict[str, Any], where: str) -> engine.Accumulators | None:
+def _accumulators_of(
+    group: dict[str, Any], hyper: Resolution, where: str
+) -> tuple[engine.Accumulators, bool]:
+    """The group's accumulators (checked), or new ones and True before its first step."""
     powers = [group.get("beta1_power"), group.get("beta2_power")]
     if powers[0] is None and powers[1] is None:
-        return None
-    for key, power in zip(("beta1_power", "beta2_power"), powers, strict=False):
-        problem = guard.accumulator_problem(power)
-        if problem:
-            raise ValueError(
-                f"{where}{key} {problem}; TF keeps the beta-power accumulators as float32 "
-                "scalars in [0, 1). Was the state edited or saved by another optimizer?"
-            )
-    return engine.Accumulators(*powers)
-
-
-def _slot_names(group: dict[str, Any]) -> list[str]:
-    return engine.Options(amsgrad=bool(group.get("amsgrad", False))).slot_names
+        return engine.Accumulators.create(hyper.beta1, hyper.beta2), True
+    guard.check_accumulators(*powers, where)
+    return engine.Accumulators(*powers), False
 
 
 def _layout(groups: list[dict[str, Any]]) -> str:

@@ -368,6 +368,25 @@ def _check_model_state(model: torch.nn.Module, state: Any, strict: bool, where: 
                 f"{where}: model entry {key!r} has shape {shape} in the checkpoint but "
                 f"{tuple(mine.shape)} in the model. Load it into the model it was saved from."
             )
+        if not isinstance(mine, torch.Tensor):
+            continue
+        # torch copies each entry in turn and reports a failed copy only at the
+        # end, after the others were overwritten: refuse what copy_ would.
+        if saved.is_meta and not mine.is_meta:
+            raise StateDictError(
+                f"{where}: model entry {key!r} is on the meta device in the checkpoint (it has "
+                "no values). Save the checkpoint from a materialised model."
+            )
+        if saved.layout != mine.layout:
+            raise StateDictError(
+                f"{where}: model entry {key!r} has layout {saved.layout} in the checkpoint but "
+                f"{mine.layout} in the model. Save it dense (tensor.to_dense())."
+            )
+        if saved.is_complex() and not mine.is_complex():
+            raise StateDictError(
+                f"{where}: model entry {key!r} is {saved.dtype} in the checkpoint but "
+                f"{mine.dtype} in the model: copying would drop the imaginary part."
+            )
 
 
 def _parameter_names(model: torch.nn.Module | None) -> dict[int, str]:
@@ -382,24 +401,18 @@ def _parameter_names(model: torch.nn.Module | None) -> dict[int, str]:
 def _optimizer_state(optimizer: Any, model: torch.nn.Module | None) -> Any:
     if isinstance(optimizer, AdamOptimizer):
         names = _parameter_names(model)
-        assert model is not None
-        slots: dict[str, dict[str, torch.Tensor]] = {}
-        for name, param in model.named_parameters():
-            found = {s: optimizer.get_slot(param, s) for s in optimizer.get_slot_names()}
-            if any(t is not None for t in found.values()):
-                slots[name] = {s: t for s, t in found.items() if t is not None}
-        powers = optimizer._get_beta_accumulators()
-        stored = (2 if powers is not None else 0) + sum(len(s) for s in slots.values())
-        if stored != len(optimizer.variables()):
+        exported = optimizer.export_state()
+        unnamed = [var for var in exported["slots"] if id(var) not in names]
+        if unnamed:
             raise ValueError(
                 "the tfadam.AdamOptimizer has slots for variables that are not parameters of "
                 f"the model ({len(names)} parameters); pass the model that owns every variable."
             )
         return {
             "kind": "tfadam.AdamOptimizer",
-            "beta1_power": None if powers is None else powers[0],
-            "beta2_power": None if powers is None else powers[1],
-            "slots": slots,
+            "beta1_power": exported["beta1_power"],
+            "beta2_power": exported["beta2_power"],
+            "slots": {names[id(var)]: slots for var, slots in exported["slots"].items()},
         }
     if not callable(getattr(optimizer, "state_dict", None)):
         raise TypeError(
@@ -423,34 +436,41 @@ def _load_optimizer_state(
     assert model is not None
     params = dict(model.named_parameters())
     slots: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+    if not isinstance(state.get("slots"), Mapping):
+        raise StateDictError(f"{where}: the optimizer state has no slots mapping.")
     for name, named in state["slots"].items():
         param = params.get(name)
         if param is None:
             raise StateDictError(
                 f"{where}: optimizer slots for {name!r}, not a parameter of the model."
             )
+        if not isinstance(named, Mapping):
+            raise StateDictError(f"{where}: the slots of {name!r} are not a dict.")
         for slot, tensor in named.items():
             if not isinstance(tensor, torch.Tensor) or tensor.shape != param.shape:
                 raise StateDictError(
                     f"{where}: slot {slot!r} of {name!r} does not match the parameter's shape "
                     f"{tuple(param.shape)}."
                 )
+            if tensor.is_meta and not param.is_meta:
+                raise StateDictError(
+                    f"{where}: slot {slot!r} of {name!r} is on the meta device (it has no "
+                    "values). Save the checkpoint from a materialised optimizer."
+                )
         slots[param] = {
             slot: tensor.to(param.device, param.dtype) for slot, tensor in named.items()
         }
-    if state["beta1_power"] is None:
-        if slots:
-            raise StateDictError(f"{where}: optimizer slots without beta-power accumulators.")
-        # A checkpoint taken before the first step: the optimizer starts afresh.
-        optimizer._accumulators = None
-        optimizer._slots.clear()
-        return
-    # restore() checks every slot before it sets anything; a loaded state
-    # replaces the previous one entirely, as load_state_dict does.
-    previous = dict(optimizer._slots)
-    optimizer._slots.clear()
+    # import_state checks everything as a step does, then replaces the whole
+    # state, or raises having replaced nothing.
     try:
-        optimizer.restore(state["beta1_power"], state["beta2_power"], slots)
-    except BaseException:
-        optimizer._slots.update(previous)
-        raise
+        optimizer.import_state(
+            {
+                "beta1_power": state.get("beta1_power"),
+                "beta2_power": state.get("beta2_power"),
+                "slots": slots,
+            }
+        )
+    except (TypeError, ValueError) as error:
+        if isinstance(error, StateDictError):
+            raise
+        raise StateDictError(f"{where}: {error}") from error

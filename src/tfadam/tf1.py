@@ -144,15 +144,23 @@ class AdamOptimizer:
             when = f"apply_gradients #{self._applied}"
             if global_step is not None and self._options.nonfinite == "raise":
                 when += f" (global_step {int(global_step)})"  # a device sync: only if asked
-            plan = engine.prepare(updates, hyper, self._options, when=when)
-            guard.warn_numerics(self, plan)
-            self._accumulators = engine.execute(plan, self._accumulators)
-            for update in plan.updates:
-                self._slots[update.param] = update.state  # type: ignore[assignment]
-            if global_step is not None:
-                global_step.add_(1)
-            sequence = self._applied
-            self._applied += 1
+            accumulators = self._accumulators or engine.Accumulators.create(
+                hyper.beta1, hyper.beta2
+            )
+            plan = engine.prepare(
+                updates, hyper, self._options, accumulators=accumulators, when=when
+            )
+            guard.warn_numerics(self, plan.hyper, plan.dtypes)
+            # The step and its record commit together: an interrupt waits for both.
+            with engine.atomic():
+                engine.execute(plan, engine.BetaPowers(plan))
+                self._accumulators = accumulators
+                for update in plan.updates:
+                    self._slots[update.param] = update.state  # type: ignore[assignment]
+                if global_step is not None:
+                    global_step.add_(1)
+                sequence = self._applied
+                self._applied += 1
         return sequence
 
     def compute_gradients(
@@ -238,6 +246,34 @@ class AdamOptimizer:
             return None
         return self._accumulators.beta1_power, self._accumulators.beta2_power
 
+    def slots_of(self, var: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The slots of ``var`` by name (the tensors themselves), or None if it has none yet."""
+        slots = self._slots.get(var)
+        return None if slots is None else dict(slots)
+
+    def export_state(self) -> dict[str, Any]:
+        """The optimizer's state: its tensors themselves, not copies.
+
+        ``{"beta1_power", "beta2_power", "slots"}``: the float32 accumulators
+        (None before the first apply call) and ``{variable: {slot: tensor}}``.
+        :meth:`import_state` takes it back.
+        """
+        powers = self._get_beta_accumulators()
+        return {
+            "beta1_power": None if powers is None else powers[0],
+            "beta2_power": None if powers is None else powers[1],
+            "slots": {var: dict(slots) for var, slots in self._slots.items()},
+        }
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Replace the whole state by ``state`` (as :meth:`export_state` gives it), all or nothing.
+
+        Slots are copied. Checked as a step checks (:func:`tfadam.guard.check_state`)
+        before anything is replaced; accumulators of None (a state from before the
+        first apply call) need empty slots.
+        """
+        self._load(state["beta1_power"], state["beta2_power"], state["slots"], replace=True)
+
     def restore(
         self,
         beta1_power: float | torch.Tensor,
@@ -246,25 +282,82 @@ class AdamOptimizer:
     ) -> None:
         """Set the accumulators and (optionally) slots, e.g. from a TF checkpoint.
 
-        Slots are copied; each must match its variable's shape, dtype and device.
+        Slots are copied; each must match its variable's shape, dtype and
+        device. All or nothing: checked as a step checks, before anything is set.
+
+        >>> import torch, tfadam
+        >>> opt = tfadam.AdamOptimizer()
+        >>> opt.restore(1.5, 2.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: beta1_power is 1.5, outside [0, 1) (it is a product of betas in [0, 1)); TF \
+keeps the beta-power accumulators as float32 scalars in [0, 1). Was the state edited or saved \
+by another optimizer?
         """
-        new_slots = {}
-        for position, (var, named) in enumerate((slots or {}).items()):
-            state = {name: tensor.detach().clone() for name, tensor in named.items()}
-            engine.prepare(
-                [engine.Update(var, torch.zeros_like(var), state, _label(position, var))],
-                engine.resolve_all(0.0, 0.0, 0.0, 0.0, ""),
-                self._options,
-            )
-            new_slots[var] = state
-        self._accumulators = engine.Accumulators.create(beta1_power, beta2_power)
-        self._slots.update(new_slots)
+        self._load(beta1_power, beta2_power, slots or {}, replace=False)
+
+    def _load(
+        self,
+        beta1_power: Any,
+        beta2_power: Any,
+        slots: dict[torch.Tensor, dict[str, torch.Tensor]],
+        *,
+        replace: bool,
+    ) -> None:
+        names = self._options.slot_names
+        new_slots: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        for position, (var, named) in enumerate(slots.items()):
+            label = _label(position, var)
+            if not isinstance(named, dict) or not set(named) <= set(names):
+                raise ValueError(
+                    f"{label}: slots {sorted(named) if isinstance(named, dict) else named!r}; "
+                    f"this optimizer keeps {names}."
+                )
+            for slot, tensor in named.items():
+                if not isinstance(tensor, torch.Tensor):
+                    raise TypeError(
+                        f"{label}: its optimizer slot {slot!r} is a {type(tensor).__name__}, "
+                        "not a tensor."
+                    )
+            new_slots[var] = {name: tensor.detach().clone() for name, tensor in named.items()}
+        if beta1_power is None and beta2_power is None:
+            if new_slots:
+                raise ValueError("slots without beta-power accumulators: load a complete state.")
+            accumulators = None
+        else:
+            for key, power in (("beta1_power", beta1_power), ("beta2_power", beta2_power)):
+                if not isinstance(power, (int, float, torch.Tensor)) or isinstance(power, bool):
+                    raise TypeError(f"{key} is a {type(power).__name__}, not a number or tensor.")
+                if isinstance(power, torch.Tensor) and (power.is_meta or power.numel() != 1):
+                    raise ValueError(
+                        f"{key} is a tensor of shape {tuple(power.shape)} on {power.device}; "
+                        "pass a number or a one-element tensor with a value."
+                    )
+            accumulators = engine.Accumulators.create(beta1_power, beta2_power)
+        merged = new_slots if replace else {**self._slots, **new_slots}
+        labels = {var: _label(position, var) for position, var in enumerate(new_slots)}
+        engine.check_state(
+            [
+                (var, named, labels.get(var) or _held_label(var), self._options)
+                for var, named in merged.items()
+            ],
+            []
+            if accumulators is None
+            else [(accumulators.beta1_power, accumulators.beta2_power, "")],
+        )
+        with engine.atomic():
+            self._accumulators = accumulators
+            self._slots = merged
 
 
 def _label(position: int, var: Any) -> str:
     if isinstance(var, torch.Tensor):
         return f"variable #{position} (shape {tuple(var.shape)}, {var.dtype})"
     return f"variable #{position} ({type(var).__name__})"
+
+
+def _held_label(var: torch.Tensor) -> str:
+    return f"a variable this optimizer already holds (shape {tuple(var.shape)}, {var.dtype})"
 
 
 def _check_global_step(global_step: Any) -> None:
