@@ -14,8 +14,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "tfadam"
 
@@ -150,24 +148,6 @@ def test_the_graph_sees_the_imports() -> None:
     assert cycles([*IMPORTS, *made_up]), "a cycle added by hand must be found"
 
 
-# guard.py imports engine.Plan for its annotations (in a TYPE_CHECKING block) and
-# engine.Options in a function, while engine imports guard: the circle issue 15
-# names. A TYPE_CHECKING import runs only under a type checker, but it is the
-# same dependency, so it counts. The engine helper's branch removes it.
-KNOWN_CYCLES = [["tfadam.engine", "tfadam.guard"]]
-
-
-def test_no_new_import_cycle() -> None:
-    found = cycles([e for e in IMPORTS if e.module_level])
-    new = [c for c in found if c not in KNOWN_CYCLES]
-    assert new == [], "\n".join(describe(c, IMPORTS) for c in new)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.py:35 imports guard; guard.py:43 (TYPE_CHECKING) and guard.py:331 import "
-    "engine back; the engine helper's branch removes it at merge (then remove this mark)",
-)
 def test_no_import_cycle_among_module_level_imports() -> None:
     found = cycles([e for e in IMPORTS if e.module_level])
     assert found == [], "\n".join(describe(c, IMPORTS) for c in found)
@@ -218,20 +198,6 @@ ALLOWED = {
     ("tfadam.hooks", "_profiler_enabled"): "whether a torch profiler records (older torch)",
 }
 
-# What checkpoint/mapping.py and persist.py still read of the faces (and of the
-# bundle reader). The faces export their state publicly (keras.Adam.slots_of /
-# owns / restore_state; AdamOptimizer's per the engine helper); the lead
-# switches these modules to them at merge, and this list empties.
-KNOWN = {
-    ("tfadam.persist", 391, "optimizer._get_beta_accumulators"),
-    ("tfadam.persist", 445, "optimizer._accumulators"),
-    ("tfadam.persist", 446, "optimizer._slots"),
-    ("tfadam.persist", 450, "optimizer._slots"),
-    ("tfadam.persist", 451, "optimizer._slots"),
-    ("tfadam.persist", 455, "optimizer._slots"),
-}
-
-
 def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
@@ -276,21 +242,6 @@ def test_the_scan_sees_private_reads() -> None:
     assert "_x" in defined_names(ast.parse("class A:\n    def f(self):\n        self._x = 1\n"))
 
 
-def test_no_new_private_reads() -> None:
-    # Everything but the known reads above is clean now, and must stay so.
-    new = [read for read in private_reads() if read not in KNOWN]
-    assert new == [], f"modules read other modules' private attributes: {new}"
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "persist.py:391 "
-        "(_get_beta_accumulators), 445-455 (optimizer._accumulators/_slots of "
-        "AdamOptimizer) read the faces' private state; the lead switches them to the faces' "
-        "public state methods at merge (then remove this mark)"
-    ),
-)
 def test_no_module_reads_another_modules_private_attributes() -> None:
     reads = private_reads()
     assert reads == [], f"modules read other modules' private attributes: {reads}"

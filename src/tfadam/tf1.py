@@ -398,7 +398,8 @@ def _check_not_views_of_slotted(
     for update in updates:
         var = update.param
         base = getattr(var, "_base", None) if isinstance(var, torch.Tensor) else None
-        if base is not None and var not in slots and base in slots:
+        # (A view of part of a variable is refused later, as memory two variables share.)
+        if base is not None and var not in slots and base in slots and var.numel() == base.numel():
             raise ValueError(
                 f"{update.name} is a view of a variable that has Adam slots (a new tensor "
                 "object each time, e.g. weight.T); pass the variable itself, with its "
