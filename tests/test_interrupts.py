@@ -28,7 +28,7 @@ from reliab_support import bits, tf1_face_tensors, torch_face_tensors
 
 import tfadam
 import tfadam.keras
-from tfadam import IndexedSlices, engine, interrupts
+from tfadam import IndexedSlices, engine, interrupts, kernels
 
 
 @dataclass
@@ -206,11 +206,44 @@ def test_an_interrupt_never_splits_a_step(face: str) -> None:
     assert outcomes["held"] > 0 and outcomes["after"] > 0, outcomes
 
 
-def test_without_the_hold_interrupts_do_split_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The trials can fail: with the hold disabled, some steps are left half-applied."""
+def _interrupted_after_first_kernel(face: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The state after a step whose first dense kernel is followed by an interrupt."""
+    world = WORLDS[face]()
+    real = kernels.dense_step
+    calls = []
+
+    def then_interrupt(*args: Any, **kwargs: Any) -> None:
+        real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            _thread.interrupt_main()  # raised at the next bytecode of the main thread
+
+    monkeypatch.setattr(kernels, "dense_step", then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        world.step()
+        for _ in range(1000):
+            time.sleep(0)
+    monkeypatch.setattr(kernels, "dense_step", real)
+    assert len(calls) >= 1
+    return world.snapshot()
+
+
+@pytest.mark.parametrize("face", sorted(WORLDS))
+def test_an_interrupt_between_two_kernels_waits_for_the_step(
+    face: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, after, _ = _references(face)
+    assert _interrupted_after_first_kernel(face, monkeypatch) == after
+
+
+def test_without_the_hold_the_same_interrupt_splits_the_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The trials can fail: with the hold disabled, that interrupt leaves a half-applied step."""
+    before, after, _ = _references("torch")
     monkeypatch.setattr(engine, "held", contextlib.nullcontext)
-    outcomes = _run("torch", trials=60, seed=7)
-    assert outcomes["split"] > 0, outcomes
+    state = _interrupted_after_first_kernel("torch", monkeypatch)
+    assert state != before and state != after
 
 
 # -- the mechanism itself ------------------------------------------------------------------------
