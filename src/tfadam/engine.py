@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 
 from . import guard, kernels, rule
-from .hyper import Resolution, resolve_all
+from .hyper import Resolution, accumulator_mismatch, resolve_all
 from .sparse import IndexedSlices, check_indices
 
 SparseMode = Literal["dense", "lazy"]
@@ -94,7 +94,7 @@ class Options:
 
 @dataclass
 class Accumulators:
-    """``beta1_power``, ``beta2_power``: float32 0-dim tensors shared by a group."""
+    """``beta1_power``, ``beta2_power``: 0-dim tensors in β's dtype (see :mod:`tfadam.hyper`)."""
 
     beta1_power: torch.Tensor
     beta2_power: torch.Tensor
@@ -102,7 +102,8 @@ class Accumulators:
     @classmethod
     def create(cls, beta1: float | torch.Tensor, beta2: float | torch.Tensor) -> Accumulators:
         def start(beta: float | torch.Tensor) -> torch.Tensor:
-            return torch.as_tensor(beta).detach().to("cpu", torch.float32).clone().reshape(())
+            dtype = beta.dtype if isinstance(beta, torch.Tensor) else torch.float32
+            return torch.as_tensor(beta).detach().to("cpu", dtype).clone().reshape(())
 
         return cls(start(beta1), start(beta2))
 
@@ -211,6 +212,11 @@ def execute(plan: Plan, accumulators: Accumulators | None) -> Accumulators:
     hyper, options = plan.hyper, plan.options
     if accumulators is None:
         accumulators = Accumulators.create(hyper.beta1, hyper.beta2)
+    mismatch = accumulator_mismatch(
+        hyper.beta1, hyper.beta2, accumulators.beta1_power, accumulators.beta2_power
+    )
+    if mismatch:  # before any write (TF fails here after the variables moved)
+        raise TypeError(mismatch)
     if not plan.slots_complete:
         for update in plan.updates:
             create_slots(update.param, update.state, options)
@@ -346,7 +352,11 @@ def _amsgrad_sparse(u: Update, c: rule.Coefficients, options: Options) -> None:
     # TF has no sparse AMSGrad kernel: its optimizers densify such gradients,
     # and so do we (an IndexedSlices applied as the dense gradient it stands for).
     assert isinstance(u.grad, IndexedSlices)
-    dense = torch.zeros_like(u.param).index_add_(0, u.grad.indices, u.grad.values)
+    # Duplicate rows summed in sequence, in T, as TF's unsorted_segment_sum
+    # (index_add_ sums float16/bfloat16 in float32, rounding once).
+    rows, summed = rule.deduplicate(u.grad.indices, u.grad.values)
+    dense = torch.zeros_like(u.param)
+    dense[rows] = summed
     kernels.dense_step(
         [u.param],
         [dense],

@@ -127,8 +127,10 @@ def unwritable(param: torch.Tensor) -> str | None:
     strides = param.stride()
     # `0 in strides` first: a C-level scan, where the zip costs a microsecond a
     # tensor (thousands of them a step).
-    if 0 in strides and any(
-        stride == 0 and size > 1 for stride, size in zip(strides, param.shape, strict=True)
+    if (
+        0 in strides
+        and any(stride == 0 and size > 1 for stride, size in zip(strides, param.shape, strict=True))
+        and param.numel() != 0  # an empty tensor (torch.from_numpy's strides of 0): no overlap
     ):
         return (
             "has several elements in one memory location (an expand()ed or broadcast view), "
@@ -238,13 +240,19 @@ def accumulator_problem(power: Any) -> str | None:
 
     >>> accumulator_problem(torch.tensor(0.81)) is None
     True
-    >>> accumulator_problem(torch.tensor(0.81, dtype=torch.float64))
-    'is a torch.float64 tensor of shape (), not a float32 scalar'
+    >>> accumulator_problem(torch.tensor(0.81, dtype=torch.float64)) is None
+    True
+    >>> accumulator_problem(torch.tensor([0.81]))
+    'is a torch.float32 tensor of shape (1,), not a floating scalar (0-dim)'
     """
     if not isinstance(power, torch.Tensor):
         return f"is a {type(power).__name__}, not a tensor"
-    if power.dtype != torch.float32 or power.numel() != 1:
-        return f"is a {power.dtype} tensor of shape {tuple(power.shape)}, not a float32 scalar"
+    # The dtypes TF can give it: β's, as convert_to_tensor makes it (see tfadam.hyper).
+    if power.dtype not in _ACCUMULATOR_DTYPES or power.dim() != 0:
+        return (
+            f"is a {power.dtype} tensor of shape {tuple(power.shape)}, not a floating "
+            "scalar (0-dim)"
+        )
     if power.is_meta:
         return "is on the meta device (it has no value)"
     if power.is_inference() and not torch.is_inference_mode_enabled():
@@ -255,6 +263,7 @@ def accumulator_problem(power: Any) -> str | None:
     return None
 
 
+_ACCUMULATOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HYPER_KEYS = ("lr", "betas", "eps")
 _OPTION_KEYS = ("amsgrad", "nesterov", "sparse", "numerics")
 _TORCH_ADAM_KEYS = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"}
@@ -321,7 +330,7 @@ def _check_group(group: Mapping[str, Any], where: str) -> list[str] | None:
     # tensors can be checked now. A neutral value stands in for a callable.
     neutral = {"lr": 0.0, "beta1": 0.0, "beta2": 0.0, "epsilon": 0.0}
     try:
-        hyper.resolve_all(
+        resolved = hyper.resolve_all(
             *(
                 neutral[k] if callable(v) and not isinstance(v, torch.Tensor) else v
                 for k, v in values.items()
@@ -339,9 +348,14 @@ def _check_group(group: Mapping[str, Any], where: str) -> list[str] | None:
             problem = accumulator_problem(power)
             if problem:
                 raise StateDictError(
-                    f"{where} {key} {problem}. TF keeps the beta-power accumulators as float32 "
-                    "scalars in [0, 1); the state_dict was edited or saved by another optimizer."
+                    f"{where} {key} {problem}. TF keeps the beta-power accumulators as scalars "
+                    "in [0, 1), in β's dtype; the state_dict was edited or saved by another "
+                    "optimizer."
                 )
+        if not any(callable(beta) and not isinstance(beta, torch.Tensor) for beta in betas):
+            mismatch = hyper.accumulator_mismatch(resolved.beta1, resolved.beta2, *accumulators)
+            if mismatch:
+                raise StateDictError(f"{where}: {mismatch}")
     names = group.get("param_names")
     return list(names) if isinstance(names, (list, tuple)) else None
 

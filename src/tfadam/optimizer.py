@@ -256,8 +256,8 @@ def _accumulators_of(group: dict[str, Any], where: str) -> engine.Accumulators |
         problem = guard.accumulator_problem(power)
         if problem:
             raise ValueError(
-                f"{where}{key} {problem}; TF keeps the beta-power accumulators as float32 "
-                "scalars in [0, 1). Was the state edited or saved by another optimizer?"
+                f"{where}{key} {problem}; TF keeps the beta-power accumulators as scalars "
+                "in [0, 1), in β's dtype. Was the state edited or saved by another optimizer?"
             )
     return engine.Accumulators(*powers)
 
