@@ -335,3 +335,47 @@ def test_a_beta_changing_dtype_is_refused_before_anything_moves(face: str) -> No
         assert torch.equal(opt1._get_beta_accumulators()[0], powers[0])
     for b, a in zip(before, after, strict=True):
         assert np.array_equal(bits(b), bits(a))
+
+
+# --- the accumulators' dtype through the load paths ------------------------------------
+
+
+def test_float64_accumulators_resume_through_state_dict_bitwise() -> None:
+    theta, grads = gradients("float64", False, seed=8)
+    ours, _ = hyperparameters(dict.fromkeys(VALUES, "numpy-float64"))
+
+    def optimizer(var: torch.Tensor) -> tfadam.Adam:
+        return tfadam.Adam(
+            [var], lr=ours["lr"], betas=(ours["beta1"], ours["beta2"]), eps=ours["epsilon"]
+        )
+
+    straight = torch.nn.Parameter(to_torch(theta))
+    opt = optimizer(straight)
+    resumed = torch.nn.Parameter(to_torch(theta))
+    first = optimizer(resumed)
+    for i, g in enumerate(grads):
+        straight.grad = to_torch(g)
+        opt.step()
+        if i == 1:
+            second = optimizer(resumed)
+            second.load_state_dict(first.state_dict())
+            first = second
+        resumed.grad = to_torch(g)
+        first.step()
+    assert first.param_groups[0]["beta1_power"].dtype == torch.float64
+    for a, b in [(straight, resumed), *zip(opt.state[straight].values(),
+                                           first.state[resumed].values(), strict=True)]:  # fmt: skip
+        assert np.array_equal(bits(a), bits(b))
+
+
+def test_state_dict_whose_accumulators_are_not_their_betas_dtype_is_refused() -> None:
+    var = torch.nn.Parameter(torch.ones(3))
+    var.grad = torch.ones(3)
+    saved = tfadam.Adam([var], betas=(np.float64(0.9), np.float64(0.999)))
+    saved.step()
+    state = saved.state_dict()
+    target = tfadam.Adam([var], betas=(0.9, 0.999))  # Python floats: float32 to TF
+    with pytest.raises(tfadam.errors.StateDictError, match="beta1_power is torch.float64"):
+        target.load_state_dict({**state, "param_groups": [
+            {**state["param_groups"][0], "betas": (0.9, 0.999)}]})  # fmt: skip
+    assert target.state == {} and "beta1_power" not in target.param_groups[0]

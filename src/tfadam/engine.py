@@ -102,7 +102,8 @@ class Accumulators:
     @classmethod
     def create(cls, beta1: float | torch.Tensor, beta2: float | torch.Tensor) -> Accumulators:
         def start(beta: float | torch.Tensor) -> torch.Tensor:
-            dtype = beta.dtype if isinstance(beta, torch.Tensor) else torch.float32
+            # A Python number is float32 to TF; a tensor or NumPy value keeps its dtype.
+            dtype = torch.float32 if type(beta) in (int, float) else torch.as_tensor(beta).dtype
             return torch.as_tensor(beta).detach().to("cpu", dtype).clone().reshape(())
 
         return cls(start(beta1), start(beta2))
