@@ -26,7 +26,12 @@ import tfadam
 
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
 VALUES = {"lr": 0.01, "beta1": 0.9, "beta2": 0.99, "epsilon": 1e-3}  # β2 < 1 in bfloat16
-TF_OF = {"float16": tf.float16, "bfloat16": tf.bfloat16, "float32": tf.float32, "float64": tf.float64}
+TF_OF = {
+    "float16": tf.float16,
+    "bfloat16": tf.bfloat16,
+    "float32": tf.float32,
+    "float64": tf.float64,
+}
 
 
 def _tensor_pair(dtype: str) -> Callable[[float], tuple[Any, Any]]:

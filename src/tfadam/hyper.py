@@ -55,7 +55,12 @@ import torch
 from .kernels.scalars import round_to
 
 Hyper = (
-    float | int | np.floating | np.ndarray | torch.Tensor | Callable[[], "float | int | torch.Tensor"]
+    float
+    | int
+    | np.floating
+    | np.ndarray
+    | torch.Tensor
+    | Callable[[], "float | int | np.floating | np.ndarray | torch.Tensor"]
 )
 Resolved = float | torch.Tensor
 
@@ -141,9 +146,9 @@ def accumulator_mismatch(
 
     >>> accumulator_mismatch(0.9, 0.999, torch.tensor(0.9), torch.tensor(0.999)) is None
     True
-    >>> print(accumulator_mismatch(torch.tensor(0.9, dtype=torch.float64), 0.999,
-    ...                            torch.tensor(0.9), torch.tensor(0.999)))
-    beta1 is torch.float64 but beta1_power is torch.float32: TF keeps each beta-power accumulator in the dtype β had when it was created (a Python float: float32; a NumPy float64: float64) and cannot multiply it by a β of another dtype. Pass β as before (e.g. float(beta1)), or start a new optimizer.
+    >>> accumulator_mismatch(torch.tensor(0.9, dtype=torch.float64), 0.999,
+    ...                      torch.tensor(0.9), torch.tensor(0.999))[:55]
+    'beta1 is torch.float64 but beta1_power is torch.float32'
     """
     for label, beta, power in (("beta1", beta1, beta1_power), ("beta2", beta2, beta2_power)):
         if source_dtype(beta) != power.dtype:
