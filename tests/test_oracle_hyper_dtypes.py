@@ -384,3 +384,45 @@ def test_state_dict_whose_accumulators_are_not_their_betas_dtype_is_refused() ->
         target.load_state_dict({**state, "param_groups": [
             {**state["param_groups"][0], "betas": (0.9, 0.999)}]})  # fmt: skip
     assert target.state == {} and "beta1_power" not in target.param_groups[0]
+
+
+# --- a TF1 Session: a NumPy β2 is a graph constant, which Grappler folds ---------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["numpy-float64", "numpy-float32", "numpy-0d-array"])
+def test_numpy_beta2_folds_in_a_tf1_session_like_a_number(kind: str, dtype: str) -> None:
+    # Grappler rewrites the sparse (g*g)*(1-β2) for a constant β2 (see
+    # rule.sparse_update); a NumPy β2 is one, like a Python float.
+    beta2 = KINDS[kind](0.999)[0]
+    rng = np.random.default_rng(11)
+    theta = rng.standard_normal((6, 4)).astype(NP_DTYPES[dtype])
+    shape = (len(SPARSE_INDICES), 4)
+    grads = [
+        (rng.standard_normal(shape) * 10 ** rng.uniform(-4, 2, shape)).astype(NP_DTYPES[dtype])
+        for _ in range(20)
+    ]
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session() as session:
+        var = tf.compat.v1.Variable(theta)
+        values = tf.compat.v1.placeholder(TF_OF[dtype], shape)
+        opt = tf.compat.v1.train.AdamOptimizer(0.01, 0.9, beta2, 1e-3)
+        dense_shape = tf.constant(theta.shape, tf.int64)
+        op = opt.apply_gradients(
+            [(tf.IndexedSlices(values, tf.constant(SPARSE_INDICES), dense_shape), var)]
+        )
+        session.run(tf.compat.v1.global_variables_initializer())
+        for g in grads:
+            session.run(op, {values: g})
+        expected = session.run([var, opt.get_slot(var, "m"), opt.get_slot(var, "v")])
+    ours = torch.nn.Parameter(to_torch(theta))
+    opt1 = tfadam.AdamOptimizer(0.01, 0.9, beta2, 1e-3, numerics="graph")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for g in grads:
+            opt1.apply_gradients(
+                [(tfadam.IndexedSlices(to_torch(g), torch.tensor(SPARSE_INDICES)), ours)]
+            )
+    actual = [ours.detach(), opt1.get_slot(ours, "m"), opt1.get_slot(ours, "v")]
+    for name, want, got in zip(("theta", "m", "v"), expected, actual, strict=True):
+        assert np.array_equal(bits(want), bits(got)), name

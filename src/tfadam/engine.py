@@ -256,7 +256,7 @@ def execute(plan: Plan, accumulators: Accumulators | None) -> Accumulators:
             )
         # Grappler folds only constants: a β2 given as a tensor (TF: a variable or
         # placeholder) keeps the eager rounding in a TF1 Session too (measured).
-        numerics = options.numerics if isinstance(hyper.beta2, float) else "eager"
+        numerics = options.numerics if hyper.beta2_constant else "eager"
         for u in plan.sparse:
             assert isinstance(u.grad, IndexedSlices)
             if options.amsgrad:

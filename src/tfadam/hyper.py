@@ -77,15 +77,23 @@ def resolve(value: Hyper, name: str) -> Resolved:
     Python float 0.9 to TF, although it is a subclass of ``float``.
     Raises ``ValueError``/``TypeError`` naming ``name`` for anything else.
     """
+    return _converted(_called(value, name), name)
+
+
+def _called(value: Hyper, name: str) -> object:
     if callable(value) and not isinstance(value, torch.Tensor):
         try:
-            value = value()
+            return value()
         except Exception as error:
             raise ValueError(
                 f"hyperparameter {name}: its callable {value!r} raised "
                 f"{type(error).__name__}: {error}. A callable hyperparameter is evaluated "
                 "once per step and must return a number or a 0-dim tensor."
             ) from error
+    return value
+
+
+def _converted(value: object, name: str) -> Resolved:
     if isinstance(value, (np.ndarray, np.generic)):
         value = _from_numpy(value, name)
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
@@ -163,12 +171,17 @@ def accumulator_mismatch(
 
 @dataclass(frozen=True)
 class Resolution:
-    """The four hyperparameters of one apply call, evaluated and checked."""
+    """The four hyperparameters of one apply call, evaluated and checked.
+
+    ``beta2_constant``: β2 was a number or a NumPy value (a constant in a TF1
+    graph, which Grappler folds), not a tensor (TF: a variable or placeholder).
+    """
 
     lr: Resolved
     beta1: Resolved
     beta2: Resolved
     epsilon: Resolved
+    beta2_constant: bool = True
 
 
 def resolve_all(lr: Hyper, beta1: Hyper, beta2: Hyper, epsilon: Hyper, where: str) -> Resolution:
@@ -180,11 +193,13 @@ def resolve_all(lr: Hyper, beta1: Hyper, beta2: Hyper, epsilon: Hyper, where: st
     known = _valid.get(key) if key is not None else None  # one lookup: another thread may clear
     if known is not None:
         return known
+    beta2_value = _called(beta2, f"{where}beta2")
     values = Resolution(
         lr=resolve(lr, f"{where}lr"),
         beta1=resolve(beta1, f"{where}beta1"),
-        beta2=resolve(beta2, f"{where}beta2"),
+        beta2=_converted(beta2_value, f"{where}beta2"),
         epsilon=resolve(epsilon, f"{where}epsilon"),
+        beta2_constant=not isinstance(beta2_value, torch.Tensor),
     )
     _check(values.lr, f"{where}lr", lambda x: x >= 0, ">= 0 and finite")
     _check(values.epsilon, f"{where}epsilon", lambda x: x >= 0, ">= 0 and finite")

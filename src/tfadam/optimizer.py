@@ -20,7 +20,7 @@ import torch
 from . import engine, guard, hooks
 from .eager import eager_only
 from .errors import StateDictError
-from .hyper import Hyper
+from .hyper import Hyper, accumulator_mismatch
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
 
@@ -187,6 +187,11 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
             hyper = engine.resolve_all(group["lr"], betas[0], betas[1], group["eps"], where)
             options = _options(group, self._nonfinite)
             accumulators = _accumulators_of(group, where)
+            mismatch = accumulators and accumulator_mismatch(
+                hyper.beta1, hyper.beta2, accumulators.beta1_power, accumulators.beta2_power
+            )
+            if mismatch:  # in this loop: no group has moved yet
+                raise TypeError(f"{where}{mismatch}")
             plan = engine.prepare(updates, hyper, options, when=when)
             guard.warn_numerics(self, plan)
             plans.append((group, plan, accumulators, fresh))
