@@ -348,10 +348,11 @@ def torch_load_accumulator_float64(w):
 @case(
     "torch",
     StateDictError,
-    r"param_groups\[1\] beta1_power is a torch.float32 tensor of shape \(1,\)",
+    r"param_groups\[1\] beta1_power is a torch.float32 tensor of shape \(2,\)",
 )
 def torch_load_accumulator_not_scalar(w):
-    return _load(w, lambda s: s["param_groups"][1].__setitem__("beta1_power", torch.tensor([0.81])))
+    two = torch.tensor([0.81, 0.9])
+    return _load(w, lambda s: s["param_groups"][1].__setitem__("beta1_power", two))
 
 
 @case("torch", StateDictError, rf"state of {G1W} has slots but its group has no beta1_power")

@@ -242,17 +242,14 @@ def accumulator_problem(power: Any) -> str | None:
     True
     >>> accumulator_problem(torch.tensor(0.81, dtype=torch.float64)) is None
     True
-    >>> accumulator_problem(torch.tensor([0.81]))
-    'is a torch.float32 tensor of shape (1,), not a floating scalar (0-dim)'
+    >>> accumulator_problem(torch.tensor([0.81, 0.9]))
+    'is a torch.float32 tensor of shape (2,), not a floating scalar'
     """
     if not isinstance(power, torch.Tensor):
         return f"is a {type(power).__name__}, not a tensor"
     # The dtypes TF can give it: β's, as convert_to_tensor makes it (see tfadam.hyper).
-    if power.dtype not in _ACCUMULATOR_DTYPES or power.dim() != 0:
-        return (
-            f"is a {power.dtype} tensor of shape {tuple(power.shape)}, not a floating "
-            "scalar (0-dim)"
-        )
+    if power.dtype not in _ACCUMULATOR_DTYPES or power.numel() != 1:
+        return f"is a {power.dtype} tensor of shape {tuple(power.shape)}, not a floating scalar"
     if power.is_meta:
         return "is on the meta device (it has no value)"
     if power.is_inference() and not torch.is_inference_mode_enabled():
