@@ -85,3 +85,18 @@ def test_zero_stride_empty_variables_are_accepted_like_keras(shape: tuple[int, .
     theirs = keras.optimizers.Adam(learning_rate=0.1)
     theirs.apply_gradients([(tf.constant(np.zeros(shape, np.float32)), tf.Variable(var.numpy()))])
     assert int(ours.iterations) == int(theirs.iterations.numpy()) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "kind", ["numpy-float16", "numpy-float32", "numpy-float64", "numpy-0d-array"]
+)
+def test_callable_learning_rate_returning_numpy_matches_keras(kind: str, dtype: str) -> None:
+    # Keras casts the callable's value with ops.cast, from the value's own
+    # dtype: np.float64(0.01) is not float32(0.01) to a float64 variable.
+    make = NON_PYTHON[kind]
+    s = random_scenario(6, dtype=dtype, shapes=[(6, 3)], steps=4, scale=(-2, 0), sparse=0.5)
+    s.config = dict(epsilon=1e-3)
+    s.learning_rate = lambda side: lambda: make(0.01)
+    expected, actual = run_keras(s), run_tfadam(s)
+    assert not differences(expected[0] + expected[1], actual[0] + actual[1])

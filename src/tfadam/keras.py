@@ -87,8 +87,8 @@ def _as_scalar(value: Any, what: str) -> float | torch.Tensor:
     """A Python number stays a number; a tensor-like (torch, numpy, TF) becomes a 0-dim tensor."""
     if isinstance(value, bool):
         raise TypeError(f"{what} must be a number or a scalar tensor; got {value!r}.")
-    if isinstance(value, (int, float)):
-        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, np.generic):
+        return float(value)  # (np.float64 is a float, but float64 to ops.cast: below)
     if isinstance(value, torch.Tensor):
         tensor = value.detach().cpu()
     else:
