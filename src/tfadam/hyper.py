@@ -6,16 +6,15 @@ update then casts it to the variable's dtype ``T`` (see :mod:`tfadam.rule`).
 The dtype that conversion gives is the hyperparameter's *source dtype*, and
 TF's rule, measured on the oracle (tensorflow-cpu 2.21), is:
 
-=================================  ==================  =========================
-hyperparameter (or callable's      source dtype        ``beta1_power`` /
-return value)                                          ``beta2_power`` (for β)
-=================================  ==================  =========================
-Python float or int                float32             float32
-``np.float16(x)``                  float16             float16
-``np.float32(x)``                  float32             float32
-``np.float64(x)``, ``np.array(x)``  float64             float64
-0-dim torch tensor of dtype D      D                   D
-=================================  ==================  =========================
+=====================================  ============  ===========================
+hyperparameter (or callable's value)    source dtype  ``beta1_power``/``beta2_power``
+=====================================  ============  ===========================
+Python float or int                    float32       float32
+``np.float16(x)``                      float16       float16
+``np.float32(x)``                      float32       float32
+``np.float64(x)``, ``np.array(x)``     float64       float64
+0-dim torch tensor of dtype D          D             D
+=====================================  ============  ===========================
 
 * ``T(x)`` is TF's Cast from the source dtype: float64 to float16/bfloat16
   goes through float32 (two roundings), and a result subnormal in float32,
@@ -25,7 +24,7 @@ Python float or int                float32             float32
   that dtype (flush-to-zero, as every TF op). So a NumPy float64 β gives a
   float64 accumulator, and every element of a float64 variable differs from
   what a Python float β gives.
-* β's source dtype must stay the accumulator's dtype: TF then fails its
+* If β's source dtype later differs from its accumulator's, TF fails its
   ``Mul`` ("expected to be a float tensor but is a double tensor") after the
   variables moved; tfadam refuses the call before anything moves
   (:func:`accumulator_mismatch`).
