@@ -198,6 +198,7 @@ ALLOWED = {
     ("tfadam.hooks", "_profiler_enabled"): "whether a torch profiler records (older torch)",
 }
 
+
 def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 

@@ -265,9 +265,18 @@ def torch_state_slot_not_a_tensor(w):
     return w.opt.step
 
 
-@case("torch", ValueError, r"param_groups\[1\] beta1_power is a torch.float64 tensor")
+@case(
+    "torch", TypeError, r"param_groups\[1\] beta1 is torch.float32 but beta1_power is torch.float64"
+)
 def torch_accumulator_float64(w):
+    # float64 is the accumulators' dtype for a NumPy float64 β, not for a Python float.
     w.opt.param_groups[1]["beta1_power"] = torch.tensor(0.81, dtype=torch.float64)
+    return w.opt.step
+
+
+@case("torch", ValueError, r"param_groups\[1\] beta1_power is a torch.int32 tensor")
+def torch_accumulator_int32(w):
+    w.opt.param_groups[1]["beta1_power"] = torch.tensor(0, dtype=torch.int32)
     return w.opt.step
 
 
@@ -331,11 +340,21 @@ def torch_load_state_entry_not_a_dict(w):
     return _load(w, lambda s: s["state"].__setitem__(2, [1, 2]))
 
 
-@case("torch", StateDictError, r"param_groups\[1\] beta1_power is a torch.float64 tensor")
+@case("torch", StateDictError, r"param_groups\[1\]: beta1 is torch.float32 but beta1_power is")
 def torch_load_accumulator_float64(w):
     return _load(
         w, lambda s: s["param_groups"][1].__setitem__("beta1_power", torch.tensor(0.81).double())
     )
+
+
+@case(
+    "torch",
+    StateDictError,
+    r"param_groups\[1\] beta1_power is a torch.float32 tensor of shape \(2,\)",
+)
+def torch_load_accumulator_not_scalar(w):
+    two = torch.tensor([0.81, 0.9])
+    return _load(w, lambda s: s["param_groups"][1].__setitem__("beta1_power", two))
 
 
 @case("torch", StateDictError, rf"state of {G1W} has slots but its group has no beta1_power")

@@ -39,7 +39,7 @@ import torch
 
 from . import guard, kernels, rule
 from .guard import FLOATING, PLAIN, Gradient, Nonfinite, Options, SparseMode
-from .hyper import Resolution, resolve_all
+from .hyper import Resolution, accumulator_mismatch, resolve_all
 from .interrupts import held
 from .sparse import IndexedSlices
 
@@ -77,7 +77,7 @@ def atomic() -> AbstractContextManager[None]:
 
 @dataclass
 class Accumulators:
-    """``beta1_power``, ``beta2_power``: float32 0-dim tensors shared by a group."""
+    """``beta1_power``, ``beta2_power``: 0-dim tensors in β's dtype (see :mod:`tfadam.hyper`)."""
 
     beta1_power: torch.Tensor
     beta2_power: torch.Tensor
@@ -85,7 +85,9 @@ class Accumulators:
     @classmethod
     def create(cls, beta1: float | torch.Tensor, beta2: float | torch.Tensor) -> Accumulators:
         def start(beta: float | torch.Tensor) -> torch.Tensor:
-            return torch.as_tensor(beta).detach().to("cpu", torch.float32).clone().reshape(())
+            # A Python number is float32 to TF; a tensor or NumPy value keeps its dtype.
+            dtype = torch.float32 if type(beta) in (int, float) else torch.as_tensor(beta).dtype
+            return torch.as_tensor(beta).detach().to("cpu", dtype).clone().reshape(())
 
         return cls(start(beta1), start(beta2))
 
@@ -166,7 +168,7 @@ class BetaPowers:
 
     ``alpha = lr * sqrt(1 - β2^t) / (1 - β1^t)`` with the accumulators as
     ``β^t`` (:func:`tfadam.rule.tf1_coefficients`); :meth:`advance` multiplies
-    each accumulator by its β in float32.
+    each accumulator by its β, in the accumulator's dtype (β's, as TF converts it).
     """
 
     def __init__(self, plan: Plan) -> None:
@@ -174,12 +176,13 @@ class BetaPowers:
             raise ValueError("BetaPowers needs a plan prepared with accumulators=...")
         self._hyper = plan.hyper
         self._accumulators = plan.accumulators
-        # float32 accumulators (checked by prepare) are read once for all
-        # dtypes: each read is a walk through torch's cold code.
-        self._powers = (
-            kernels.float32_value(plan.accumulators.beta1_power),
-            kernels.float32_value(plan.accumulators.beta2_power),
-        )
+        # float32 accumulators (a Python β's: the common case) are read once for
+        # all dtypes: each read is a walk through torch's cold code. Others (a
+        # NumPy or tensor β's dtype) stay tensors, which the rule casts as TF does.
+        powers: tuple[Any, Any] = (plan.accumulators.beta1_power, plan.accumulators.beta2_power)
+        if powers[0].dtype == torch.float32 and powers[1].dtype == torch.float32:
+            powers = (kernels.float32_value(powers[0]), kernels.float32_value(powers[1]))
+        self._powers = powers
 
     def coefficients(self, dtype: torch.dtype) -> rule.Coefficients:
         hyper = self._hyper
@@ -254,6 +257,11 @@ def prepare(
     """
     if accumulators is not None:
         guard.check_accumulators(accumulators.beta1_power, accumulators.beta2_power, "")
+        mismatch = accumulator_mismatch(
+            hyper.beta1, hyper.beta2, accumulators.beta1_power, accumulators.beta2_power
+        )
+        if mismatch:  # TF fails here only after the variables moved
+            raise TypeError(mismatch)
     common = _uniformly_plain(updates, options)
     if common is not None:
         key, slots_complete = common
@@ -369,7 +377,7 @@ def execute(plan: Plan, schedule: Schedule) -> None:
             )
         # Grappler folds only constants: a β2 given as a tensor (TF: a variable or
         # placeholder) keeps the eager rounding in a TF1 Session too (measured).
-        numerics = options.numerics if isinstance(plan.hyper.beta2, float) else "eager"
+        numerics = options.numerics if plan.hyper.beta2_constant else "eager"
         for u in plan.sparse:
             assert isinstance(u.grad, IndexedSlices)
             if options.amsgrad:
@@ -423,7 +431,11 @@ def _amsgrad_sparse(u: Update, c: rule.Coefficients, options: Options) -> None:
     # TF has no sparse AMSGrad kernel: its optimizers densify such gradients,
     # and so do we (an IndexedSlices applied as the dense gradient it stands for).
     assert isinstance(u.grad, IndexedSlices)
-    dense = torch.zeros_like(u.param).index_add_(0, u.grad.indices, u.grad.values)
+    # Duplicate rows summed in sequence, in T, as TF's unsorted_segment_sum
+    # (index_add_ sums float16/bfloat16 in float32, rounding once).
+    rows, summed = rule.deduplicate(u.grad.indices, u.grad.values)
+    dense = torch.zeros_like(u.param)
+    dense[rows] = summed
     kernels.dense_step(
         [u.param],
         [dense],

@@ -52,7 +52,7 @@ from .errors import (
     NonFiniteGradientError,
     StateDictError,
 )
-from .hyper import Resolution, resolve_all
+from .hyper import Resolution, accumulator_mismatch, resolve_all
 from .kernels.scalars import float32_value
 from .sparse import IndexedSlices, check_indices
 
@@ -539,13 +539,16 @@ def accumulator_problem(power: Any) -> str | None:
 
     >>> accumulator_problem(torch.tensor(0.81)) is None
     True
-    >>> accumulator_problem(torch.tensor(0.81, dtype=torch.float64))
-    'is a torch.float64 tensor of shape (), not a float32 scalar'
+    >>> accumulator_problem(torch.tensor(0.81, dtype=torch.float64)) is None
+    True
+    >>> accumulator_problem(torch.tensor([0.81, 0.9]))
+    'is a torch.float32 tensor of shape (2,), not a floating scalar'
     """
     if not isinstance(power, torch.Tensor):
         return f"is a {type(power).__name__}, not a tensor"
-    if power.dtype != torch.float32 or power.numel() != 1:
-        return f"is a {power.dtype} tensor of shape {tuple(power.shape)}, not a float32 scalar"
+    # The dtypes TF can give it: β's, as convert_to_tensor makes it (see tfadam.hyper).
+    if power.dtype not in FLOATING or power.numel() != 1:
+        return f"is a {power.dtype} tensor of shape {tuple(power.shape)}, not a floating scalar"
     if power.is_meta:
         return "is on the meta device (it has no value)"
     if power.is_inference() and not torch.is_inference_mode_enabled():
@@ -557,21 +560,21 @@ def accumulator_problem(power: Any) -> str | None:
 
 
 def check_accumulators(beta1_power: Any, beta2_power: Any, where: str) -> None:
-    """Raise ``ValueError`` unless both are float32 scalars in [0, 1) that a step can update.
+    """Raise ``ValueError`` unless both are floating scalars in [0, 1) that a step can update.
 
     >>> check_accumulators(torch.tensor(0.9), torch.tensor(float("nan")), "param_groups[0] ")
     Traceback (most recent call last):
     ...
     ValueError: param_groups[0] beta2_power is nan, outside [0, 1) (it is a product of betas \
-in [0, 1)); TF keeps the beta-power accumulators as float32 scalars in [0, 1). Was the state \
-edited or saved by another optimizer?
+in [0, 1)); TF keeps the beta-power accumulators as scalars in [0, 1), in β's dtype. Was the \
+state edited or saved by another optimizer?
     """
     for key, power in (("beta1_power", beta1_power), ("beta2_power", beta2_power)):
         problem = accumulator_problem(power)
         if problem:
             raise ValueError(
-                f"{where}{key} {problem}; TF keeps the beta-power accumulators as float32 "
-                "scalars in [0, 1). Was the state edited or saved by another optimizer?"
+                f"{where}{key} {problem}; TF keeps the beta-power accumulators as scalars "
+                "in [0, 1), in β's dtype. Was the state edited or saved by another optimizer?"
             )
 
 
@@ -857,7 +860,7 @@ def _check_group(group: Mapping[str, Any], where: str) -> list[str] | None:
     # tensors can be checked now. A neutral value stands in for a callable.
     neutral = {"lr": 0.0, "beta1": 0.0, "beta2": 0.0, "epsilon": 0.0}
     try:
-        resolve_all(
+        resolved = resolve_all(
             *(
                 neutral[k] if callable(v) and not isinstance(v, torch.Tensor) else v
                 for k, v in values.items()
@@ -873,9 +876,14 @@ def _check_group(group: Mapping[str, Any], where: str) -> list[str] | None:
             problem = accumulator_problem(power)
             if problem:
                 raise StateDictError(
-                    f"{where} {key} {problem}. TF keeps the beta-power accumulators as float32 "
-                    "scalars in [0, 1); the state_dict was edited or saved by another optimizer."
+                    f"{where} {key} {problem}. TF keeps the beta-power accumulators as scalars "
+                    "in [0, 1), in β's dtype; the state_dict was edited or saved by another "
+                    "optimizer."
                 )
+        if not any(callable(beta) and not isinstance(beta, torch.Tensor) for beta in betas):
+            mismatch = accumulator_mismatch(resolved.beta1, resolved.beta2, *accumulators)
+            if mismatch:
+                raise StateDictError(f"{where}: {mismatch}")
     names = group.get("param_names")
     return list(names) if isinstance(names, (list, tuple)) else None
 

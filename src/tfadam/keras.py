@@ -87,8 +87,8 @@ def _as_scalar(value: Any, what: str) -> float | torch.Tensor:
     """A Python number stays a number; a tensor-like (torch, numpy, TF) becomes a 0-dim tensor."""
     if isinstance(value, bool):
         raise TypeError(f"{what} must be a number or a scalar tensor; got {value!r}.")
-    if isinstance(value, (int, float)):
-        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, np.generic):
+        return float(value)  # (np.float64 is a float, but float64 to ops.cast: below)
     if isinstance(value, torch.Tensor):
         tensor = value.detach().cpu()
     else:
@@ -123,11 +123,14 @@ def _number(value: Any, name: str, *, optional: bool = False) -> float | None:
             f"fails at the first step with 'Attempt to convert a value ... to a Tensor'). "
             f"Received: {name}={value!r}"
         )
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # np.float64 is a float subclass, but Keras types it float64 in its promotion
+    # (measured: a float16 variable's m then differs from a Python float's).
+    if isinstance(value, (bool, np.generic)) or not isinstance(value, (int, float)):
         raise TypeError(
             f"Argument `{name}` must be a Python number; received {type(value).__name__} "
             f"{value!r}. Pass float(...) (tfadam.keras follows Keras' arithmetic for Python "
-            "numbers; tensor-valued betas, epsilon or decay are not supported)."
+            "numbers; Keras computes with a NumPy scalar or a tensor in its own dtype, which "
+            "tfadam.keras does not reproduce)."
         )
     return float(value) if isinstance(value, float) else value
 

@@ -20,7 +20,7 @@ import torch
 from . import engine, guard, hooks
 from .eager import eager_only
 from .errors import StateDictError
-from .hyper import Hyper, Resolution
+from .hyper import Hyper, Resolution, accumulator_mismatch
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]] | Iterable[tuple[str, torch.Tensor]]
 
@@ -342,6 +342,9 @@ def _accumulators_of(
     if powers[0] is None and powers[1] is None:
         return engine.Accumulators.create(hyper.beta1, hyper.beta2), True
     guard.check_accumulators(*powers, where)
+    mismatch = accumulator_mismatch(hyper.beta1, hyper.beta2, *powers)
+    if mismatch:  # while planning: no group has moved yet
+        raise TypeError(f"{where}{mismatch}")
     return engine.Accumulators(*powers), False
 
 

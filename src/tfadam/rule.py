@@ -314,12 +314,12 @@ def amsgrad_swaps_additions(dtype: torch.dtype) -> bool:
 def advance_accumulators(
     beta1_power: torch.Tensor, beta2_power: torch.Tensor, beta1: HyperValue, beta2: HyperValue
 ) -> None:
-    """After each apply call: ``beta_power = float32(beta_power * float32(β))``, in place.
+    """After each apply call: ``beta_power = A(beta_power * β)``, in place, in its dtype ``A``.
 
-    The accumulators are float32 whatever the variables' dtype (TF keeps them
-    as float32 non-slot variables); like every TF op the product flushes
-    subnormals to zero.
+    ``A`` is β's dtype as TF converts it (float32 for a Python float, whatever
+    the variables' dtype; float64 for a NumPy float64, see :mod:`tfadam.hyper`);
+    like every TF op the product flushes subnormals to zero.
     """
-    t = TFArithmetic(torch.float32)
-    beta1_power.copy_(t.mul(beta1_power, cast_scalar(beta1, torch.float32)))
-    beta2_power.copy_(t.mul(beta2_power, cast_scalar(beta2, torch.float32)))
+    for power, beta in ((beta1_power, beta1), (beta2_power, beta2)):
+        t = TFArithmetic(power.dtype)
+        power.copy_(t.mul(power, cast_scalar(beta, power.dtype)))

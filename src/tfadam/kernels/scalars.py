@@ -4,9 +4,10 @@
 step (~90 µs); :func:`tf1_coefficients` here computes the same numbers with
 Python floats (~10 µs), which matters when the step itself is short (many
 small parameters, lazy sparse steps). It is proven equal to the rule by the
-tests, and falls back to the rule whenever a hyperparameter is a tensor of a
-dtype other than float32 (TF casts such a tensor from its own dtype; that cast
-is torch's to reproduce, not ours).
+tests, and falls back to the rule whenever a hyperparameter or an
+accumulator is a tensor of a dtype other than float32 (TF casts such a tensor
+from its own dtype, and keeps the accumulators in β's dtype: see
+:mod:`tfadam.hyper`; the rule reproduces those casts).
 
 Why Python floats are exact here: every operation is computed in float64 and
 rounded once to ``T``. For ``+ - * / sqrt`` on ``T`` values, rounding the
