@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 
-from . import guard, kernels, rule
+from . import compat, guard, kernels, rule
 from .hyper import Resolution, resolve_all
 from .sparse import IndexedSlices, check_indices
 
@@ -289,12 +288,7 @@ def create_slots(
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
-def _dtensor_class() -> type | None:
-    # A DTensor can only exist once torch.distributed.tensor has been imported;
-    # looking the class up in sys.modules spares every tfadam import the ~0.6 s
-    # that importing it costs.
-    module = sys.modules.get("torch.distributed.tensor")
-    return None if module is None else module.DTensor
+_dtensor_class = compat.dtensor_class  # DTensor's module depends on the torch version
 
 
 def _is_dtensor(t: object) -> bool:

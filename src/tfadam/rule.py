@@ -37,6 +37,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from . import compat
+
 Numerics = Literal["eager", "graph"]
 HyperValue = float | torch.Tensor
 
@@ -176,6 +178,8 @@ class TFArithmetic:
         x = self._flush(x)
         if self.dtype == torch.bfloat16 and x.dtype == torch.float32:
             return _float32_to_bfloat16(x)
+        if self.dtype == torch.float16 and x.dtype == torch.float32:
+            return compat.float32_to_float16(x)  # NaN bits differ between torch versions
         return x.to(self.dtype)
 
 

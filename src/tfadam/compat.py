@@ -1,0 +1,84 @@
+"""Every place where tfadam depends on which torch is installed.
+
+tfadam supports torch from :data:`MINIMUM` on (see the README's "Supported
+torch versions"); ``.ci/run`` runs the suite on both ends of that range. Each
+difference between torch versions that tfadam meets is handled here, once,
+with the version that changed it, so that call sites stay version-free and
+``tests/test_compat.py`` can name the branch the installed torch takes.
+
+Example:
+    >>> import torch
+    >>> from tfadam import compat
+    >>> compat.TORCH >= compat.MINIMUM
+    True
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+def _release(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a torch version string such as ``2.13.0+cpu``.
+
+    >>> _release("2.5.1+cu121"), _release("2.15.0")
+    ((2, 5), (2, 15))
+    """
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+#: The installed torch, ``(major, minor)``.
+TORCH = _release(torch.__version__)
+#: The oldest torch tfadam is tested on (pyproject's ``torch>=`` bound).
+MINIMUM = (2, 4)
+
+# DTensor's module. torch 2.5 made ``torch.distributed.tensor`` DTensor's
+# public home; in torch 2.4 that package only holds tensor parallelism and
+# DTensor lives in ``torch.distributed._tensor`` (which 2.5+ keeps as an alias).
+DTENSOR_MODULE = "torch.distributed.tensor" if TORCH >= (2, 5) else "torch.distributed._tensor"
+
+
+def dtensor_class() -> type | None:
+    """``DTensor``, or None where no DTensor can exist yet.
+
+    A DTensor can only exist once its module has been imported; looking the
+    class up in ``sys.modules`` spares every tfadam import the ~0.6 s that
+    importing it costs.
+
+    >>> cls = dtensor_class()
+    >>> cls is None or cls.__name__ == "DTensor"
+    True
+    """
+    module = sys.modules.get(DTENSOR_MODULE)
+    return None if module is None else module.DTensor
+
+
+# float32 -> float16 of a NaN. TF converts with x86's F16C (``vcvtps2ph``): the
+# NaN keeps its sign and the top 10 bits of its payload and becomes quiet.
+# torch 2.13 and later do the same on every element. torch 2.4 does it only in
+# its vectorised loop; its scalar loop (a tensor's tail, or any tensor of fewer
+# than 16 elements) makes every NaN 0x7fff. Versions between 2.4 and 2.13 are
+# not measured and take the explicit conversion, which is right on any torch.
+FLOAT16_NAN_NATIVE = TORCH >= (2, 13)
+
+
+def float32_to_float16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (float32) rounded to float16 as x86's ``vcvtps2ph``, NaN bits included.
+
+    >>> nan = torch.tensor([0x7F812345], dtype=torch.int32).view(torch.float32)
+    >>> hex(float32_to_float16(nan).view(torch.int16).item())
+    '0x7e09'
+    """
+    narrow = x.to(torch.float16)
+    if FLOAT16_NAN_NATIVE:
+        return narrow
+    nan = torch.isnan(x)
+    if not bool(nan.any()):
+        return narrow
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    half = ((bits >> 16) & 0x8000) | 0x7E00 | ((bits >> 13) & 0x3FF)
+    half = torch.where(half >= 2**15, half - 2**16, half).to(torch.int16)
+    return torch.where(nan, half.view(torch.float16), narrow)
