@@ -39,6 +39,10 @@ MINIMUM = (2, 4)
 # public home; in torch 2.4 that package only holds tensor parallelism and
 # DTensor lives in ``torch.distributed._tensor`` (which 2.5+ keeps as an alias).
 DTENSOR_MODULE = "torch.distributed.tensor" if TORCH >= (2, 5) else "torch.distributed._tensor"
+# FSDP2's ``fully_shard`` (what hands tfadam DTensor parameters): public in
+# ``torch.distributed.fsdp`` since torch 2.6, ``torch.distributed._composable.fsdp``
+# before. tfadam never imports it; tests and users' code look it up here.
+FSDP2_MODULE = "torch.distributed.fsdp" if TORCH >= (2, 6) else "torch.distributed._composable.fsdp"
 
 
 def dtensor_class() -> type | None:
