@@ -1,6 +1,6 @@
 """Which branch of ``tfadam.compat`` the installed torch takes, and that each gives TF's bits.
 
-``.ci/run`` runs this file on both ends of the supported range (torch 2.4 and
+``.ci/run`` runs this file on both ends of the supported range (torch 2.6 and
 the newest), so each version-dependent branch runs where it applies.
 """
 
@@ -21,7 +21,7 @@ NAN_BITS = [0x7FC00000, 0x7FC12000, 0xFFC12000, 0x7F812345, 0x7F800001, 0xFFC000
 NAN_BITS += [0xFFFFE000, 0x7FA00000, 0xFF800001]
 PLAIN = [0.0, -0.0, 1.0, -2.5, 65504.0, 70000.0, 1e-8, float("inf"), float("-inf")]
 # Lengths below, at and above torch's vector width, and with a scalar tail:
-# torch 2.4 converts the tail with a different loop than the body.
+# torch's conversion of the tail runs another loop than the body's.
 LENGTHS = [1, 3, 10, 16, 17, 40, 1000]
 
 
@@ -68,25 +68,17 @@ def test_torch_float16_branch_matches_what_torch_does() -> None:
         np.testing.assert_array_equal(native, tf_bits16(x))
 
 
-@pytest.mark.skipif(compat.TORCH != (2, 4), reason="the measured torch 2.4 difference")
-def test_torch_2_4_scalar_loop_loses_float16_nan_bits() -> None:
-    # Why the explicit branch exists: torch 2.4's scalar loop makes NaNs 0x7fff.
-    assert not compat.FLOAT16_NAN_NATIVE
-    x = np.array([0x7F812345], dtype=np.uint32).view(np.float32)
-    assert bits16(torch.from_numpy(x).to(torch.float16)).tolist() == [0x7FFF]
-    assert tf_bits16(x).tolist() == [0x7E09]
-
-
 def test_dtensor_module_holds_dtensor() -> None:
-    expected = "torch.distributed.tensor" if compat.TORCH >= (2, 5) else "torch.distributed._tensor"
-    assert compat.DTENSOR_MODULE == expected
     module = importlib.import_module(compat.DTENSOR_MODULE)
     assert compat.dtensor_class() is module.DTensor
 
 
-def test_fsdp2_module_holds_fully_shard() -> None:
-    if compat.TORCH >= (2, 6):
-        assert compat.FSDP2_MODULE == "torch.distributed.fsdp"
-    else:
-        assert compat.FSDP2_MODULE == "torch.distributed._composable.fsdp"
-    assert callable(importlib.import_module(compat.FSDP2_MODULE).fully_shard)
+def test_profiler_of_all_threads_exists_where_compat_says() -> None:
+    from torch._C._profiler import _ExperimentalConfig
+
+    try:
+        _ExperimentalConfig(profile_all_threads=True)
+        exists = True
+    except TypeError:  # torch < 2.7: no such option
+        exists = False
+    assert exists == compat.PROFILER_OF_ALL_THREADS == (compat.TORCH >= (2, 7))

@@ -11,7 +11,6 @@ on two fresh processes and on one plain process (2 -> 1).
 
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 from typing import Any
@@ -35,13 +34,11 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 import tfadam
-from tfadam.compat import DTENSOR_MODULE, FSDP2_MODULE
 from tfadam.distributed import init_state
-
-fully_shard = importlib.import_module(FSDP2_MODULE).fully_shard
-DTensor = importlib.import_module(DTENSOR_MODULE).DTensor
 
 STEPS = 4
 RESUME_AT = 2  # the checkpoint holds the state before this step

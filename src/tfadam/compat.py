@@ -33,16 +33,16 @@ def _release(version: str) -> tuple[int, int]:
 #: The installed torch, ``(major, minor)``.
 TORCH = _release(torch.__version__)
 #: The oldest torch tfadam is tested on (pyproject's ``torch>=`` bound).
-MINIMUM = (2, 4)
+MINIMUM = (2, 6)
 
-# DTensor's module. torch 2.5 made ``torch.distributed.tensor`` DTensor's
-# public home; in torch 2.4 that package only holds tensor parallelism and
-# DTensor lives in ``torch.distributed._tensor`` (which 2.5+ keeps as an alias).
-DTENSOR_MODULE = "torch.distributed.tensor" if TORCH >= (2, 5) else "torch.distributed._tensor"
-# FSDP2's ``fully_shard`` (what hands tfadam DTensor parameters): public in
-# ``torch.distributed.fsdp`` since torch 2.6, ``torch.distributed._composable.fsdp``
-# before. tfadam never imports it; tests and users' code look it up here.
-FSDP2_MODULE = "torch.distributed.fsdp" if TORCH >= (2, 6) else "torch.distributed._composable.fsdp"
+# DTensor's module: ``torch.distributed.tensor``, public there since torch 2.5
+# (torch 2.4 kept it in ``torch.distributed._tensor``, below the supported range).
+DTENSOR_MODULE = "torch.distributed.tensor"
+
+# A profiler of all threads (``_ExperimentalConfig(profile_all_threads=True)``)
+# exists from torch 2.7; tfadam's step protocol (``hooks.stepped``) reads the
+# process-wide profiler flag that it sets on the torch versions that have it.
+PROFILER_OF_ALL_THREADS = TORCH >= (2, 7)
 
 
 def dtensor_class() -> type | None:
