@@ -3,3 +3,28 @@ import os
 # TensorFlow is the oracle; keep its start-up chatter out of test logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import pytest  # noqa: E402
+
+# The quick tier (`pytest -m "not slow"`) leaves out these modules: each spends
+# its time in subprocesses, process groups, a compiler or a long random search.
+# The bitwise core (the kernels against the reference, every face against TF)
+# stays in. A single test can also carry @pytest.mark.slow itself.
+SLOW_MODULES = {
+    "test_distributed_ddp.py": "spawns gloo process groups",
+    "test_distributed_fsdp.py": "spawns gloo process groups",
+    "test_distributed_example.py": "runs torchrun",
+    "test_kernels_compile.py": "torch.compile with inductor",
+    "test_kernels_bench.py": "runs the benchmark",
+    "test_reliab_crash.py": "kills subprocesses mid-write",
+    "test_reliab_properties.py": "1,250 hypothesis examples",
+    "test_checkpoint_convert.py": "runs the converter in subprocesses",
+    "test_checkpoint_no_tf.py": "a subprocess without TensorFlow",
+    "test_compare.py": "runs the demo",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
