@@ -68,6 +68,16 @@ def test_torch_float16_branch_matches_what_torch_does() -> None:
         np.testing.assert_array_equal(native, tf_bits16(x))
 
 
+@pytest.mark.skipif(compat.TORCH != (2, 6), reason="the difference measured on torch 2.6")
+def test_torch_2_6_scalar_loop_loses_float16_nan_bits() -> None:
+    # Why the explicit branch exists: at the floor of the range, torch's scalar
+    # loop makes every NaN 0x7fff where TF keeps sign and payload.
+    assert not compat.FLOAT16_NAN_NATIVE
+    x = np.array([0x7F812345, 0xFFC12000], dtype=np.uint32).view(np.float32)
+    assert bits16(torch.from_numpy(x).to(torch.float16)).tolist() == [0x7FFF, 0x7FFF]
+    assert tf_bits16(x).tolist() == [0x7E09, -0x01F7]  # 0xfe09 as int16
+
+
 def test_dtensor_module_holds_dtensor() -> None:
     module = importlib.import_module(compat.DTENSOR_MODULE)
     assert compat.dtensor_class() is module.DTensor

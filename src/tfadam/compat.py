@@ -62,10 +62,11 @@ def dtensor_class() -> type | None:
 
 # float32 -> float16 of a NaN. TF converts with x86's F16C (``vcvtps2ph``): the
 # NaN keeps its sign and the top 10 bits of its payload and becomes quiet.
-# torch 2.13 and later do the same on every element. torch 2.4 does it only in
-# its vectorised loop; its scalar loop (a tensor's tail, or any tensor of fewer
-# than 16 elements) makes every NaN 0x7fff. Versions between 2.4 and 2.13 are
-# not measured and take the explicit conversion, which is right on any torch.
+# torch 2.13 and later do the same on every element (measured on 2.13.0 and
+# 2.15.0). torch 2.6 (and 2.4) do it only in their vectorised loop; their scalar
+# loop (a tensor's tail, or a tensor shorter than a vector) makes every NaN
+# 0x7fff (measured on 2.6.0, 2.4.1). Versions between 2.6 and 2.13 are not
+# measured and take the explicit conversion, which is right on any torch.
 FLOAT16_NAN_NATIVE = TORCH >= (2, 13)
 
 
