@@ -92,3 +92,11 @@ def test_profiler_of_all_threads_exists_where_compat_says() -> None:
     except TypeError:  # torch < 2.7: no such option
         exists = False
     assert exists == compat.PROFILER_OF_ALL_THREADS == (compat.TORCH >= (2, 7))
+
+
+def test_fsdp2_on_cpu_where_compat_says() -> None:
+    if compat.TORCH >= (2, 13):
+        assert compat.FSDP2_RUNS_ON_CPU
+    if compat.TORCH == (2, 6):
+        assert not compat.FSDP2_RUNS_ON_CPU
+        assert not compat.INDUCTOR_COMPILES_SPARSE_EMBEDDING

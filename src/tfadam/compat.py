@@ -44,6 +44,17 @@ DTENSOR_MODULE = "torch.distributed.tensor"
 # process-wide profiler flag that it sets on the torch versions that have it.
 PROFILER_OF_ALL_THREADS = TORCH >= (2, 7)
 
+# What torch lacks below some release, for the tests that run on this CPU-only
+# machine (tfadam's own code is the same on every torch):
+# FSDP2 records events on its communication streams, and torch.cpu.Stream has
+# no record_event in torch 2.6.0 (measured: a CPU model fails in fully_shard's
+# first forward); 2.13.0 and 2.15.0 have it. Below that FSDP2 needs CUDA.
+FSDP2_RUNS_ON_CPU = hasattr(torch.cpu.Stream, "record_event")
+# inductor's embedding lowering asserts on a sparse=True embedding in torch
+# 2.6.0 and 2.4.1 (measured), not in 2.13.0 or 2.15.0; releases between are
+# not measured and taken to fail.
+INDUCTOR_COMPILES_SPARSE_EMBEDDING = TORCH >= (2, 13)
+
 
 def dtensor_class() -> type | None:
     """``DTensor``, or None where no DTensor can exist yet.
