@@ -4,11 +4,11 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import pytest  # noqa: E402
+
 # tfadam before any test module imports TensorFlow: with a CUDA build of torch
 # (triton >= 3.7) triton must load before TF >= 2.20 or a later torch.compile
 # segfaults the worker (README, troubleshooting); tfadam's import sees to it.
-import pytest  # noqa: E402
-
 import tfadam  # noqa: E402, F401
 
 # The quick tier (`pytest -m "not slow"`) leaves out these modules: each spends
