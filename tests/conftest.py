@@ -28,8 +28,20 @@ SLOW_MODULES = {
     "test_compare.py": "runs the demo",
 }
 
+# Single tests that rebuild the kernels, fork or start TF graphs (measured the
+# slowest of the quick tier): the build and process variants of the core.
+SLOW_TESTS = {
+    "test_kernels.py::test_kernels_leave_torchs_threads_float_mode_alone",
+    "test_kernels.py::test_without_avx512_paths",
+    "test_kernels.py::test_bfloat16_without_avx512_bf16_instructions",
+    "test_kernels.py::test_kernels_work_in_a_forked_child",
+    "test_kernels.py::test_own_thread_pool_build_agrees",
+    "test_keras.py::test_keras_inside_tf_function",
+}
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.name in SLOW_MODULES:
+        name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+        if item.path.name in SLOW_MODULES or name in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
