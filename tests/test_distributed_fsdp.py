@@ -38,7 +38,13 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import tfadam
+from tfadam.compat import FSDP2_RUNS_ON_CPU
 from tfadam.distributed import init_state
+
+pytestmark = pytest.mark.skipif(
+    not FSDP2_RUNS_ON_CPU,
+    reason=f"torch {torch.__version__}'s FSDP2 needs CUDA (torch.cpu.Stream has no record_event)",
+)
 
 STEPS = 4
 RESUME_AT = 2  # the checkpoint holds the state before this step

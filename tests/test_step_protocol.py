@@ -20,6 +20,7 @@ from torch.optim.optimizer import (
 )
 
 import tfadam
+from tfadam import compat
 
 
 def optimizers() -> list[torch.optim.Optimizer]:
@@ -157,6 +158,9 @@ def test_hooks_see_a_keyword_closure_as_torchs_do() -> None:
     assert logs[1][0] == ("pre", True, 1, True, ["closure"])
 
 
+@pytest.mark.skipif(
+    not compat.PROFILER_OF_ALL_THREADS, reason="torch < 2.7 has no profiler of all threads"
+)
 def test_a_profiler_of_all_threads_sees_a_step_in_another_thread() -> None:
     from torch._C._profiler import _ExperimentalConfig
 

@@ -45,7 +45,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from . import rule
+from . import compat, rule
 from .errors import (
     BetaRoundsToOneWarning,
     EpsilonUnderflowWarning,
@@ -145,13 +145,7 @@ _CHOICES = {
 PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
-def dtensor_class() -> type | None:
-    """``torch.distributed.tensor.DTensor`` if that module is loaded, else None."""
-    # A DTensor can only exist once torch.distributed.tensor has been imported;
-    # looking the class up in sys.modules spares every tfadam import the ~0.6 s
-    # that importing it costs.
-    module = sys.modules.get("torch.distributed.tensor")
-    return None if module is None else getattr(module, "DTensor", None)
+dtensor_class = compat.dtensor_class  # DTensor's module depends on the torch version
 
 
 def is_dtensor(t: object) -> bool:

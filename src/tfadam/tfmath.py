@@ -33,6 +33,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import compat
+
 __all__ = [
     "TFArithmetic",
     "exact_sqrt",
@@ -240,4 +242,6 @@ class TFArithmetic:
         x = self._flush(x)
         if self.dtype == torch.bfloat16 and x.dtype == torch.float32:
             return float32_to_bfloat16(x)
+        if self.dtype == torch.float16 and x.dtype == torch.float32:
+            return compat.float32_to_float16(x)  # NaN bits differ between torch versions
         return x.to(self.dtype)
