@@ -11,8 +11,10 @@ So :func:`arrange` (run by ``import tfadam``) loads triton when it is
 installed, TensorFlow is installed, and neither is loaded yet (~0.12 s, only
 in environments that have both). When TensorFlow is loaded already and
 triton is not, nothing tfadam does at import loads triton; it warns that the
-next thing that does (an optimizer's constructor, ``torch.compile``) will
-crash, and how to avoid it: import tfadam (or ``triton``) before tensorflow.
+next thing that does will crash (torch's: the constructor of ``tfadam.Adam``
+and of every ``torch.optim`` optimizer, ``torch.compile``), and how to avoid
+it: import tfadam (or ``triton``) before tensorflow. tfadam's TF1 and Keras
+faces do not load triton.
 
 Example:
     >>> from tfadam import import_order
@@ -77,9 +79,11 @@ def arrange() -> Outcome:
     if "tensorflow" in sys.modules:
         if _known_to_crash():
             warnings.warn(
-                "tfadam: tensorflow was imported before triton; loading triton now (torch "
-                "does on the first torch.optim optimizer or torch.compile) would crash the "
-                f"process (TensorFlow's LLVM, loaded globally). To avoid it: {HINT}.",
+                "tfadam: tensorflow was imported before triton, and loading triton now "
+                "crashes the process (TensorFlow's LLVM is loaded globally). torch loads it "
+                "in the constructor of tfadam.Adam and of every torch.optim optimizer, and in "
+                "torch.compile; tfadam.AdamOptimizer and tfadam.keras.Adam do not. "
+                f"To avoid it: {HINT}.",
                 RuntimeWarning,
                 stacklevel=2,
             )
