@@ -4,11 +4,14 @@ A kernel receives tensors and :class:`~tfadam.rule.Coefficients` — never a
 param group or an optimizer. :func:`dense_step` and :func:`sparse_step` pick
 the fastest implementation that handles the given tensors:
 
-* CPU: the fused C kernels of :mod:`tfadam.kernels.cpu` (compiled on first
-  use, see :mod:`tfadam.kernels.native`), for plain tensors in a dense layout;
+* CPU: the fused C kernels of :mod:`tfadam.kernels.cpu` (prebuilt at install
+  time or compiled on first use, see :mod:`tfadam.kernels.native`; :func:`which`
+  says which), for plain tensors in a dense layout;
 * CUDA: :mod:`tfadam.kernels.cuda` (multi-tensor torch ops, each rounding once);
 * anything else (other devices, tensor subclasses such as DTensor, layouts
-  the C loop cannot walk, no C compiler): :mod:`tfadam.kernels.reference`.
+  the C loop cannot walk, no C kernels): :mod:`tfadam.kernels.reference`.
+  Where the C kernels are missing, the first step warns once, with what that
+  costs (:data:`REFERENCE_SLOWDOWN`) and how to get them.
 
 All of them give the same bits; the tests prove it with ``==`` on integer views.
 The per-step scalars (:func:`tf1_coefficients`, :func:`advance_accumulators`)
@@ -27,6 +30,8 @@ Example:
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from itertools import chain
 
@@ -34,7 +39,7 @@ import torch
 
 from .. import rule
 from ..eager import eager_only
-from . import cpu, cuda, reference
+from . import cpu, cuda, native, reference
 from .scalars import advance_accumulators, float32_value, tf1_coefficients
 
 __all__ = [
@@ -43,6 +48,7 @@ __all__ = [
     "float32_value",
     "sparse_step",
     "tf1_coefficients",
+    "which",
 ]
 
 # Plain tensors only: a tensor subclass (DTensor, FakeTensor, ...) may have no
@@ -52,6 +58,65 @@ _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 
 def _plain(tensors: Iterable[torch.Tensor]) -> bool:
     return _PLAIN.issuperset(map(type, tensors))
+
+
+def which() -> str:
+    """Which CPU kernels run here: prebuilt, compiled at run time, or reference (and why).
+
+    Loads them if not done yet. ``python -m tfadam.kernels`` prints it.
+
+    >>> which().split()[0] in ("prebuilt", "compiled", "reference")
+    True
+    """
+    return str(native.selection())
+
+
+# A step's time on the reference kernels over its time on the C kernels, per
+# benchmark workload: measured by benchmarks/reference_cost.py on this
+# project's x86-64 machine (benchmarks/RESULTS.md, "Without the C kernels").
+REFERENCE_SLOWDOWN: dict[str, tuple[str, float]] = {
+    "D1": ("16 tensors x 1,000,000 float32 (dense)", 0.0),
+    "D2": ("2,000 tensors x 4,096 float32 (dense)", 0.0),
+    "D3": ("16 tensors x 1,000,000 bfloat16 (dense)", 0.0),
+    "S1": ("a 250,000 x 64 float32 table, 4,096 rows a step (sparse)", 0.0),
+    "S2": ("a 250,000 x 64 float32 table, 4,096 rows a step (lazy sparse)", 0.0),
+}
+_warned: list[native.Selection] = []  # the selection warned about (native.reset makes a new one)
+
+
+def _warn_reference(workload: str) -> None:
+    """Once per kernel selection: this step runs the reference kernels, at what cost."""
+    chosen = native.selection()
+    if chosen.detail == "TFADAM_KERNELS=reference" or any(w is chosen for w in _warned):
+        return
+    _warned[:] = [chosen]
+    description, slowdown = REFERENCE_SLOWDOWN[workload]
+    warnings.warn(
+        "tfadam: no C kernels here, so steps run the reference kernels: the same bits, "
+        f"slower (measured {slowdown:.0f}x slower on {description}, "
+        f"the benchmark workload most like this step). Why: {chosen.detail}. "
+        "For the fast kernels: install tfadam with pip on x86-64 Linux (the wheel carries "
+        "them prebuilt), or install a C compiler (gcc or clang; or set TFADAM_CC) to build "
+        "them on first use. `python -m tfadam.kernels` says which kernels run.",
+        RuntimeWarning,
+        stacklevel=_user_stacklevel(),
+    )
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first caller outside tfadam and torch (the user's step)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
+        ("tfadam.", "torch.")
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _dense_workload(thetas: Sequence[torch.Tensor]) -> str:
+    if thetas[0].element_size() == 2:
+        return "D3"
+    return "D2" if sum(map(torch.Tensor.numel, thetas)) < 65_536 * len(thetas) else "D1"
 
 
 @eager_only
@@ -77,19 +142,21 @@ def dense_step(
         return
     device = thetas[0].device.type
     plain = _plain(chain(thetas, grads, ms, vs, vhats or ()))
-    if plain and device == "cpu" and cpu.available():
-        skipped = cpu.dense_step(thetas, grads, ms, vs, vhats, c, nesterov=nesterov)
-        if skipped:
-            reference.dense_step(
-                [thetas[i] for i in skipped],
-                [grads[i] for i in skipped],
-                [ms[i] for i in skipped],
-                [vs[i] for i in skipped],
-                None if vhats is None else [vhats[i] for i in skipped],
-                c,
-                nesterov=nesterov,
-            )
-        return
+    if plain and device == "cpu":
+        if cpu.available():
+            skipped = cpu.dense_step(thetas, grads, ms, vs, vhats, c, nesterov=nesterov)
+            if skipped:
+                reference.dense_step(
+                    [thetas[i] for i in skipped],
+                    [grads[i] for i in skipped],
+                    [ms[i] for i in skipped],
+                    [vs[i] for i in skipped],
+                    None if vhats is None else [vhats[i] for i in skipped],
+                    c,
+                    nesterov=nesterov,
+                )
+            return
+        _warn_reference(_dense_workload(thetas))
     if plain and device == "cuda":
         cuda.dense_step(thetas, grads, ms, vs, vhats, c, nesterov=nesterov)
         return
@@ -118,11 +185,12 @@ def sparse_step(
     # x * rsqrt(v) form when ε is 0 in T is rare and left to the reference.
     folded = numerics == "graph" and theta.dtype in (torch.float32, torch.float64)
     graph_rsqrt = numerics == "graph" and c.epsilon == 0 and not lazy
-    if (
+    on_cpu = theta.device.type == "cpu" and _plain((theta, m, v, indices, values))
+    if on_cpu and not cpu.available():
+        _warn_reference("S2" if lazy else "S1")
+    elif (
         not graph_rsqrt
-        and theta.device.type == "cpu"
-        and _plain((theta, m, v, indices, values))
-        and cpu.available()
+        and on_cpu
         and cpu.sparse_step(
             theta, m, v, indices, values, c, lazy=lazy, numerics="graph" if folded else "eager"
         )
