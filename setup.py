@@ -4,15 +4,15 @@
 once per x86-64 level (``native.PREBUILT_LEVELS``) into
 ``tfadam/kernels/prebuilt/``: plain shared libraries that tfadam loads with
 ctypes, no Python headers, so the wheel is one per platform for every Python 3
-(``py3-none-linux_x86_64``). Run time picks the best level the CPU runs, so
-a machine without a C compiler still runs the fast kernels.
+(``py3-none-linux_x86_64``). A machine without a C compiler runs the best
+level its CPU has; one with a compiler builds its own on first use, as before
+(``-march=native`` and torch's OpenMP threads, which no wheel can know).
 
 The flags, the compile and the loader's self-tests are those of the run-time
 build: ``native.py`` is loaded here by path (it imports only the standard
 library at its top; torch need not be importable in the build environment).
 What the build cannot do is link torch's OpenMP runtime, which it does not
-know; the prebuilt kernels use their own thread pool (the run-time build,
-where a C compiler exists, still can: ``TFADAM_KERNELS=compiled``).
+know; the prebuilt kernels use their own thread pool.
 
 A failed level (an old compiler without ``-march=x86-64-v4``, say) is
 skipped with a warning; no C compiler, or a platform other than x86-64

@@ -1,13 +1,14 @@
-"""Load the C kernels (``cpu_adam.c``): prebuilt at install time, or built on first use.
+"""Load the C kernels (``cpu_adam.c``): built on first use, or prebuilt at install time.
 
-The C source has no torch or Python headers. ``pip install`` (``setup.py``)
-compiles it once per x86-64 level (:data:`PREBUILT_LEVELS`: baseline, v3 =
-AVX2, v4 = AVX-512) into ``tfadam/kernels/prebuilt/``; the best level this
-CPU runs is loaded, no compiler needed. Where there is none (an install
-without a compiler, a platform without a wheel), the kernels compile on first
-use with the system C compiler and ``-march=native`` (about a second),
-cached in a per-user directory keyed by a hash of the source, the compiler,
-the flags and the CPU. Where neither works, :func:`library` returns ``None``
+The C source has no torch or Python headers. Where a C compiler works, it
+compiles on first use with ``-march=native`` (about a second), linked to
+torch's OpenMP runtime where torch uses GNU OpenMP, cached in a per-user
+directory keyed by a hash of the source, the compiler, the flags and the
+CPU. Where none does (slim containers), the kernels ``pip install``
+(``setup.py``) compiled once per x86-64 level (:data:`PREBUILT_LEVELS`:
+baseline, v3 = AVX2, v4 = AVX-512) into ``tfadam/kernels/prebuilt/`` run:
+the best level this CPU runs (portable flags, their own thread pool, the
+same bits). Where neither works, :func:`library` returns ``None``
 (and says why in :func:`unavailable_reason`); the dispatch then uses the
 reference kernels, which give the same bits, slower. :func:`selection` says
 which kernels were chosen.
@@ -412,22 +413,25 @@ def _choose(mode: str) -> tuple[ctypes.CDLL | None, Selection]:
         return None, Selection(
             "reference", f"TFADAM_KERNELS={mode!r} is none of {', '.join(MODES)}"
         )
+    # auto: the run-time build where a compiler works (-march=native, AVX512-BF16
+    # included, and torch's own OpenMP threads: measured 1.3x faster than the
+    # prebuilt x86-64-v4 kernels on D3, see benchmarks/RESULTS.md), else prebuilt.
     errors = []
-    if kind in ("auto", "prebuilt"):
-        try:
-            return load_prebuilt(level or None)
-        except OSError as error:
-            errors.append(f"prebuilt kernels: {error}")
     if kind in ("auto", "compiled"):
         try:
             return _build(None, ())
         except OSError as error:
             errors.append(f"run-time build: {error}")
+    if kind in ("auto", "prebuilt"):
+        try:
+            return load_prebuilt(level or None)
+        except OSError as error:
+            errors.append(f"prebuilt kernels: {error}")
     return None, Selection("reference", "; ".join(errors))
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels (prebuilt, else compiled on first use); ``None`` if unavailable."""
+    """The loaded kernels (compiled on first use, else prebuilt); ``None`` if unavailable."""
     global _library, _loaded, _selection
     if _loaded:
         return _library
