@@ -103,6 +103,7 @@ def test_wheel_runs_prebuilt_kernels_without_a_compiler(tmp_path: Path) -> None:
         PYTHONPATH=str(ROOT / "tests"),  # kernel_cases only
     )
     query = run([str(python), "-m", "tfadam.kernels"], env=env, cwd=tmp_path).stdout
+    print(f"{wheel.name}, installed without a C compiler on PATH:\n{query}")  # (pytest -s)
     best = native.cpu_levels()[0]
     assert f"tfadam CPU kernels: prebuilt ({best}, own thread pool): {purelib}/tfadam/" in query
     checked = run([str(python), "-c", textwrap.dedent(CHECK)], env=env, cwd=tmp_path).stdout
