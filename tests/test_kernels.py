@@ -36,7 +36,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module", params=BUILDS or ["none"])
+# The run-time build in the quick tier; every prebuilt level in the full suite.
+PARAMS = [
+    pytest.param(build, marks=[pytest.mark.slow] if build.startswith("prebuilt") else [])
+    for build in BUILDS or ["none"]
+]
+
+
+@pytest.fixture(autouse=True, scope="module", params=PARAMS)
 def c_kernels(request: pytest.FixtureRequest) -> Iterator[str]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TFADAM_KERNELS", request.param)
