@@ -2,6 +2,9 @@
 
 Every comparison is ``==`` on integer views of θ, m, v (and vhat); see
 :func:`kernel_cases.assert_same_bits` for the one exception (NaN payloads).
+The whole module runs once per C kernel build this machine has: the run-time
+build (``-march=native``) and each prebuilt x86-64 level (installed by
+``setup.py``) this CPU runs.
 """
 
 from __future__ import annotations
@@ -18,15 +21,44 @@ from kernel_cases import DTYPES, assert_same_bits, random_tensor
 from tfadam import kernels, rule, tfmath
 from tfadam.kernels import cpu, native, reference
 
+
+def kernel_builds() -> list[str]:
+    """``TFADAM_KERNELS`` values of every C kernel build this machine has."""
+    builds = ["compiled"] if native.compiler() is not None else []
+    return builds + [
+        f"prebuilt:{level}" for level in native.cpu_levels() if native.prebuilt_path(level).exists()
+    ]
+
+
+BUILDS = kernel_builds()
 pytestmark = pytest.mark.skipif(
-    native.compiler() is None, reason="no C compiler: only the reference kernels exist here"
+    not BUILDS, reason="no C compiler and no prebuilt kernels: only the reference kernels exist"
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def c_kernels() -> None:
+# The run-time build in the quick tier; every prebuilt level in the full suite.
+PARAMS = [
+    pytest.param(build, marks=[pytest.mark.slow] if build.startswith("prebuilt") else [])
+    for build in BUILDS or ["none"]
+]
+
+
+@pytest.fixture(autouse=True, scope="module", params=PARAMS)
+def c_kernels(request: pytest.FixtureRequest) -> Iterator[str]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TFADAM_KERNELS", request.param)
+        native.reset()
+        assert cpu.available(), f"no C kernels ({request.param}): {native.unavailable_reason()}"
+        assert native.selection().source == request.param.partition(":")[0]
+        yield request.param
     native.reset()
-    assert cpu.available(), f"the C kernels failed to build: {native.unavailable_reason()}"
+
+
+@pytest.fixture
+def run_time_build(c_kernels: str) -> None:
+    """For tests of the run-time build's variants: once, with the run-time build."""
+    if c_kernels != "compiled":
+        pytest.skip("a test of the run-time build (run with TFADAM_KERNELS=compiled)")
 
 
 @contextlib.contextmanager
@@ -343,7 +375,9 @@ def test_conversions_exhaustive() -> None:
         assert_same_bits(got, expected, f"float32 -> {dtype}")
 
 
-def test_without_avx512_paths(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_without_avx512_paths(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, run_time_build: None
+) -> None:  # type: ignore[no-untyped-def]
     """The loops of machines without AVX-512, on whole tensors.
 
     float16 by bit manipulation (where AVX-512 exists it only runs the last
@@ -392,7 +426,7 @@ def _cpu_flags() -> str:
     reason="no AVX512-BF16 on this CPU: the default build already rounds by bits",
 )
 def test_bfloat16_without_avx512_bf16_instructions(
-    tmp_path, monkeypatch: pytest.MonkeyPatch
+    tmp_path, monkeypatch: pytest.MonkeyPatch, run_time_build: None
 ) -> None:  # type: ignore[no-untyped-def]
     """bfloat16 rounding by bit manipulation, where vcvtne2ps2bf16 does not exist."""
     without = native.build(tmp_path, extra_flags=["-mno-avx512bf16"])
@@ -409,9 +443,12 @@ def test_bfloat16_without_avx512_bf16_instructions(
         assert_states_equal(actual, expected)
 
 
-def test_no_compiler_falls_back_to_reference(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_no_compiler_falls_back_to_reference(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, run_time_build: None
+) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("TFADAM_CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("TFADAM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TFADAM_KERNELS", "compiled")  # (and no prebuilt ones)
     native.reset()
     try:
         shapes = [(129,)]
@@ -458,7 +495,7 @@ def test_floor_kernel_does_its_trivial_arithmetic() -> None:
     assert t16.tolist() == [3] * 70 and v16.tolist() == [-2] * 70
 
 
-def test_threads_are_torchs_own_where_torch_uses_gnu_openmp() -> None:
+def test_threads_are_torchs_own_where_torch_uses_gnu_openmp(run_time_build: None) -> None:
     """The kernels run on torch's OpenMP team, not a second set of threads.
 
     torch's workers spin for a while after each parallel op; helper threads
@@ -488,7 +525,9 @@ def test_kernels_leave_torchs_threads_float_mode_alone() -> None:
         assert bool((tiny + tiny > 0).all())
 
 
-def test_own_thread_pool_build_agrees(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_own_thread_pool_build_agrees(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, run_time_build: None
+) -> None:  # type: ignore[no-untyped-def]
     """The build for torch builds without GNU OpenMP: the kernels' own pool."""
     monkeypatch.setenv("TFADAM_OPENMP", "0")
     pooled = native.build(tmp_path)

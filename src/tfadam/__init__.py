@@ -15,7 +15,7 @@ Example:
     >>> opt.step()
 """
 
-from . import keras
+from . import import_order, keras
 from .checkpoint import load_tf_checkpoint
 from .distributed import init_state
 from .errors import (
@@ -49,3 +49,7 @@ __all__ = [
     "save_checkpoint",
 ]
 __version__ = "0.1.0"
+
+# TensorFlow (>= 2.20) and triton crash in one process unless triton is loaded
+# first: load it now where both are installed (see import_order).
+import_order.arrange()

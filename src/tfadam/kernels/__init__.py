@@ -5,9 +5,12 @@ param group or an optimizer. :func:`dense_step` and :func:`sparse_step` pick
 the fastest implementation that handles the given tensors:
 
 * CPU: the fused C kernels of :mod:`tfadam.kernels.cpu` (compiled on first
-  use, see :mod:`tfadam.kernels.native`), for plain tensors in a dense layout;
+  use, or prebuilt at install time, see :mod:`tfadam.kernels.native`; :func:`which`
+  says which), for plain tensors in a dense layout;
 * other CPU tensors (tensor subclasses such as DTensor, layouts the C loop
-  cannot walk, no C compiler): :mod:`tfadam.kernels.reference`;
+  cannot walk, no C kernels): :mod:`tfadam.kernels.reference`. Where the C
+  kernels are missing, the first step warns once, with what that costs
+  (:data:`REFERENCE_SLOWDOWN`) and how to get them;
 * tensors on any other device (CUDA included): copied to the CPU for the
   step, updated there as above, and copied back (:func:`through_cpu`).
 
@@ -35,6 +38,8 @@ Example:
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from typing import Literal
@@ -43,7 +48,7 @@ import torch
 
 from .. import rule
 from ..eager import eager_only
-from . import cpu, reference
+from . import cpu, native, reference
 from .scalars import advance_accumulators, float32_value, tf1_coefficients
 
 __all__ = [
@@ -54,6 +59,7 @@ __all__ = [
     "sparse_step",
     "through_cpu",
     "tf1_coefficients",
+    "which",
 ]
 
 # Plain tensors only: a tensor subclass (DTensor, FakeTensor, ...) may have no
@@ -110,6 +116,65 @@ def through_cpu(
         target.copy_(result)
 
 
+def which() -> str:
+    """Which CPU kernels run here: prebuilt, compiled at run time, or reference (and why).
+
+    Loads them if not done yet. ``python -m tfadam.kernels`` prints it.
+
+    >>> which().split()[0] in ("prebuilt", "compiled", "reference")
+    True
+    """
+    return str(native.selection())
+
+
+# A step's time on the reference kernels over its time on the C kernels, per
+# benchmark workload: measured by benchmarks/reference_cost.py on this
+# project's x86-64 machine (benchmarks/RESULTS.md, "Without the C kernels").
+REFERENCE_SLOWDOWN: dict[str, tuple[str, float]] = {
+    "D1": ("16 tensors x 1,000,000 float32 (dense)", 180.0),
+    "D2": ("2,000 tensors x 4,096 float32 (dense)", 105.0),
+    "D3": ("16 tensors x 1,000,000 bfloat16 (dense)", 215.0),
+    "S1": ("a 250,000 x 64 float32 table, 4,096 rows a step (sparse)", 293.0),
+    "S2": ("a 250,000 x 64 float32 table, 4,096 rows a step (lazy sparse)", 142.0),
+}
+_warned: list[native.Selection] = []  # the selection warned about (native.reset makes a new one)
+
+
+def _warn_reference(workload: str) -> None:
+    """Once per kernel selection: this step runs the reference kernels, at what cost."""
+    chosen = native.selection()
+    if chosen.detail == "TFADAM_KERNELS=reference" or any(w is chosen for w in _warned):
+        return
+    _warned[:] = [chosen]
+    description, slowdown = REFERENCE_SLOWDOWN[workload]
+    warnings.warn(
+        "tfadam: no C kernels here, so steps run the reference kernels: the same bits, "
+        f"slower (measured {slowdown:.0f}x slower on {description}, "
+        f"the benchmark workload most like this step). Why: {chosen.detail}. "
+        "For the fast kernels: install tfadam with pip on x86-64 Linux (the wheel carries "
+        "them prebuilt), or install a C compiler (gcc or clang; or set TFADAM_CC) to build "
+        "them on first use. `python -m tfadam.kernels` says which kernels run.",
+        RuntimeWarning,
+        stacklevel=_user_stacklevel(),
+    )
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first caller outside tfadam and torch (the user's step)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
+        ("tfadam.", "torch.")
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _dense_workload(thetas: Sequence[torch.Tensor]) -> str:
+    if thetas[0].element_size() == 2:
+        return "D3"
+    return "D2" if sum(map(torch.Tensor.numel, thetas)) < 65_536 * len(thetas) else "D1"
+
+
 @eager_only
 def dense_step(
     thetas: Sequence[torch.Tensor],
@@ -145,6 +210,11 @@ def dense_step(
     through_cpu([*thetas, *ms, *vs, *(vhats or ())], grads, on_cpu)
 
 
+def _for_want_of_kernels(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether plain CPU tensors go to the reference because no C kernels load here."""
+    return tensors[0].device.type == "cpu" and _plain(tensors) and not cpu.available()
+
+
 def _cpu_path() -> Path:
     """The path of plain CPU tensors (the copies :func:`through_cpu` makes)."""
     return "fused-cpu" if cpu.available() else "reference"
@@ -173,6 +243,8 @@ def _dense_on_cpu(
                 nesterov=nesterov,
             )
         return
+    if _for_want_of_kernels(thetas):
+        _warn_reference(_dense_workload(thetas))
     reference.dense_step(thetas, grads, ms, vs, vhats, c, nesterov=nesterov)
 
 
@@ -220,7 +292,9 @@ def _sparse_on_cpu(
     # x * rsqrt(v) form when ε is 0 in T is rare and left to the reference.
     folded = numerics == "graph" and theta.dtype in (torch.float32, torch.float64)
     graph_rsqrt = numerics == "graph" and c.epsilon == 0 and not lazy
-    if (
+    if path == "reference" and _for_want_of_kernels((theta, m, v)):
+        _warn_reference("S2" if lazy else "S1")
+    elif (
         not graph_rsqrt
         and path == "fused-cpu"
         and cpu.sparse_step(

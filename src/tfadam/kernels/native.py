@@ -1,14 +1,22 @@
-"""Build and load the C kernels (``cpu_adam.c``) on first use.
+"""Load the C kernels (``cpu_adam.c``): built on first use, or prebuilt at install time.
 
-The C source has no torch or Python headers, so it compiles in about a
-second with the system C compiler. The shared library is cached in a per-user
-directory, keyed by a hash of the source, the compiler, the flags and the CPU,
-so a warm start only loads it. Where no compiler works, :func:`library`
-returns ``None`` (and says why in :func:`unavailable_reason`); the dispatch
-then uses the reference kernels, which give the same bits, slower.
+The C source has no torch or Python headers. Where a C compiler works, it
+compiles on first use with ``-march=native`` (about a second), linked to
+torch's OpenMP runtime where torch uses GNU OpenMP, cached in a per-user
+directory keyed by a hash of the source, the compiler, the flags and the
+CPU. Where none does (slim containers), the kernels ``pip install``
+(``setup.py``) compiled once per x86-64 level (:data:`PREBUILT_LEVELS`:
+baseline, v3 = AVX2, v4 = AVX-512) into ``tfadam/kernels/prebuilt/`` run:
+the best level this CPU runs (portable flags, their own thread pool, the
+same bits). Where neither works, :func:`library` returns ``None``
+(and says why in :func:`unavailable_reason`); the dispatch then uses the
+reference kernels, which give the same bits, slower. :func:`selection` says
+which kernels were chosen.
 
 Environment:
-    ``TFADAM_KERNELS``: ``auto`` (default) or ``reference`` (never compile).
+    ``TFADAM_KERNELS``: ``auto`` (default), ``prebuilt`` (never compile;
+    ``prebuilt:x86-64-v3`` pins a level), ``compiled`` (never the prebuilt
+    ones) or ``reference`` (no C kernels).
     ``TFADAM_CACHE_DIR``: where to keep compiled kernels (default
     ``$XDG_CACHE_HOME/tfadam`` or ``~/.cache/tfadam``).
     ``TFADAM_CC``, then ``CC``: the C compiler (default: ``cc``, ``gcc``, ``clang``).
@@ -16,10 +24,16 @@ Environment:
     torch uses GNU OpenMP and the compiler is GCC) or ``0`` (always use the
     kernels' own thread pool).
 
+This module imports nothing outside the standard library at its top:
+``setup.py`` loads it by path to build the prebuilt kernels, where torch may
+not be importable.
+
 Example:
     >>> from tfadam.kernels import native
     >>> lib = native.library()
     >>> lib is None or lib.tfadam_abi_version() == native.ABI_VERSION
+    True
+    >>> native.selection().source in ("prebuilt", "compiled", "reference")
     True
 """
 
@@ -33,9 +47,10 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 ABI_VERSION = 3
 SOURCE = Path(__file__).with_name("cpu_adam.c")
@@ -57,10 +72,54 @@ GCC_FLAGS = ["--param", "vect-epilogues-nomask=0", "-fno-tree-loop-distribute-pa
 OPENMP_FLAGS = ["-fopenmp", "-DTFADAM_OPENMP"]
 PARTS = (1, 2)  # compiled in parallel, then linked (see TFADAM_PART in the C source)
 
+# The prebuilt kernels: one library per x86-64 microarchitecture level (the
+# psABI's, as GCC >= 11 and clang >= 12 name them), best first, with the
+# /proc/cpuinfo flags a CPU needs to run it. A wheel must run on any x86-64,
+# so no -march=native there. AVX512-BF16 (not in v4) is left to the run-time
+# build: it only makes bfloat16 rounding an instruction.
+PREBUILT_LEVELS: dict[str, tuple[str, ...]] = {
+    "x86-64-v4": (
+        *("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"),
+        *("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"),
+        *("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+    ),
+    "x86-64-v3": (
+        *("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"),
+        *("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"),
+    ),
+    "x86-64": (),
+}
+PREBUILT_DIR = Path(__file__).with_name("prebuilt")
+# Where setup.py builds them (the C source needs x86-64; ctypes loads ELF .so files).
+PREBUILT_PLATFORM = platform.system() == "Linux" and platform.machine().lower() in (
+    "x86_64",
+    "amd64",
+)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which kernels :func:`library` chose, and why.
+
+    ``source`` is ``"prebuilt"`` (built at install time), ``"compiled"`` (at
+    run time, on this machine) or ``"reference"`` (no C kernels: the
+    reference kernels, same bits, slower); ``detail`` the level and threads,
+    or the reason; ``path`` the shared library loaded.
+    """
+
+    source: Literal["prebuilt", "compiled", "reference"]
+    detail: str
+    path: str | None = None
+
+    def __str__(self) -> str:
+        where = f": {self.path}" if self.path else ""
+        return f"{self.source} ({self.detail}){where}"
+
+
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _loaded = False
-_reason: str | None = None
+_selection: Selection | None = None
 
 NAN_BLOCK = 256  # elements per NaN mark of the dense kernels (cpu_adam.c's NAN_BLOCK)
 
@@ -218,12 +277,11 @@ def _open(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def build(directory: Path | None = None, extra_flags: Sequence[str] = ()) -> ctypes.CDLL:
-    """Compile (unless cached) and load the kernels; raise ``OSError`` if impossible.
+def _is_gcc(cc: str) -> bool:
+    return "gcc" in os.path.basename(os.path.realpath(cc))
 
-    ``directory`` defaults to :func:`cache_dir`; ``extra_flags`` are added to
-    the compiler's (the tests use it to prove that FMA contraction would be caught).
-    """
+
+def _build(directory: Path | None, extra_flags: Sequence[str]) -> tuple[ctypes.CDLL, Selection]:
     cc = compiler()
     if cc is None:
         raise OSError("no C compiler found (set TFADAM_CC or CC, or install gcc or clang)")
@@ -231,12 +289,11 @@ def build(directory: Path | None = None, extra_flags: Sequence[str] = ()) -> cty
     errors = []
     # -march=native first (AVX-512 where there is one); a compiler that does
     # not know it (or the GCC-only flags) gets a simpler build.
-    is_gcc = "gcc" in os.path.basename(os.path.realpath(cc))
     attempts: list[tuple[list[str], list[str]]] = [
         (COMPILE_FLAGS + NATIVE_FLAGS, []),
         (COMPILE_FLAGS, []),
     ]
-    if is_gcc:
+    if _is_gcc(cc):
         attempts.insert(0, (COMPILE_FLAGS + NATIVE_FLAGS + GCC_FLAGS, []))
         runtime = openmp_runtime()
         if runtime is not None:  # linked to torch's libgomp by path: the same library
@@ -258,38 +315,147 @@ def build(directory: Path | None = None, extra_flags: Sequence[str] = ()) -> cty
         if link and _loaded_openmp_runtimes() != before:  # a second runtime: two thread teams
             errors.append(f"{target}: loading it brought a second OpenMP runtime")
             continue
-        return lib
+        march = "-march=native" if NATIVE_FLAGS[0] in flags else "no -march"
+        detail = f"{march}, {_threads(lib)}, by {os.path.basename(cc)}"
+        return lib, Selection("compiled", detail, str(target))
     raise OSError("\n".join(errors))
 
 
+def build(directory: Path | None = None, extra_flags: Sequence[str] = ()) -> ctypes.CDLL:
+    """Compile (unless cached) and load the kernels; raise ``OSError`` if impossible.
+
+    ``directory`` defaults to :func:`cache_dir`; ``extra_flags`` are added to
+    the compiler's (the tests use it to prove that FMA contraction would be caught).
+    """
+    return _build(directory, extra_flags)[0]
+
+
+def _threads(lib: ctypes.CDLL) -> str:
+    return "torch's OpenMP threads" if lib.tfadam_threading() else "own thread pool"
+
+
+def cpu_levels() -> list[str]:
+    """The :data:`PREBUILT_LEVELS` this CPU runs, best first (none off x86-64 Linux)."""
+    if not PREBUILT_PLATFORM:
+        return []
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    # The kernel lists a flag only where the OS saves its registers too (XSAVE).
+    have = set(flags.partition(":")[2].split())
+    return [level for level, needed in PREBUILT_LEVELS.items() if have.issuperset(needed)]
+
+
+def prebuilt_path(level: str, directory: Path = PREBUILT_DIR) -> Path:
+    """Where the kernels prebuilt for ``level`` are installed."""
+    return directory / f"tfadam_cpu_{level.replace('-', '_')}.so"
+
+
+def portable_flags(cc: str, level: str) -> list[str]:
+    """The flags of the prebuilt kernels for ``level``: as at run time, but no -march=native."""
+    flags = [*COMPILE_FLAGS, f"-march={level}", "-mtune=generic"]
+    return flags + GCC_FLAGS if _is_gcc(cc) else flags
+
+
+def build_prebuilt_level(level: str, target: Path, cc: str) -> str | None:
+    """Compile ``level``'s prebuilt kernels into ``target``; returns an error text or None.
+
+    For ``setup.py``, at install time. Where this CPU runs ``level``, the
+    library must also pass the loader's self-tests (else it is removed).
+    """
+    error = _compile(cc, portable_flags(cc, level), target)
+    if error is not None and _is_gcc(cc):  # an old GCC: without the tuning flags
+        error = _compile(cc, [*COMPILE_FLAGS, f"-march={level}"], target)
+    if error is None and level in cpu_levels():
+        try:
+            _open(target)
+        except OSError as failed:
+            target.unlink()
+            error = str(failed)
+    return error
+
+
+def load_prebuilt(level: str | None = None) -> tuple[ctypes.CDLL, Selection]:
+    """Load the prebuilt kernels: ``level``'s, or the best this CPU runs; else ``OSError``."""
+    runnable = cpu_levels()
+    if level is not None and level not in PREBUILT_LEVELS:
+        raise OSError(f"no such level {level!r} (choose from {', '.join(PREBUILT_LEVELS)})")
+    if level is not None and level not in runnable:
+        raise OSError(f"this CPU cannot run the {level} kernels")
+    if not runnable:
+        raise OSError(f"none are built for {platform.machine()} {platform.system()}")
+    errors = []
+    for candidate in [level] if level is not None else runnable:
+        path = prebuilt_path(candidate)
+        if not path.exists():
+            errors.append(f"{path.name} is not installed")
+            continue
+        try:
+            lib = _open(path)
+        except OSError as error:
+            errors.append(str(error))
+            continue
+        return lib, Selection("prebuilt", f"{candidate}, {_threads(lib)}", str(path))
+    raise OSError("; ".join(errors))
+
+
+MODES = ("auto", "prebuilt", "prebuilt:LEVEL", "compiled", "reference")
+
+
+def _choose(mode: str) -> tuple[ctypes.CDLL | None, Selection]:
+    """The kernels ``TFADAM_KERNELS=mode`` asks for: a library (or None) and why."""
+    if mode == "reference":
+        return None, Selection("reference", "TFADAM_KERNELS=reference")
+    kind, _, level = mode.partition(":")
+    if kind not in ("auto", "prebuilt", "compiled") or (level and kind != "prebuilt"):
+        return None, Selection(
+            "reference", f"TFADAM_KERNELS={mode!r} is none of {', '.join(MODES)}"
+        )
+    # auto: the run-time build where a compiler works (-march=native, AVX512-BF16
+    # included, and torch's own OpenMP threads: measured 1.3x faster than the
+    # prebuilt x86-64-v4 kernels on D3, see benchmarks/RESULTS.md), else prebuilt.
+    errors = []
+    if kind in ("auto", "compiled"):
+        try:
+            return _build(None, ())
+        except OSError as error:
+            errors.append(f"run-time build: {error}")
+    if kind in ("auto", "prebuilt"):
+        try:
+            return load_prebuilt(level or None)
+        except OSError as error:
+            errors.append(f"prebuilt kernels: {error}")
+    return None, Selection("reference", "; ".join(errors))
+
+
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, compiling them on first use; ``None`` if unavailable."""
-    global _library, _loaded, _reason
+    """The loaded kernels (compiled on first use, else prebuilt); ``None`` if unavailable."""
+    global _library, _loaded, _selection
     if _loaded:
         return _library
     with _lock:
         if _loaded:
             return _library
-        if os.environ.get("TFADAM_KERNELS", "auto").lower() == "reference":
-            _reason = "TFADAM_KERNELS=reference"
-        else:
-            try:
-                _library = build()
-            except OSError as error:
-                _reason = str(error)
-                warnings.warn(
-                    "tfadam: the C kernels are unavailable, using the reference kernels "
-                    f"(same bits, slower). Reason: {_reason}",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+        mode = os.environ.get("TFADAM_KERNELS", "auto").strip().lower() or "auto"
+        _library, _selection = _choose(mode)
         _loaded = True
         return _library
 
 
+def selection() -> Selection:
+    """Which kernels run (:class:`Selection`); loads them if not done yet."""
+    library()
+    assert _selection is not None
+    return _selection
+
+
 def unavailable_reason() -> str | None:
     """Why :func:`library` returned ``None`` (``None`` if it did not, or not tried yet)."""
-    return _reason
+    if _selection is None or _selection.source != "reference":
+        return None
+    return _selection.detail
 
 
 def reset() -> None:
@@ -298,6 +464,6 @@ def reset() -> None:
     For tests (e.g. of the no-compiler fallback); a library already loaded in
     this process stays mapped.
     """
-    global _library, _loaded, _reason
+    global _library, _loaded, _selection
     with _lock:
-        _library, _loaded, _reason = None, False, None
+        _library, _loaded, _selection = None, False, None
