@@ -125,15 +125,18 @@ def test_convert_replaces_a_link_at_out_instead_of_writing_through_it(tmp_path):
 
 
 def test_convert_output_errors_are_one_line(tmp_path):
+    # A missing folder or a folder at OUT is refused with the arguments (exit 2),
+    # before anything is read or written.
     prefix = _checkpoint(tmp_path)
     before = sorted(os.listdir(tmp_path))
     proc = _convert(prefix, str(tmp_path / "no-such-dir" / "model.pt"))
-    assert proc.returncode == 1
-    assert proc.stderr.startswith("error: cannot write") and "Traceback" not in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == before  # nothing written anywhere
     (tmp_path / "model.pt").mkdir()  # OUT is a directory: nothing written beside it
     proc = _convert(prefix, str(tmp_path / "model.pt"))
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
 
