@@ -105,7 +105,7 @@ def guarded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for module, names in (
         (compare, ["run_comparison", "_import_tensorflow", "plot"]),
         (bench, ["build_contenders", "run_interleaved", "measure_memory", "measure_cold_start"]),
-        (convert, ["convert", "BundleReader"]),
+        (convert, ["convert", "open_checkpoint"]),
     ):
         for name in names:
             monkeypatch.setattr(module, name, _no_work(f"{module.__name__}.{name}"))

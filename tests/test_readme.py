@@ -24,6 +24,8 @@ README = ROOT / "README.md"
 NOT_RUN: dict[str, str] = {
     r"pip install \.(\s|$)": "installs tfadam into the interpreter running this test; the "
     "setup commands do the same into .venv, and .ci/run runs them from a fresh clone",
+    r"python -m tfadam\.kernels(\s|$)": "asks the interpreter the Install block installed into; "
+    "tests/test_kernel_selection.py runs the same query",
     r"python3 -m venv \.venv$": "creates the environment this suite runs in (.ci/run runs it)",
     r"\.venv/bin/pip install -q -r requirements-dev\.txt -e \.$": "installs the environment "
     "this suite runs in (.ci/run runs it from a fresh clone)",

@@ -291,8 +291,8 @@ class AdamOptimizer:
         Traceback (most recent call last):
         ...
         ValueError: beta1_power is 1.5, outside [0, 1) (it is a product of betas in [0, 1)); TF \
-keeps the beta-power accumulators as float32 scalars in [0, 1). Was the state edited or saved \
-by another optimizer?
+keeps the beta-power accumulators as scalars in [0, 1), in β's dtype. Was the state edited or \
+saved by another optimizer?
         """
         self._load(beta1_power, beta2_power, slots or {}, replace=False)
 

@@ -2,5 +2,11 @@
 
 from . import native, which
 
-print(f"tfadam CPU kernels: {which()}")
-print(f"x86-64 levels this CPU runs: {', '.join(native.cpu_levels()) or 'none'}")
+
+def main() -> None:
+    print(f"tfadam CPU kernels: {which()}")
+    print(f"x86-64 levels this CPU runs: {', '.join(native.cpu_levels()) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
