@@ -186,8 +186,7 @@ def test_every_module_imports_on_its_own() -> None:
 # Private APIs of torch and the standard library that tfadam uses on purpose.
 ALLOWED = {
     ("tfadam.checkpoint.mapping", "_base"): "a view's base tensor: storage overlap of the model",
-    ("tfadam.guard", "_getframe"): "sys._getframe: the caller's frame for a warning's location",
-    ("tfadam.kernels", "_getframe"): "sys._getframe: the user's frame for the no-kernels warning",
+    ("tfadam.callsite", "_getframe"): "sys._getframe: the user's frame, where a warning points",
     ("tfadam.sparse", "_values"): "a COO tensor's values without coalescing (TF keeps duplicates)",
     ("tfadam.sparse", "_indices"): "a COO tensor's indices without coalescing",
     ("tfadam.hooks", "_optimizer_step_pre_hooks"): "torch.optim's step protocol, run by tfadam",

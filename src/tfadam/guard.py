@@ -34,7 +34,6 @@ has 1 non-finite element (0 NaN, 1 Inf), the first at index (1,); nothing was up
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 
 from . import compat, rule
+from .callsite import user_stacklevel
 from .errors import (
     BetaRoundsToOneWarning,
     EpsilonUnderflowWarning,
@@ -762,15 +762,7 @@ def _smallest_kept(dtype: torch.dtype) -> float:
 
 
 def _warn(message: str, category: type[Warning]) -> None:
-    warnings.warn(message, category, stacklevel=_first_caller_outside(("tfadam.", "torch.")))
-
-
-def _first_caller_outside(packages: tuple[str, ...]) -> int:
-    """The ``stacklevel`` of the user's line that led here (past torch's wrappers)."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(packages):
-        frame, level = frame.f_back, level + 1
-    return level
+    warnings.warn(message, category, stacklevel=user_stacklevel())
 
 
 _HYPER_KEYS = ("lr", "betas", "eps")

@@ -38,7 +38,6 @@ Example:
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
@@ -47,6 +46,7 @@ from typing import Literal
 import torch
 
 from .. import rule
+from ..callsite import user_stacklevel
 from ..eager import eager_only
 from . import cpu, native, reference
 from .scalars import advance_accumulators, float32_value, tf1_coefficients
@@ -155,18 +155,8 @@ def _warn_reference(workload: str) -> None:
         "them prebuilt), or install a C compiler (gcc or clang; or set TFADAM_CC) to build "
         "them on first use. `python -m tfadam.kernels` says which kernels run.",
         RuntimeWarning,
-        stacklevel=_user_stacklevel(),
+        stacklevel=user_stacklevel(),
     )
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` of the first caller outside tfadam and torch (the user's step)."""
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
-        ("tfadam.", "torch.")
-    ):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _dense_workload(thetas: Sequence[torch.Tensor]) -> str:
