@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .. import guard
 from .dtypes import DTYPES
 from .errors import CheckpointError
 from .formats import open_checkpoint
@@ -173,6 +174,26 @@ class _Optimizer:
         """Install the validated state; nothing here may fail on bad input."""
         raise NotImplementedError
 
+    def check(
+        self,
+        slots: dict[torch.Tensor, dict[str, torch.Tensor]],
+        shared: dict[str, torch.Tensor],
+    ) -> None:
+        """Raise unless :meth:`assign` can install this state: the checks a step makes."""
+        options = [
+            (param, named, f"the parameter of shape {tuple(param.shape)}", self.options(param))
+            for param, named in slots.items()
+        ]
+        powers = (
+            [(shared["beta1_power"], shared["beta2_power"], "the checkpoint's ")]
+            if "beta1_power" in shared
+            else []
+        )
+        guard.check_state(options, powers)
+
+    def options(self, param: torch.Tensor) -> guard.Options:
+        return guard.Options(amsgrad="vhat" in self.slot_names(param))
+
 
 class _TorchFace(_Optimizer):
     def __init__(self, opt: torch.optim.Optimizer) -> None:
@@ -259,6 +280,19 @@ class _KerasFace(_Optimizer):
         names += ["average"] if self.opt.use_ema else []
         names += ["gradient_accumulator"] if self.opt.gradient_accumulation_steps else []
         return names
+
+    def check(
+        self,
+        slots: dict[torch.Tensor, dict[str, torch.Tensor]],
+        shared: dict[str, torch.Tensor],
+    ) -> None:
+        # Keras' extra slots (average, gradient_accumulator) are not Adam's:
+        # the step's checks apply to m, v and vhat.
+        adam = {"m", "v", "vhat"}
+        super().check({p: {k: t for k, t in n.items() if k in adam} for p, n in slots.items()}, {})
+        counter = float(shared["iterations"])
+        if not (counter.is_integer() and counter >= 0):
+            raise ValueError(f"the checkpoint's iterations is {counter!r}, not a count >= 0")
 
     def assign(
         self,
@@ -484,7 +518,14 @@ def load_tf_checkpoint(
         if "beta1_power" in shared:
             result.accumulators = shared["beta1_power"], shared["beta2_power"]
 
-        # 3. assign: nothing below can fail on bad input
+        # 3. check what will be written, as a step checks it, before writing any
+        # of it: the model's tensors (writable, no two sharing memory) and the
+        # optimizer's state (slots like their parameters, accumulators in [0, 1)).
+        _check_writable([target for target, _, _ in plan])
+        if adapter is not None and shared_values:
+            adapter.check(slot_values, shared_values)
+
+        # 4. assign: nothing below can fail on bad input
         with torch.no_grad():
             for (target, _, _), value in zip(plan, values, strict=True):
                 target.tensor.copy_(value)
@@ -495,6 +536,16 @@ def load_tf_checkpoint(
         used |= {k for named in result.slots.values() for k in named.values()}
         result.unused = [k for k in reader.keys() if k not in used]
     return result
+
+
+def _check_writable(targets: list[_Target]) -> None:
+    """Raise ``ValueError`` unless every target can be copied into, each element once."""
+    for target in targets:
+        problem = guard.unwritable(target.tensor)
+        if problem:
+            raise ValueError(f"{target.label} ({guard.describe(target.tensor)}) {problem}")
+    labels = [target.label for target in targets]
+    guard.check_disjoint([t.tensor for t in targets], len(targets), labels.__getitem__)
 
 
 def _check_flavour(state: OptimizerState, adapter: _Optimizer, reader: Any, var: Variable) -> None:
