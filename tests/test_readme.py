@@ -70,13 +70,15 @@ def runnable(command: str) -> str:
 
 
 def as_here(command: str, scratch: Path) -> str:
+    if matching(COLLECT_ONLY, command):
+        command += " --collect-only"
+    # The README's scratch paths first: the environment's own path may lie under /tmp/.
+    command = command.replace("/tmp/", f"{scratch}/")
     venv_bin = ROOT / ".venv" / "bin"
     here_bin = Path(sys.executable).parent
     if venv_bin.resolve() != here_bin.resolve():
         command = command.replace(".venv/bin/", f"{here_bin}/")
-    if matching(COLLECT_ONLY, command):
-        command += " --collect-only"
-    return command.replace("/tmp/", f"{scratch}/")
+    return command
 
 
 def shell(command: str, scratch: Path) -> subprocess.CompletedProcess[str]:
