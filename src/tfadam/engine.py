@@ -32,9 +32,10 @@ from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
-from operator import attrgetter, itemgetter
+from operator import attrgetter, is_, itemgetter
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from . import guard, kernels, rule
@@ -53,6 +54,7 @@ __all__ = [
     "Plan",
     "Schedule",
     "SparseMode",
+    "Steady",
     "Update",
     "atomic",
     "check_state",
@@ -60,6 +62,7 @@ __all__ = [
     "execute",
     "prepare",
     "resolve_all",
+    "reuse",
 ]
 
 check_state = guard.check_state
@@ -219,6 +222,11 @@ class Plan:
             keeps no accumulators.
         written: every tensor the plan writes (variables, existing slots,
             accumulators), for checking later plans of the same step against.
+        steady: where every update is dense and plain on the CPU and its slots
+            exist, what :func:`reuse` needs to run the next step's plan
+            without preparing it again; else None.
+        grads: the gradients, in the order of ``steady``'s variables (with
+            ``steady`` only).
     """
 
     updates: tuple[Update, ...]
@@ -229,12 +237,214 @@ class Plan:
     fresh: tuple[Update, ...]
     accumulators: Accumulators | None
     written: tuple[torch.Tensor, ...]
+    steady: Steady | None = None
+    grads: Sequence[torch.Tensor] = ()
+    grad_pointers: Any = None  # (an array of ``grads``' addresses, once gathered)
 
     @property
     def dtypes(self) -> list[torch.dtype]:
         """The variables' dtypes, each once."""
         found = [dtype for (_, dtype), _ in self.dense]
         return list(dict.fromkeys(found + [u.param.dtype for u in self.sparse]))
+
+
+@dataclass(frozen=True, eq=False)
+class Steady:
+    """What a prepared plan leaves for the next step: its structure, no gradient.
+
+    Between two steps of a training loop nothing structural changes: the same
+    variables, the same slot tensors at the same addresses, the same options;
+    only the gradients are new. :func:`reuse` confirms that much (a few
+    C-level reads per tensor) and checks the new gradients, which is what
+    :func:`prepare` would find; the disjointness of the written tensors,
+    proven once, then still holds. A steady plan's dense step runs on a
+    :class:`tfadam.kernels.DenseBatch`, whose pointers are gathered once.
+    """
+
+    params: tuple[torch.Tensor, ...]
+    states: tuple[MutableMapping[str, torch.Tensor], ...]
+    slots: tuple[tuple[torch.Tensor, ...], ...]  # one column per slot name
+    names: tuple[str | Callable[[], str], ...]
+    dtype: torch.dtype
+    numels: list[int]
+    nbytes: np.ndarray  # of each variable (and of its gradient)
+    shapes: list[torch.Size] | None  # None where every variable is 1-d (its numel says it)
+    options: Options
+    powers: tuple[torch.Tensor, ...]  # the accumulators (identity)
+    earlier: tuple[Steady, ...]  # the earlier plans' of the same step, when this was made
+    written: tuple[torch.Tensor, ...]
+    starts: np.ndarray  # byte ranges written by this plan and the earlier ones, by start
+    ends: np.ndarray
+    batch: kernels.DenseBatch
+
+    @classmethod
+    def of(
+        cls,
+        updates: Sequence[Update],
+        written: tuple[torch.Tensor, ...],
+        options: Options,
+        accumulators: Accumulators | None,
+        earlier: Sequence[Plan],
+    ) -> Steady | None:
+        """The steady part of a plan of checked, dense, plain CPU updates of one dtype; or None."""
+        before = tuple(plan.steady for plan in earlier)
+        if any(s is None for s in before):
+            return None  # an earlier plan of this step may change the next time
+        params = tuple(map(_PARAM, updates))
+        states = tuple(map(_STATE, updates))
+        slots = tuple(tuple(map(itemgetter(name), states)) for name in options.slot_names)
+        grads = list(map(_GRAD, updates))
+        if not all(map(_is_contiguous, grads)):
+            return None
+        batch = kernels.dense_batch(
+            params, slots[0], slots[1], slots[2] if options.amsgrad else None
+        )
+        if batch is None:
+            return None
+        shapes = list(map(_SHAPE, params))
+        powers = (
+            () if accumulators is None else (accumulators.beta1_power, accumulators.beta2_power)
+        )
+        ranges = [*written, *(t for s in before for t in s.written)]  # type: ignore[union-attr]
+        starts = np.array(list(map(_data_ptr, ranges)), dtype=np.uint64)
+        ends = starts + np.array(list(map(_NBYTES, ranges)), dtype=np.uint64)
+        order = np.argsort(starts, kind="stable")
+        return cls(
+            params,
+            states,
+            slots,
+            tuple(u[3] for u in updates),
+            params[0].dtype,
+            list(map(_numel, params)),
+            np.array(list(map(_NBYTES, params)), dtype=np.uint64),
+            None if all(len(shape) == 1 for shape in shapes) else shapes,
+            options,
+            powers,
+            before,  # type: ignore[arg-type]
+            written,
+            starts[order],
+            np.maximum.accumulate(ends[order]),
+            batch,
+        )
+
+
+def reuse(
+    steady: Steady,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[Any],
+    states: Sequence[Any],
+    hyper: Resolution,
+    options: Options,
+    *,
+    accumulators: Accumulators | None = None,
+    earlier: Sequence[Plan] = (),
+    when: str = "apply call",
+) -> Plan | None:
+    """The plan :func:`prepare` would make for this step, if nothing structural changed; else None.
+
+    Confirms that the variables, their state dicts and slot tensors are the
+    ones ``steady`` was made from, still of its dtype, contiguous and at its
+    addresses; that the options and accumulators are the same and the earlier
+    plans of the step were reused too; and checks the new gradients as
+    :func:`prepare` does (plain, dense, contiguous, on the CPU, the variable's
+    dtype and shape, sharing no memory with a tensor the step writes). On
+    None, :func:`prepare` checks everything again and names what is wrong.
+    Modifies nothing.
+    """
+    if (
+        options != steady.options
+        or len(params) != len(steady.params)
+        or len(earlier) != len(steady.earlier)
+        or not all(map(is_, (plan.steady for plan in earlier), steady.earlier))
+        or not all(map(is_, params, steady.params))
+        or not all(map(is_, states, steady.states))
+    ):
+        return None
+    powers = () if accumulators is None else (accumulators.beta1_power, accumulators.beta2_power)
+    if len(powers) != len(steady.powers) or not all(map(is_, powers, steady.powers)):
+        return None
+    if accumulators is not None:
+        guard.check_accumulators(accumulators.beta1_power, accumulators.beta2_power, "")
+        mismatch = accumulator_mismatch(
+            hyper.beta1, hyper.beta2, accumulators.beta1_power, accumulators.beta2_power
+        )
+        if mismatch:
+            raise TypeError(mismatch)
+    dtype, slot_names = steady.dtype, options.slot_names
+    try:
+        if set(map(len, states)) != {len(slot_names)} or not all(
+            all(map(is_, map(itemgetter(name), states), column))
+            for name, column in zip(slot_names, steady.slots, strict=True)
+        ):
+            return None
+        # `.data = ...` keeps a tensor's identity but may change all of these.
+        if (
+            set(map(_DTYPE, params)) != {dtype}
+            or not all(map(_is_contiguous, params))
+            or not steady.batch.holds(params)
+        ):
+            return None
+        if (
+            not PLAIN.issuperset(map(type, grads))
+            or set(map(_DTYPE, grads)) != {dtype}
+            or not all(map(_IS_CPU, grads))
+            or not all(map(_is_contiguous, grads))  # (raises for a sparse layout)
+            or list(map(_numel, grads)) != steady.numels
+            or (
+                set(map(_dim, grads)) != {1}
+                if steady.shapes is None
+                else list(map(_SHAPE, grads)) != steady.shapes
+            )
+        ):
+            return None
+    except (KeyError, TypeError, RuntimeError):
+        return None
+    grad_pointers = kernels.pointers(grads)
+    starts = np.frombuffer(grad_pointers, dtype=np.uint64)
+    ends = starts + steady.nbytes
+    # Written ranges by start, with a running maximum of their ends: a gradient
+    # [s, e) overlaps one iff the last range starting before e ends after s.
+    below = np.searchsorted(steady.starts, ends, side="left")
+    reach = np.where(below > 0, steady.ends[np.maximum(below - 1, 0)], np.uint64(0))
+    if bool(np.any((reach > starts) & (ends > starts))):
+        return None  # prepare names the gradient that shares memory with what
+    if options.nonfinite == "raise":
+        guard.check_finite(zip(grads, map(_name_of, steady.names), strict=True), when)
+    updates = _Updates(steady, grads)
+    return Plan(
+        updates,  # type: ignore[arg-type]
+        hyper,
+        options,
+        (((torch.device("cpu"), dtype), updates),),  # type: ignore[arg-type]
+        (),
+        (),
+        accumulators,
+        steady.written,
+        steady,
+        grads,
+        grad_pointers,
+    )
+
+
+class _Updates(Sequence[Update]):
+    """A reused plan's updates, made only if someone looks (names in a later plan's error)."""
+
+    def __init__(self, steady: Steady, grads: Sequence[torch.Tensor]) -> None:
+        self._steady, self._grads = steady, grads
+        self._made: list[Update] | None = None
+
+    def __len__(self) -> int:
+        return len(self._grads)
+
+    def __getitem__(self, index: Any) -> Any:
+        if self._made is None:
+            s = self._steady
+            self._made = Update.many(s.params, self._grads, s.states, s.names)
+        return self._made[index]
+
+
+def _name_of(name: str | Callable[[], str]) -> str:
+    return name if isinstance(name, str) else name()
 
 
 def prepare(
@@ -282,19 +492,24 @@ def prepare(
     written = _written(checked, accumulators)
     # The fast path has seen every variable, slot and gradient on one device;
     # the accumulators live on the CPU.
-    one_device = (
+    on_cpu = (
         common is not None
         and common[0][0].type == "cpu"
-        and not earlier
         and (
             accumulators is None
             or (accumulators.beta1_power.is_cpu and accumulators.beta2_power.is_cpu)
         )
     )
-    _check_disjoint(checked, written, earlier, one_device)
+    _check_disjoint(checked, written, earlier, on_cpu and not earlier)
     if options.nonfinite == "raise":
         guard.check_finite(((u.grad, u.name) for u in checked), when)
-    return Plan(checked, hyper, options, dense, sparse, fresh, accumulators, written)
+    steady = None
+    if on_cpu and not fresh and dense:
+        steady = Steady.of(checked, written, options, accumulators, earlier)
+    if steady is None:
+        return Plan(checked, hyper, options, dense, sparse, fresh, accumulators, written)
+    grads = list(map(_GRAD, checked))
+    return Plan(checked, hyper, options, dense, sparse, fresh, accumulators, written, steady, grads)
 
 
 def _written(
@@ -364,7 +579,15 @@ def execute(plan: Plan, schedule: Schedule) -> None:
         coefficients = {dtype: schedule.coefficients(dtype) for dtype in plan.dtypes}
         for update in plan.fresh:
             create_slots(update.param, update.state, options)
-        for (_, dtype), group in plan.dense:
+        steady = plan.steady
+        if steady is not None:
+            steady.batch.step(
+                plan.grads,
+                plan.grad_pointers or kernels.pointers(plan.grads),
+                coefficients[steady.dtype],
+                nesterov=options.nesterov,
+            )
+        for (_, dtype), group in () if steady is not None else plan.dense:
             states = list(map(_STATE, group))
             kernels.dense_step(
                 _local(list(map(_PARAM, group))),
@@ -571,3 +794,5 @@ _DTYPE, _DEVICE, _SHAPE = attrgetter("dtype"), attrgetter("device"), attrgetter(
 _IS_LEAF, _IS_CPU, _LAYOUT = attrgetter("is_leaf"), attrgetter("is_cpu"), attrgetter("layout")
 _REQUIRES_GRAD, _IS_META = attrgetter("requires_grad"), attrgetter("is_meta")
 _stride, _is_inference = torch.Tensor.stride, torch.Tensor.is_inference
+_is_contiguous, _numel, _dim = torch.Tensor.is_contiguous, torch.Tensor.numel, torch.Tensor.dim
+_data_ptr, _NBYTES = torch.Tensor.data_ptr, attrgetter("nbytes")

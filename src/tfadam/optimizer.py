@@ -12,7 +12,7 @@ import operator
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache, partial
 from itertools import repeat
-from operator import attrgetter
+from operator import attrgetter, is_
 from typing import Any
 
 import torch
@@ -100,6 +100,8 @@ class Adam(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._nonfinite = nonfinite
         self._calls = 0  # step() calls that applied, to name the step in errors
+        self._steady: dict[int, engine.Steady] = {}  # per group index (engine.reuse)
+        self._seen: tuple[Any, list[Any], list[Any]] = (None, [], [])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, refusing invalid hyperparameters and options at once.
@@ -131,6 +133,8 @@ and finite.
         super().__setstate__(state)
         self.__dict__.setdefault("_nonfinite", "propagate")
         self.__dict__.setdefault("_calls", 0)
+        self._steady = {}  # the state was replaced: the next step prepares afresh
+        self._seen = (None, [], [])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``, all or nothing.
@@ -193,14 +197,11 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
             with torch.enable_grad():
                 loss = closure()
         plans: list[tuple[dict[str, Any], engine.Plan, bool, list[Any]]] = []
+        steadies: dict[int, engine.Steady] = {}
         when = f"step() #{self._calls + 1}"
         # Phase 1: every group is checked and planned before any is touched.
         for index, group in enumerate(self.param_groups):
-            updates, fresh = self._updates(index, group)
-            # An empty group still steps: it may be a ZeRO rank's share of a
-            # group that other ranks update (see the class docstring).
-            if not updates and group["params"]:
-                continue
+            params = group["params"]
             where = f"param_groups[{index}] "
             betas = group["betas"]
             if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -208,16 +209,36 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
             hyper = engine.resolve_all(group["lr"], betas[0], betas[1], group["eps"], where)
             options = _options(group, self._nonfinite, where)
             accumulators, new = _accumulators_of(group, hyper, where)
-            plan = engine.prepare(
-                updates,
-                hyper,
-                options,
-                accumulators=accumulators,
-                earlier=[p for _, p, _, _ in plans],
-                when=when,
-            )
+            earlier = [p for _, p, _, _ in plans]
+            steady = self._steady.get(index)
+            plan = None
+            if steady is not None and not new:
+                # The common step: the last step's plan, if nothing structural changed.
+                plan = engine.reuse(
+                    steady,
+                    params,
+                    list(map(_GRAD, params)),
+                    steady.states if self._state_unchanged() else list(map(self.state.get, params)),
+                    hyper,
+                    options,
+                    accumulators=accumulators,
+                    earlier=earlier,
+                    when=when,
+                )
+            fresh: list[Any] = []
+            if plan is None:
+                updates, fresh = self._updates(index, group)
+                # An empty group still steps: it may be a ZeRO rank's share of a
+                # group that other ranks update (see the class docstring).
+                if not updates and params:
+                    continue
+                plan = engine.prepare(
+                    updates, hyper, options, accumulators=accumulators, earlier=earlier, when=when
+                )
             guard.warn_numerics(self, plan.hyper, plan.dtypes)
             plans.append((group, plan, new, fresh))
+            if plan.steady is not None:
+                steadies[index] = plan.steady
         # Phase 2: arithmetic only, and the step's record with it, uninterruptible.
         with engine.atomic():
             for group, plan, new, fresh in plans:
@@ -230,7 +251,25 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
                     group["beta2_power"] = plan.accumulators.beta2_power
             if plans:
                 self._calls += 1
+        # Kept for the next step (structure only: no gradient stays referenced).
+        self._steady = steadies
+        self._seen = (self.state, list(self.state), list(self.state.values()))
         return loss
+
+    def _state_unchanged(self) -> bool:
+        """Whether ``self.state`` holds what the last step left: the same dicts for the same keys.
+
+        Then each parameter's state is the one its group's plan was made with.
+        Compared by identity, in C: looking each parameter up would hash it in
+        Python (``Tensor.__hash__``), which costs more than the whole check.
+        """
+        state, keys, values = self._seen
+        return (
+            state is self.state
+            and len(state) == len(keys)
+            and all(map(is_, state, keys))
+            and all(map(is_, state.values(), values))
+        )
 
     def _updates(
         self, index: int, group: dict[str, Any]

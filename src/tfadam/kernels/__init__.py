@@ -49,11 +49,15 @@ from .. import rule
 from ..callsite import user_stacklevel
 from ..eager import eager_only
 from . import cpu, native, reference
+from .cpu import DenseBatch, pointers
 from .scalars import advance_accumulators, float32_value, tf1_coefficients
 
 __all__ = [
+    "DenseBatch",
     "advance_accumulators",
+    "dense_batch",
     "dense_step",
+    "pointers",
     "float32_value",
     "path_for",
     "sparse_step",
@@ -198,6 +202,33 @@ def dense_step(
         _dense_on_cpu(_cpu_path(), thetas, read, ms, vs, vhats, c, nesterov)
 
     through_cpu([*thetas, *ms, *vs, *(vhats or ())], grads, on_cpu)
+
+
+def dense_batch(
+    thetas: Sequence[torch.Tensor],
+    ms: Sequence[torch.Tensor],
+    vs: Sequence[torch.Tensor],
+    vhats: Sequence[torch.Tensor] | None,
+) -> DenseBatch | None:
+    """A :class:`DenseBatch` over these tensors, where the fused C kernels take them all.
+
+    None where they do not (no C kernels, another device, a tensor subclass,
+    a layout other than contiguous): :func:`dense_step` then picks per call.
+    The caller checks that the tensors are of one dtype.
+
+    >>> batch = dense_batch([torch.ones(2)], [torch.zeros(2)], [torch.zeros(2)], None)
+    >>> batch is None or isinstance(batch, DenseBatch)
+    True
+    """
+    groups = [thetas, ms, vs] if vhats is None else [thetas, ms, vs, vhats]
+    tensors = list(chain.from_iterable(groups))
+    if (
+        not thetas
+        or path_for(thetas[0].device, plain=_plain(tensors)) != "fused-cpu"
+        or not all(map(torch.Tensor.is_contiguous, tensors))
+    ):
+        return None
+    return DenseBatch(thetas, ms, vs, vhats)
 
 
 def _for_want_of_kernels(tensors: Sequence[torch.Tensor]) -> bool:

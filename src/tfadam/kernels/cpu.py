@@ -23,7 +23,7 @@ from __future__ import annotations
 import ctypes
 from array import array
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import accumulate, chain
 
 import torch
@@ -42,6 +42,7 @@ MODES = {"eager": 0, "graph": 1, "lazy": 2}
 _is_contiguous = torch.Tensor.is_contiguous
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
+_detach = torch.Tensor.detach
 
 
 def available() -> bool:
@@ -92,9 +93,6 @@ def dense_step(
     walk); everything else is updated in place. The C library must be
     available (:func:`available`).
     """
-    lib = native.library()
-    assert lib is not None, "cpu.dense_step needs the C kernels (see cpu.available())"
-    name = DTYPE_NAMES[thetas[0].dtype]
     groups = [thetas, grads, ms, vs] if vhats is None else [thetas, grads, ms, vs, vhats]
     # The common case (every tensor contiguous) costs one C-level check per
     # tensor: with 2,000 small tensors, Python work per tensor is the bottleneck.
@@ -108,28 +106,98 @@ def dense_step(
         groups = [[g[i] for i in chosen] for g in groups]
     if not chosen:
         return skipped
-    pointers = [array("Q", map(_data_ptr, group)) for group in groups]
-    offsets = array("q", accumulate(map(_numel, groups[0]), initial=0))
-    block = native.NAN_BLOCK
-    nan_blocks = bytearray(2 * -(-offsets[-1] // block))  # a uint16 per block
-    status = getattr(lib, f"tfadam_dense_{name}")(
-        len(groups[0]),
-        pointers[0].buffer_info()[0],
-        pointers[1].buffer_info()[0],
-        pointers[2].buffer_info()[0],
-        pointers[3].buffer_info()[0],
-        pointers[4].buffer_info()[0] if vhats is not None else None,
-        offsets.buffer_info()[0],
-        _coefficients(c),
-        int(nesterov),
-        torch.get_num_threads(),
-        (ctypes.c_uint16 * (len(nan_blocks) // 2)).from_buffer(nan_blocks) if nan_blocks else None,
-    )
-    if status < 0:
-        raise RuntimeError(f"tfadam_dense_{name} failed with status {status}")
-    if status:
-        _dense_nan_blocks(groups, offsets, nan_blocks, block, c, nesterov)
+    vhats = groups[4] if vhats is not None else None
+    batch = DenseBatch(groups[0], groups[2], groups[3], vhats, alias_slots=False)
+    batch.step(groups[1], pointers(groups[1]), c, nesterov=nesterov)
     return skipped
+
+
+def pointers(tensors: Sequence[torch.Tensor]) -> array:
+    """The tensors' data pointers, as the C kernels take them (``uint64``)."""
+    return array("Q", map(_data_ptr, tensors))
+
+
+class DenseBatch:
+    """The variables and slots of one dense step, their pointers gathered once.
+
+    A step over thousands of small tensors spends more time gathering
+    pointers than computing; a batch keeps them, and :meth:`step` takes only
+    the gradients' (:func:`pointers`). The tensors must be contiguous plain
+    CPU tensors of one dtype. The variables must stay where they are while
+    the batch is used (:meth:`holds` says whether they do: ``p.data = x``
+    moves one). The slots are kept as the batch's own aliases (``detach()``:
+    the same memory, metadata of their own), so the memory the batch writes
+    stays allocated and shaped as it was, whatever is done to the slot
+    tensors given; the caller confirms that those are still the slots.
+
+    >>> theta, m, v = torch.ones(2), torch.zeros(2), torch.zeros(2)
+    >>> batch = DenseBatch([theta], [m], [v], None)
+    >>> c = rule.tf1_coefficients(lr=0.1, beta1=0.9, beta2=0.999, epsilon=1e-8,
+    ...                           beta1_power=0.9, beta2_power=0.999, dtype=torch.float32)
+    >>> g = [torch.ones(2)]
+    >>> batch.step(g, pointers(g), c, nesterov=False)
+    >>> theta, m
+    (tensor([0.9000, 0.9000]), tensor([0.1000, 0.1000]))
+    """
+
+    def __init__(
+        self,
+        thetas: Sequence[torch.Tensor],
+        ms: Sequence[torch.Tensor],
+        vs: Sequence[torch.Tensor],
+        vhats: Sequence[torch.Tensor] | None,
+        *,
+        alias_slots: bool = True,
+    ) -> None:
+        lib = native.library()
+        assert lib is not None, "DenseBatch needs the C kernels (see cpu.available())"
+        self._function = getattr(lib, f"tfadam_dense_{DTYPE_NAMES[thetas[0].dtype]}")
+        slots = [ms, vs] if vhats is None else [ms, vs, vhats]
+        # (a batch used once, within one step, needs no aliases)
+        alias: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]] = (
+            (lambda group: list(map(_detach, group))) if alias_slots else list
+        )
+        self._written = [list(thetas)] + [alias(group) for group in slots]
+        self._pointers = [pointers(group) for group in self._written]
+        self._offsets = array("q", accumulate(map(_numel, thetas), initial=0))
+
+    def holds(self, thetas: Sequence[torch.Tensor]) -> bool:
+        """Whether these variables are still at the batch's pointers."""
+        return pointers(thetas) == self._pointers[0]
+
+    def step(
+        self,
+        grads: Sequence[torch.Tensor],
+        grad_pointers: array,
+        c: rule.Coefficients,
+        *,
+        nesterov: bool,
+    ) -> None:
+        """Dense Adam on the batch, with these gradients (contiguous, same shapes)."""
+        offsets = self._offsets
+        thetas, ms, vs, vhats = self._pointers + [None] * (4 - len(self._pointers))
+        nan_blocks = bytearray(2 * -(-offsets[-1] // native.NAN_BLOCK))  # a uint16 per block
+        status = self._function(
+            len(grad_pointers),
+            thetas.buffer_info()[0],
+            grad_pointers.buffer_info()[0],
+            ms.buffer_info()[0],
+            vs.buffer_info()[0],
+            vhats.buffer_info()[0] if vhats is not None else None,
+            offsets.buffer_info()[0],
+            _coefficients(c),
+            int(nesterov),
+            torch.get_num_threads(),
+            (ctypes.c_uint16 * (len(nan_blocks) // 2)).from_buffer(nan_blocks)
+            if nan_blocks
+            else None,
+        )
+        if status < 0:
+            raise RuntimeError(f"{self._function.__name__} failed with status {status}")
+        if status:
+            written = self._written
+            groups = [written[0], list(grads), *written[1:]]
+            _dense_nan_blocks(groups, offsets, nan_blocks, native.NAN_BLOCK, c, nesterov)
 
 
 def _dense_nan_blocks(
