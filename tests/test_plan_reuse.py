@@ -199,3 +199,37 @@ def test_reused_step_is_the_prepared_step(row: Row, monkeypatch: pytest.MonkeyPa
     with pytest.raises(row.error) as raised_fresh:
         _step(fresh, monkeypatch, reuse=False)
     assert str(raised_fresh.value) == str(raised.value)
+
+
+def test_frozen_parameters_do_not_stop_reuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    opt, p = _ready(3)
+    seen = []
+    for step in range(4, 8):
+        _gradients(p, step)
+        p["b"].grad = None  # b frozen from here on
+        seen.append(_step(opt, monkeypatch, reuse=True))
+    # The change re-prepares both groups (group 1's plan was checked against
+    # group 0's old one); the next step keeps the new plans; then reuse.
+    assert seen == [[False, False], [], [True, True], [True, True]]
+
+
+def test_a_loop_that_changes_every_step_builds_nothing_for_reuse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[list[torch.Tensor]] = []  # the variables of each plan asked to keep
+    original = engine.Steady.of
+
+    def spy(updates: Any, *args: Any, **kwargs: Any) -> engine.Steady | None:
+        asked.append([u.param for u in updates])
+        return original(updates, *args, **kwargs)
+
+    monkeypatch.setattr(engine.Steady, "of", spy)
+    opt, p = _model(5)
+    for step in range(6):
+        _gradients(p, step)
+        p["a" if step % 2 else "c"].grad = None  # another variable each step
+        opt.step()
+    # Group 0 changes every step and is never kept; group 1 (d alone) is
+    # asked from its second step on (its first step makes its slots).
+    assert len(asked) == 5
+    assert all(len(variables) == 1 and variables[0] is p["d"] for variables in asked)

@@ -350,6 +350,19 @@ def reuse(
     dtype and shape, sharing no memory with a tensor the step writes). On
     None, :func:`prepare` checks everything again and names what is wrong.
     Modifies nothing.
+
+    >>> theta, state = torch.zeros(3), {}
+    >>> hyper, acc = resolve_all(0.1, 0.9, 0.999, 1e-8, ""), Accumulators.create(0.9, 0.999)
+    >>> for _ in range(2):  # the second plan, with slots, has a steady part
+    ...     plan = prepare([Update(theta, torch.ones(3), state, "theta")], hyper, Options(),
+    ...                    accumulators=acc, reusable=True)
+    ...     execute(plan, BetaPowers(plan))
+    >>> plan.steady is None or reuse(plan.steady, [theta], [torch.ones(3)], [state], hyper,
+    ...                               Options(), accumulators=acc) is not None
+    True
+    >>> plan.steady is None or reuse(plan.steady, [theta], [torch.ones(4)], [state], hyper,
+    ...                               Options(), accumulators=acc) is None  # another shape
+    True
     """
     if (
         options != steady.options
@@ -455,6 +468,7 @@ def prepare(
     accumulators: Accumulators | None = None,
     earlier: Sequence[Plan] = (),
     when: str = "apply call",
+    reusable: bool = False,
 ) -> Plan:
     """Check everything a step will read or write; raise ``TypeError``/``ValueError`` naming it.
 
@@ -463,7 +477,10 @@ def prepare(
     tensors the step writes — of this plan, or of the ``earlier`` plans of the
     same step (other param groups) — share memory, nor a gradient with one
     of them. With ``nonfinite="raise"``, scans every gradient (``when``
-    names the call in its error, e.g. ``"step() #12"``). Modifies nothing.
+    names the call in its error, e.g. ``"step() #12"``). With ``reusable``,
+    the plan carries its :class:`Steady` part where it has one, for
+    :func:`reuse` at the next step (a face asks where its last step prepared
+    the same variables). Modifies nothing.
     """
     if accumulators is not None:
         guard.check_accumulators(accumulators.beta1_power, accumulators.beta2_power, "")
@@ -504,7 +521,7 @@ def prepare(
     if options.nonfinite == "raise":
         guard.check_finite(((u.grad, u.name) for u in checked), when)
     steady = None
-    if on_cpu and not fresh and dense:
+    if reusable and on_cpu and not fresh and dense:
         steady = Steady.of(checked, written, options, accumulators, earlier)
     if steady is None:
         return Plan(checked, hyper, options, dense, sparse, fresh, accumulators, written)

@@ -11,7 +11,7 @@ import inspect
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache, partial
-from itertools import repeat
+from itertools import compress, repeat
 from operator import attrgetter, is_
 from typing import Any
 
@@ -102,6 +102,7 @@ class Adam(torch.optim.Optimizer):
         self._calls = 0  # step() calls that applied, to name the step in errors
         self._steady: dict[int, engine.Steady] = {}  # per group index (engine.reuse)
         self._seen: tuple[Any, list[Any], list[Any]] = (None, [], [])
+        self._planned: dict[int, tuple[torch.Tensor, ...]] = {}  # each group's last variables
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``, refusing invalid hyperparameters and options at once.
@@ -134,7 +135,7 @@ and finite.
         self.__dict__.setdefault("_nonfinite", "propagate")
         self.__dict__.setdefault("_calls", 0)
         self._steady = {}  # the state was replaced: the next step prepares afresh
-        self._seen = (None, [], [])
+        self._seen, self._planned = (None, [], []), {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict``, all or nothing.
@@ -198,6 +199,7 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
                 loss = closure()
         plans: list[tuple[dict[str, Any], engine.Plan, bool, list[Any]]] = []
         steadies: dict[int, engine.Steady] = {}
+        planned: dict[int, tuple[torch.Tensor, ...]] = {}
         when = f"step() #{self._calls + 1}"
         # Phase 1: every group is checked and planned before any is touched.
         for index, group in enumerate(self.param_groups):
@@ -214,11 +216,17 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
             plan = None
             if steady is not None and not new:
                 # The common step: the last step's plan, if nothing structural changed.
+                grads = list(map(_GRAD, params))
+                members = params
+                if any(map(_IS_NONE, grads)):  # (frozen parameters have no gradient)
+                    present = list(map(_IS_NOT_NONE, grads))
+                    members, grads = list(compress(params, present)), list(compress(grads, present))
+                known = self._state_unchanged()
                 plan = engine.reuse(
                     steady,
-                    params,
-                    list(map(_GRAD, params)),
-                    steady.states if self._state_unchanged() else list(map(self.state.get, params)),
+                    members,
+                    grads,
+                    steady.states if known else list(map(self.state.get, members)),
                     hyper,
                     options,
                     accumulators=accumulators,
@@ -232,9 +240,22 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
                 # group that other ranks update (see the class docstring).
                 if not updates and params:
                     continue
+                variables = tuple(u.param for u in updates)
+                last = self._planned.get(index, ())
                 plan = engine.prepare(
-                    updates, hyper, options, accumulators=accumulators, earlier=earlier, when=when
+                    updates,
+                    hyper,
+                    options,
+                    accumulators=accumulators,
+                    earlier=earlier,
+                    when=when,
+                    # Worth keeping for reuse where the last step prepared these same
+                    # variables: a loop whose structure changes every step pays nothing.
+                    reusable=len(last) == len(variables) and all(map(is_, last, variables)),
                 )
+                planned[index] = variables
+            else:
+                planned[index] = steady.params
             guard.warn_numerics(self, plan.hyper, plan.dtypes)
             plans.append((group, plan, new, fresh))
             if plan.steady is not None:
@@ -252,7 +273,7 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
             if plans:
                 self._calls += 1
         # Kept for the next step (structure only: no gradient stays referenced).
-        self._steady = steadies
+        self._steady, self._planned = steadies, planned
         self._seen = (self.state, list(self.state), list(self.state.values()))
         return loss
 
@@ -347,6 +368,7 @@ def _check_group_settings(group: dict[str, Any]) -> None:
 
 _GRAD = attrgetter("grad")
 _IS_NONE = partial(operator.is_, None)
+_IS_NOT_NONE = partial(operator.is_not, None)
 
 
 def _options(group: dict[str, Any], nonfinite: str, where: str = "") -> engine.Options:
