@@ -26,7 +26,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,10 +38,19 @@ from .sparse import IndexedSlices
 __all__ = ["Adam", "IndexedSlices", "LearningRateSchedule"]
 
 Gradient = torch.Tensor | IndexedSlices
+# A Python number, or a typed scalar: NumPy floating scalar, 0-dim array or tensor.
+Number = float | np.floating | np.ndarray | torch.Tensor
 LearningRate = float | Callable[[], Any]
 
 # engine.prepare checks gradients and slots; the hyperparameters it carries are unused here.
 _NO_HYPER = Resolution(0.0, 0.0, 0.0, 0.0)
+
+
+class _Hyper(NamedTuple):
+    beta_1: float | torch.Tensor
+    beta_2: float | torch.Tensor
+    epsilon: float | torch.Tensor
+    weight_decay: float | torch.Tensor | None
 
 
 class LearningRateSchedule:
@@ -111,8 +120,82 @@ def _as_scalar(value: Any, what: str) -> float | torch.Tensor:
     return tensor
 
 
+def _typed_hyper(value: Any, name: str, *, optional: bool = False) -> float | torch.Tensor | None:
+    """A hyperparameter Keras computes with as it is: ``beta_1``, ``beta_2``, ``epsilon``,
+    ``weight_decay``.
+
+    A Python number stays a float (Keras converts it as a literal); a NumPy
+    floating scalar (``np.float64`` included, although it is a ``float``), a
+    0-dim floating array or tensor (torch or TF) becomes a 0-dim CPU tensor of
+    its dtype, which Keras keeps in its type promotion (:mod:`tfadam.keras_rule`).
+
+    >>> _typed_hyper(0.9, "beta_1"), _typed_hyper(np.float16(0.5), "beta_1")
+    (0.9, tensor(0.5000, dtype=torch.float16))
+    >>> _typed_hyper(np.array([0.9]), "beta_1")
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument `beta_1` must be a scalar (0-dim); received a value of shape (1,). ...
+    """
+    if value is None and optional:
+        return None
+    if callable(value):
+        # Keras accepts a callable here but fails at the first apply with
+        # "Attempt to convert a value (<function ...>) ... to a Tensor".
+        raise ValueError(
+            f"Argument `{name}` must be a number; Keras' Adam cannot use a callable here (it "
+            f"fails at the first step with 'Attempt to convert a value ... to a Tensor'). "
+            f"Received: {name}={value!r}"
+        )
+    if isinstance(value, (int, float)) and not isinstance(value, (bool, np.generic)):
+        return float(value)
+    fix = f"Pass a Python float, or a floating NumPy scalar or 0-dim tensor as `{name}`."
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        raise TypeError(
+            f"Argument `{name}` must be a real number; received {type(value).__name__} "
+            f"{value!r}. {fix}"
+        )
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+        if tensor.is_meta:
+            raise ValueError(f"Argument `{name}` is a tensor on the meta device: it has no value.")
+        tensor = tensor.cpu()
+    else:
+        try:
+            array = np.asarray(value)
+        except Exception as error:
+            raise TypeError(
+                f"Argument `{name}` must be a real number; received {type(value).__name__} "
+                f"{value!r}. {fix}"
+            ) from error
+        if array.dtype.name == "bfloat16":
+            tensor = torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+        elif array.dtype.kind == "f" and array.dtype.itemsize in (2, 4, 8):
+            tensor = torch.from_numpy(np.array(array))
+        else:
+            raise TypeError(
+                f"Argument `{name}` must be a floating value; received {type(value).__name__} "
+                f"of dtype {array.dtype}. {fix}"
+            )
+    if tensor.dtype not in engine.FLOATING:
+        raise TypeError(
+            f"Argument `{name}` must be a floating value; received a {tensor.dtype} tensor. {fix}"
+        )
+    if tensor.dim() != 0:
+        raise ValueError(
+            f"Argument `{name}` must be a scalar (0-dim); received a value of shape "
+            f"{tuple(tensor.shape)}. Pass one value, e.g. x.reshape(())."
+        )
+    return tensor.clone()
+
+
 def _number(value: Any, name: str, *, optional: bool = False) -> float | None:
-    """A hyperparameter Keras uses as a Python number (betas, ε, clipping, decay...)."""
+    """A hyperparameter taken as a Python number only (clipping, EMA momentum, loss scale).
+
+    Keras computes with a typed value (NumPy scalar, tensor) of these in its
+    own dtype, or fails (a float16 variable with a NumPy ``global_clipnorm``:
+    measured); tfadam.keras reproduces that for :func:`_typed_hyper`'s
+    arguments only, and refuses the others.
+    """
     if value is None and optional:
         return None
     if callable(value):
@@ -130,7 +213,7 @@ def _number(value: Any, name: str, *, optional: bool = False) -> float | None:
             f"Argument `{name}` must be a Python number; received {type(value).__name__} "
             f"{value!r}. Pass float(...) (tfadam.keras follows Keras' arithmetic for Python "
             "numbers; Keras computes with a NumPy scalar or a tensor in its own dtype, which "
-            "tfadam.keras does not reproduce)."
+            "tfadam.keras reproduces for beta_1, beta_2, epsilon and weight_decay only)."
         )
     return float(value) if isinstance(value, float) else value
 
@@ -182,9 +265,13 @@ class Adam:
         learning_rate: a Python float (held as a float32 tensor, like Keras'
             variable), a :class:`LearningRateSchedule` or Keras schedule
             (called with the step), or a zero-argument callable.
-        beta_1, beta_2, epsilon: Python numbers.
+        beta_1, beta_2, epsilon: Python numbers, or typed scalars (a NumPy
+            floating scalar, a 0-dim array or tensor), which Keras computes
+            with in their own dtype (``1 - β`` in it, products in the
+            promoted dtype); the same bits here.
         amsgrad: keep ``velocity_hat = max(velocity_hat, v)``.
-        weight_decay: decoupled decay ``θ = θ - θ * wd * lr`` before each step.
+        weight_decay: decoupled decay ``θ = θ - θ * wd * lr`` before each step
+            (a number or a typed scalar, cast to the variable's dtype).
         clipnorm, clipvalue, global_clipnorm: at most one; clip each gradient's
             norm, each element, or the norm of all gradients together.
         use_ema, ema_momentum, ema_overwrite_frequency: keep an exponential
@@ -219,11 +306,11 @@ class Adam:
     def __init__(
         self,
         learning_rate: LearningRate = 0.001,
-        beta_1: float = 0.9,
-        beta_2: float = 0.999,
-        epsilon: float = 1e-7,
+        beta_1: Number = 0.9,
+        beta_2: Number = 0.999,
+        epsilon: Number = 1e-7,
         amsgrad: bool = False,
-        weight_decay: float | None = None,
+        weight_decay: Number | None = None,
         clipnorm: float | None = None,
         clipvalue: float | None = None,
         global_clipnorm: float | None = None,
@@ -280,12 +367,17 @@ class Adam:
             not isinstance(intra_op_threads, int) or intra_op_threads < 1
         ):
             raise ValueError(f"intra_op_threads must be a positive int; got {intra_op_threads!r}.")
+        for key, value in dict(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon).items():
+            _typed_hyper(value, key)
+        _typed_hyper(weight_decay, "weight_decay", optional=True)
         self.name = name
-        self.beta_1 = _number(beta_1, "beta_1")
-        self.beta_2 = _number(beta_2, "beta_2")
-        self.epsilon = _number(epsilon, "epsilon")
+        # Kept as given (as Keras keeps them, and get_config returns them); each
+        # step reads them through _typed_hyper, before anything is written.
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
         self.amsgrad = bool(amsgrad)
-        self.weight_decay = _number(weight_decay, "weight_decay", optional=True)
+        self.weight_decay = weight_decay
         self.clipnorm = clipnorm
         self.clipvalue = clipvalue
         self.global_clipnorm = global_clipnorm
@@ -418,13 +510,14 @@ class Adam:
             return
         variables = self._variables_for(grads, trainable_variables)
         plan = self._validated(grads, variables)
+        hyper = self._hyperparameters()
         learning_rates = self._learning_rates_for(plan)
         # The step and its count commit together: an interrupt waits for both.
         with engine.atomic(), torch.no_grad():
             if not self.built:
                 self._build(variables)
-            schedule = self._schedule(learning_rates)
-            updated = self._step(plan, learning_rates, schedule)
+            schedule = self._schedule(learning_rates, hyper)
+            updated = self._step(plan, learning_rates, schedule, hyper)
             if self.use_ema:
                 averages = [slots["average"] for slots in self._slots]
                 keras_rule.moving_average_all(
@@ -835,18 +928,31 @@ class Adam:
 
     # --- one step, in Keras' order (BaseOptimizer.apply / _backend_apply_gradients) -------
 
-    def _schedule(self, learning_rates: list[Any]) -> keras_rule.Iterations:
+    def _hyperparameters(self) -> _Hyper:
+        """``beta_1``, ``beta_2``, ``epsilon``, ``weight_decay`` as this step reads them."""
+        return _Hyper(
+            _typed_hyper(self.beta_1, "beta_1"),  # type: ignore[arg-type]
+            _typed_hyper(self.beta_2, "beta_2"),  # type: ignore[arg-type]
+            _typed_hyper(self.epsilon, "epsilon"),  # type: ignore[arg-type]
+            _typed_hyper(self.weight_decay, "weight_decay", optional=True),
+        )
+
+    def _schedule(self, learning_rates: list[Any], hyper: _Hyper) -> keras_rule.Iterations:
         return keras_rule.Iterations(
             counter=self._iterations,
             step=int(self.iterations),
             learning_rate=learning_rates[-1] if learning_rates else None,
-            beta_1=self.beta_1,  # type: ignore[arg-type]
-            beta_2=self.beta_2,  # type: ignore[arg-type]
-            epsilon=self.epsilon,  # type: ignore[arg-type]
+            beta_1=hyper.beta_1,
+            beta_2=hyper.beta_2,
+            epsilon=hyper.epsilon,
         )
 
     def _step(
-        self, plan: engine.Plan, learning_rates: list[Any], schedule: keras_rule.Iterations
+        self,
+        plan: engine.Plan,
+        learning_rates: list[Any],
+        schedule: keras_rule.Iterations,
+        hyper: _Hyper,
     ) -> bool:
         """Keras' transforms around one engine execution; False on a call that only accumulates.
 
@@ -868,21 +974,22 @@ class Adam:
             grads = keras_rule.accumulated_gradients(grads, accumulators, shapes, steps)  # type: ignore[assignment]
         clipping = keras_rule.Clipping(self.clipnorm, self.clipvalue, self.global_clipnorm)
         grads = keras_rule.clip_all(grads, shapes, clipping, self._threads())
+        coefficients = {dtype: schedule.coefficients(dtype) for dtype in plan.dtypes}
         tf1_updates, keras_only = [], []
         for g, u, s in zip(grads, updates, slots, strict=True):
-            if keras_rule.differs_from_tf1(g, self.amsgrad):
+            if keras_rule.differs_from_tf1(g, self.amsgrad, coefficients[u.param.dtype]):
                 keras_only.append((u.param, g, s))
             else:
                 moments = {"m": s["momentum"], "v": s["velocity"]}
                 dense = keras_rule.densify(g, u.param.shape)
                 tf1_updates.append(engine.Update(u.param, dense, moments, u[3]))
         update_plan = engine.prepare(tf1_updates, _NO_HYPER, engine.Options())
-        if self.weight_decay is not None:
+        if hyper.weight_decay is not None:
             decayed = iter(learning_rates[:-1])
             rates = [next(decayed) if self._uses_weight_decay(p) else None for p in params]
-            keras_rule.decay_all(params, self.weight_decay, rates)
+            keras_rule.decay_all(params, hyper.weight_decay, rates)
         for param, g, s in keras_only:
-            keras_rule.keras_only_update(param, g, s, schedule.coefficients(param.dtype))
+            keras_rule.keras_only_update(param, g, s, coefficients[param.dtype])
         engine.execute(update_plan, schedule)  # advances the schedule
         if steps:
             keras_rule.reset_accumulators([s["gradient_accumulator"] for s in self._slots])

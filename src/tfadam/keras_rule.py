@@ -3,8 +3,11 @@
 The Keras counterpart of :mod:`tfadam.rule`, and the specification the Keras
 face (:mod:`tfadam.keras`) runs. It reads in Keras' order:
 
-1. **Python numbers**: Keras meets them in two ways that round differently
-   (:func:`keras_cast`, :func:`keras_literal`).
+1. **Hyperparameters**: Keras meets a Python number in two ways that round
+   differently (:func:`keras_cast`, :func:`keras_literal`); a typed one (a
+   NumPy scalar, a 0-dim array or tensor) keeps its dtype, and each op
+   computes in the promoted dtype (:func:`keras_result_type`,
+   :func:`keras_one_minus`, :func:`keras_operand`).
 2. **Coefficients** from the iteration counter (:func:`keras_coefficients`):
    ``β^t`` is a power (:func:`tf_scalar_power`), not TF1's running product.
    :class:`Iterations` serves them to the engine (Keras' ``Schedule``).
@@ -85,6 +88,66 @@ def keras_literal(value: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(float(value), dtype=torch.float32).to(dtype)
 
 
+# A typed hyperparameter (NumPy scalar, 0-dim array, tensor; a 0-dim torch tensor of
+# its dtype here) is not a Python number to Keras: ``1 - beta_1`` is computed in
+# its own dtype (NumPy's or TF's arithmetic), and ``ops.multiply(t, x)`` computes
+# in ``result_type(T, dtype(x))``, wider than ``T`` where x's dtype is; the
+# result is cast back to ``T`` when it is assigned (``tf.cast`` in assign_add).
+
+
+def keras_result_type(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """Keras' type promotion of two float dtypes (``dtypes.result_type``).
+
+    The wider of the two; float16 with bfloat16 is float32 (neither holds
+    the other).
+
+    >>> keras_result_type(torch.float16, torch.bfloat16), keras_result_type(
+    ...     torch.float32, torch.float64)
+    (torch.float32, torch.float64)
+    """
+    if a == b:
+        return a
+    if {a, b} == {torch.float16, torch.bfloat16}:
+        return torch.float32
+    return a if a.itemsize > b.itemsize else b
+
+
+def keras_one_minus(beta: HyperValue) -> HyperValue:
+    """``1 - β`` as Keras' Adam writes it (in Python, outside any op).
+
+    A Python number gives a Python double (rounded later, as a literal);
+    a typed β gives ``1 - β`` in β's own dtype, rounded once, as NumPy's or
+    TF's scalar arithmetic does.
+
+    >>> keras_one_minus(0.9) == 1 - 0.9
+    True
+    >>> keras_one_minus(torch.tensor(0.9, dtype=torch.float16))
+    tensor(0.1001, dtype=torch.float16)
+    """
+    if isinstance(beta, torch.Tensor):
+        return TFArithmetic(beta.dtype).sub(1.0, beta.detach().cpu().reshape(()))
+    return 1 - beta
+
+
+def keras_operand(value: HyperValue, dtype: torch.dtype) -> tuple[float, torch.dtype]:
+    """A hyperparameter as a Keras op meets it beside a ``T`` tensor: its value and the op's dtype.
+
+    A Python number converts as a literal (:func:`keras_literal`) and the op
+    computes in ``T``; a typed value keeps its dtype ``D`` (a subnormal read
+    as zero, as TF's kernels do) and the op computes in
+    ``keras_result_type(T, D)``. The value is exact in that dtype.
+
+    >>> keras_operand(1e-7, torch.float16)
+    (1.1920928955078125e-07, torch.float16)
+    >>> keras_operand(torch.tensor(1e-7, dtype=torch.float64), torch.float16)
+    (1e-07, torch.float64)
+    """
+    if isinstance(value, torch.Tensor):
+        typed = flush_subnormal(value.detach().cpu().reshape(()))
+        return typed.item(), keras_result_type(dtype, typed.dtype)
+    return keras_literal(value, dtype).item(), dtype
+
+
 # --- 2. Coefficients from the iteration counter ---------------------------------------
 
 
@@ -111,28 +174,57 @@ def tf_scalar_power(base: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
     return flush_subnormal(result).to(dtype)
 
 
+@dataclass(frozen=True)
+class KerasCoefficients(Coefficients):
+    """:class:`Coefficients`, and the dtypes Keras' type promotion computes three ops in.
+
+    ``None`` means ``T`` (a Python number, or a typed value whose dtype ``T``
+    holds). Otherwise (e.g. ``beta_1=np.float64(0.9)`` for a float32
+    variable) the op computes in that wider dtype and its result is cast to
+    ``T`` on assignment; :func:`keras_update` does so, TF1's kernel cannot.
+
+    Attributes:
+        momentum_dtype: of ``(g - m) * (1 - β1)``.
+        velocity_dtype: of ``(g² - v) * (1 - β2)``.
+        denominator_dtype: of ``sqrt(v) + ε`` and of the division by it.
+    """
+
+    momentum_dtype: torch.dtype | None = None
+    velocity_dtype: torch.dtype | None = None
+    denominator_dtype: torch.dtype | None = None
+
+    @property
+    def promoted(self) -> bool:
+        """Whether some op computes in a dtype wider than ``T``."""
+        dtypes = (self.momentum_dtype, self.velocity_dtype, self.denominator_dtype)
+        return any(dtype is not None for dtype in dtypes)
+
+
 def keras_coefficients(
     *,
     lr: HyperValue,
-    beta_1: float,
-    beta_2: float,
-    epsilon: float,
+    beta_1: HyperValue,
+    beta_2: HyperValue,
+    epsilon: HyperValue,
     iterations: int,
     dtype: torch.dtype,
-) -> Coefficients:
+) -> KerasCoefficients:
     """The scalar prelude of Keras 3's ``Adam.update_step``, in dtype ``T``::
 
         t = T(iterations + 1)                       # int64 counter cast (via float32 unless f64)
-        β1^t = pow(T(float32(β1)), t)               # tf.pow, C library, see tf_scalar_power
+        β1^t = pow(T(β1), t)                        # tf.pow, C library, see tf_scalar_power
         alpha = (T(lr) * sqrt(T(1) - β2^t)) / (T(1) - β1^t)
-        one_minus_beta = T(1 - β)                   # 1 - β in Python double, then converted
-        epsilon = T(ε)                              # converted as a literal
+        one_minus_beta = 1 - β                      # see keras_one_minus, keras_operand
+        epsilon = ε                                 # see keras_operand
 
     ``lr`` is the learning rate as Keras holds it (a float32 tensor for a
     float learning rate, a schedule's output) or a Python number (a callable's
-    output), cast with :func:`keras_cast`. Unlike TF1, ``1 - β`` is rounded
-    once from double (TF1 rounds β first), and ``β^t`` is a power, not a
-    running product: for float32 both change the bits.
+    output), cast with :func:`keras_cast`, as are the βs (a Python β through
+    float32). For a Python β, ``1 - β`` is rounded once from double (TF1
+    rounds β first), and ``β^t`` is a power, not a running product: for
+    float32 both change the bits. A typed β or ε (a 0-dim tensor of its
+    dtype) enters its ops in the promoted dtype, recorded in the result's
+    ``*_dtype`` fields.
 
     >>> c = keras_coefficients(lr=torch.tensor(0.001), beta_1=0.9, beta_2=0.999,
     ...                        epsilon=1e-7, iterations=0, dtype=torch.float32)
@@ -147,13 +239,23 @@ def keras_coefficients(
     beta1_power = tf_scalar_power(b1, step)
     beta2_power = tf_scalar_power(b2, step)
     alpha = (keras_cast(lr, dtype) * exact_sqrt(one - beta2_power)) / (one - beta1_power)
-    return Coefficients(
+    one_minus_beta1, momentum_dtype = keras_operand(keras_one_minus(beta_1), dtype)
+    one_minus_beta2, velocity_dtype = keras_operand(keras_one_minus(beta_2), dtype)
+    eps, denominator_dtype = keras_operand(epsilon, dtype)
+
+    def wider(op_dtype: torch.dtype) -> torch.dtype | None:
+        return None if op_dtype == dtype else op_dtype
+
+    return KerasCoefficients(
         alpha=alpha.item(),
         beta1=b1.item(),
         beta2=b2.item(),
-        one_minus_beta1=keras_literal(1 - beta_1, dtype).item(),
-        one_minus_beta2=keras_literal(1 - beta_2, dtype).item(),
-        epsilon=keras_literal(epsilon, dtype).item(),
+        one_minus_beta1=one_minus_beta1,
+        one_minus_beta2=one_minus_beta2,
+        epsilon=eps,
+        momentum_dtype=wider(momentum_dtype),
+        velocity_dtype=wider(velocity_dtype),
+        denominator_dtype=wider(denominator_dtype),
     )
 
 
@@ -179,11 +281,11 @@ class Iterations:
     counter: torch.Tensor
     step: int
     learning_rate: HyperValue | None  # None on a call that only accumulates
-    beta_1: float
-    beta_2: float
-    epsilon: float
+    beta_1: HyperValue
+    beta_2: HyperValue
+    epsilon: HyperValue
 
-    def coefficients(self, dtype: torch.dtype) -> Coefficients:
+    def coefficients(self, dtype: torch.dtype) -> KerasCoefficients:
         assert self.learning_rate is not None, "a call that only accumulates has no update"
         return keras_coefficients(
             lr=self.learning_rate,
@@ -213,42 +315,74 @@ def keras_update(
 ) -> None:
     """Keras' ``Adam.update_step`` on one variable, in place, each op one TF op::
 
-        m = m + (g - m) * (1 - β1)
-        v = v + (g_squared - v) * (1 - β2)           g_squared = g*g unless given
+        m = m + T((g - m) * (1 - β1))                in T, or in R1 (see below)
+        v = v + T((g_squared - v) * (1 - β2))        g_squared = g*g unless given
         vhat = tf_maximum(vhat, v)                   (amsgrad; then v := vhat below)
-        θ = θ - (m * alpha) / (sqrt(v) + ε)
+        θ = θ - T((m * alpha) / (sqrt(v) + ε))       the sum and quotient in T, or in Re
 
-    This is :func:`tfadam.rule.dense_update` except in two places. An IndexedSlices
+    This is :func:`tfadam.rule.dense_update` except in three places. An IndexedSlices
     gradient with repeated indices: Keras squares its values *before* TF
     densifies them, so ``g_squared`` holds summed squares, not the square of the
     sum (pass both densified, see :func:`keras_densify`). AMSGrad: Keras takes
     ``tf.maximum``, which keeps a NaN's own bits (:func:`tf_maximum`), and its
-    additions are not swapped (TF1's fused AMSGrad kernel swaps them). Every
-    operation rounds as TF's CPU ops do (:class:`tfadam.tfmath.TFArithmetic`:
-    subnormals flushed to zero, measured against live Keras).
+    additions are not swapped (TF1's fused AMSGrad kernel swaps them). Typed
+    hyperparameters wider than ``T``: the ops that meet them compute in the
+    promoted dtype (``c.momentum_dtype`` ...), then ``T(...)`` is TF's Cast
+    (float64 to float16 or bfloat16 through float32). Every operation rounds
+    as TF's CPU ops do (:class:`tfadam.tfmath.TFArithmetic`: subnormals
+    flushed to zero, measured against live Keras).
     """
-    t = TFArithmetic(theta.dtype)
-    m.copy_(t.add(m, t.mul(t.sub(g, m), c.one_minus_beta1)))
+    dtype = theta.dtype
+    t = TFArithmetic(dtype)
+    momentum_dtype, velocity_dtype, denominator_dtype = _op_dtypes(c, dtype)
+
+    def scaled(x: torch.Tensor, factor: float, op_dtype: torch.dtype) -> torch.Tensor:
+        if op_dtype == dtype:
+            return t.mul(x, factor)
+        return t.cast(TFArithmetic(op_dtype).mul(x, factor))
+
+    m.copy_(t.add(m, scaled(t.sub(g, m), c.one_minus_beta1, momentum_dtype)))
     square = t.mul(g, g) if g_squared is None else g_squared
-    v.copy_(t.add(v, t.mul(t.sub(square, v), c.one_minus_beta2)))
+    v.copy_(t.add(v, scaled(t.sub(square, v), c.one_minus_beta2, velocity_dtype)))
     if vhat is not None:
         vhat.copy_(tf_maximum(vhat, v))
-    denominator = t.add(t.sqrt(v if vhat is None else vhat), c.epsilon)
-    theta.copy_(t.sub(theta, t.div(t.mul(m, c.alpha), denominator)))
+    root = t.sqrt(v if vhat is None else vhat)
+    if denominator_dtype == dtype:
+        step = t.div(t.mul(m, c.alpha), t.add(root, c.epsilon))
+    else:
+        wide = TFArithmetic(denominator_dtype)
+        step = t.cast(wide.div(t.mul(m, c.alpha), wide.add(root, c.epsilon)))
+    theta.copy_(t.sub(theta, step))
 
 
-def differs_from_tf1(g: Gradient, amsgrad: bool) -> bool:
-    """Whether Keras' update of ``g`` is not TF1's dense update (:func:`keras_update`'s two places).
+def _op_dtypes(c: Coefficients, dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes of :func:`keras_update`'s three promoted ops (``T`` where not promoted)."""
+    if not isinstance(c, KerasCoefficients):
+        return dtype, dtype, dtype
+    found = (c.momentum_dtype, c.velocity_dtype, c.denominator_dtype)
+    return tuple(dtype if op_dtype is None else op_dtype for op_dtype in found)
+
+
+def differs_from_tf1(g: Gradient, amsgrad: bool, c: Coefficients | None = None) -> bool:
+    """Whether Keras' update of ``g`` is not TF1's dense update (:func:`keras_update`'s places).
 
     Everywhere else TF1's fused kernel (:func:`tfadam.rule.dense_update`, run
     by the engine on the densified gradient) computes Keras' update bit for bit.
+    ``c`` (the variable dtype's coefficients) tells whether a typed
+    hyperparameter promotes an op beyond ``T``.
 
     >>> differs_from_tf1(IndexedSlices(torch.ones(2, 1), torch.tensor([0, 0]), (3, 1)), False)
     True
     >>> differs_from_tf1(torch.ones(3), False), differs_from_tf1(torch.ones(3), True)
     (False, True)
+    >>> c = keras_coefficients(lr=torch.tensor(0.1), beta_1=torch.tensor(0.9, dtype=torch.float64),
+    ...                        beta_2=0.999, epsilon=1e-7, iterations=0, dtype=torch.float32)
+    >>> differs_from_tf1(torch.ones(3), False, c)
+    True
     """
     if amsgrad:
+        return True
+    if isinstance(c, KerasCoefficients) and c.promoted:
         return True
     if isinstance(g, IndexedSlices):
         return bool(torch.unique(g.indices).numel() != g.indices.numel())
@@ -605,7 +739,7 @@ def keras_ema_update(
 
 def decay_all(
     thetas: Sequence[torch.Tensor],
-    weight_decay: float,
+    weight_decay: HyperValue,
     learning_rates: Sequence[HyperValue | None],
 ) -> None:
     """Transform 4, before the update: :func:`keras_weight_decay` of each variable, in place.
