@@ -725,6 +725,31 @@ def keras_global_clipnorm_mixed_dtypes(w):
     return lambda: other.apply_gradients([(torch.ones(4, 3), w.a), (torch.ones(3).double(), wide)])
 
 
+# Typed hyperparameters (NumPy scalars, 0-dim arrays and tensors) are Keras'
+# bits now; what Keras cannot use either, set after construction, is refused
+# at the next apply call before anything moves.
+for _name, _key, _value, _error, _pattern in [
+    ("keras_beta_1_vector", "beta_1", lambda: torch.tensor([0.9, 0.8]).numpy(), ValueError,
+     r"Argument `beta_1` must be a scalar \(0-dim\).*shape \(2,\)"),
+    ("keras_epsilon_string", "epsilon", lambda: "1e-7", TypeError,
+     r"Argument `epsilon` must be a real number.*str"),
+    ("keras_weight_decay_integer_array", "weight_decay", lambda: torch.tensor(1).numpy(),
+     TypeError, r"Argument `weight_decay` must be a floating value.*int64"),
+    ("keras_beta_2_meta_tensor", "beta_2", lambda: torch.tensor(0.9, device="meta"), ValueError,
+     r"Argument `beta_2` is a tensor on the meta device"),
+    ("keras_beta_1_callable", "beta_1", lambda: (lambda: 0.9), ValueError,
+     r"Argument `beta_1` must be a number.*callable"),
+]:  # fmt: skip
+
+    def _setup(w, key=_key, make=_value):
+        setattr(w.opt, key, make())
+        good = IndexedSlices(torch.ones(1, 2), torch.tensor([1]), (6, 2))
+        return lambda: w.apply(good)
+
+    _setup.__name__ = _name
+    case("keras", _error, _pattern)(_setup)
+
+
 # -- issue 15: shared memory, strict options, meta devices, edited slots, accumulators -----------
 
 

@@ -974,26 +974,30 @@ class Adam:
             grads = keras_rule.accumulated_gradients(grads, accumulators, shapes, steps)  # type: ignore[assignment]
         clipping = keras_rule.Clipping(self.clipnorm, self.clipvalue, self.global_clipnorm)
         grads = keras_rule.clip_all(grads, shapes, clipping, self._threads())
-        coefficients = {dtype: schedule.coefficients(dtype) for dtype in plan.dtypes}
-        tf1_updates, keras_only = [], []
-        for g, u, s in zip(grads, updates, slots, strict=True):
-            if keras_rule.differs_from_tf1(g, self.amsgrad, coefficients[u.param.dtype]):
-                keras_only.append((u.param, g, s))
-            else:
-                moments = {"m": s["momentum"], "v": s["velocity"]}
-                dense = keras_rule.densify(g, u.param.shape)
-                tf1_updates.append(engine.Update(u.param, dense, moments, u[3]))
-        update_plan = engine.prepare(tf1_updates, _NO_HYPER, engine.Options())
+        # Keras' update (AMSGrad, repeated sparse rows, typed hyperparameters
+        # included) runs in the engine under Options(rule="keras").
+        moments = [_moments(s, self.amsgrad) for s in slots]
+        names = [u[3] for u in updates]
+        options = engine.Options(amsgrad=self.amsgrad, rule="keras")
+        update_plan = engine.prepare(
+            engine.Update.many(params, grads, moments, names), _NO_HYPER, options
+        )
         if hyper.weight_decay is not None:
             decayed = iter(learning_rates[:-1])
             rates = [next(decayed) if self._uses_weight_decay(p) else None for p in params]
             keras_rule.decay_all(params, hyper.weight_decay, rates)
-        for param, g, s in keras_only:
-            keras_rule.keras_only_update(param, g, s, coefficients[param.dtype])
         engine.execute(update_plan, schedule)  # advances the schedule
         if steps:
             keras_rule.reset_accumulators([s["gradient_accumulator"] for s in self._slots])
         return True
+
+
+def _moments(slots: dict[str, torch.Tensor], amsgrad: bool) -> dict[str, torch.Tensor]:
+    """A variable's Keras slots by the engine's names (``m``, ``v``, ``vhat``)."""
+    moments = {"m": slots["momentum"], "v": slots["velocity"]}
+    if amsgrad:
+        moments["vhat"] = slots["velocity_hat"]
+    return moments
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -11,8 +11,10 @@ face (:mod:`tfadam.keras`) runs. It reads in Keras' order:
 2. **Coefficients** from the iteration counter (:func:`keras_coefficients`):
    ``β^t`` is a power (:func:`tf_scalar_power`), not TF1's running product.
    :class:`Iterations` serves them to the engine (Keras' ``Schedule``).
-3. **The update** (:func:`keras_update`): TF1's dense update but for two
-   places (:func:`differs_from_tf1`); elsewhere the engine's TF1 kernels run it.
+3. **The update** (:func:`keras_update`): TF1's dense update but for three
+   places (:func:`differs_from_tf1`). The engine runs it for a plan with
+   ``Options(rule="keras")``: :func:`keras_only_update` where it differs,
+   TF1's kernels elsewhere.
 4. **The transforms** Keras applies around the update, in its order:
    loss-scale unscaling, gradient accumulation, clipping (with the norms
    summed in Eigen's order, :func:`tf_sum`), decoupled weight decay before
@@ -390,13 +392,28 @@ def differs_from_tf1(g: Gradient, amsgrad: bool, c: Coefficients | None = None) 
 
 
 def keras_only_update(
-    theta: torch.Tensor, g: Gradient, slots: dict[str, torch.Tensor], c: Coefficients
+    theta: torch.Tensor,
+    g: Gradient,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    c: Coefficients,
+    *,
+    vhat: torch.Tensor | None = None,
 ) -> None:
     """:func:`keras_update` of one variable whose update :func:`differs_from_tf1`.
 
-    ``slots`` are Keras' (``momentum``, ``velocity``, and ``velocity_hat``
-    with AMSGrad). An IndexedSlices with repeated rows passes its summed
-    squares as ``g_squared``.
+    ``m``, ``v`` and ``vhat`` (AMSGrad) are Keras' ``momentum``, ``velocity``
+    and ``velocity_hat``. An IndexedSlices with repeated rows passes its
+    summed squares as ``g_squared``. The engine calls this for an update
+    of a plan with ``Options(rule="keras")``.
+
+    >>> theta, m, v = torch.ones(3, 1), torch.zeros(3, 1), torch.zeros(3, 1)
+    >>> c = keras_coefficients(lr=torch.tensor(0.1), beta_1=0.9, beta_2=0.999,
+    ...                        epsilon=1e-7, iterations=0, dtype=torch.float32)
+    >>> g = IndexedSlices(torch.tensor([[3.0], [4.0]]), torch.tensor([1, 1]), (3, 1))
+    >>> keras_only_update(theta, g, m, v, c)
+    >>> v.flatten()  # (1 - β2) * (3² + 4²), not (3 + 4)²
+    tensor([0.0000, 0.0250, 0.0000])
     """
     g_squared = None
     if isinstance(g, IndexedSlices):
@@ -404,15 +421,7 @@ def keras_only_update(
             squares = TFArithmetic(theta.dtype).mul(g.values, g.values)
             g_squared = keras_densify(g.indices, squares, theta.shape)
         g = keras_densify(g.indices, g.values, theta.shape)
-    keras_update(
-        theta,
-        slots["momentum"],
-        slots["velocity"],
-        g,
-        c,
-        g_squared=g_squared,
-        vhat=slots.get("velocity_hat"),
-    )
+    keras_update(theta, m, v, g, c, g_squared=g_squared, vhat=vhat)
 
 
 # --- 4a. Loss scaling and gradient accumulation ---------------------------------------
