@@ -113,6 +113,79 @@ def test_typed_hyperparameters_matter() -> None:
     assert differences(numpy_run[0] + numpy_run[1], python_run[0] + python_run[1])
 
 
+# The transforms' hyperparameters. Values whose float32 rounding is a tie of
+# the variable's dtype, so that converting through float32 (a Python number)
+# and rounding once (a NumPy value) differ: 1 + 2**-11 + 2**-40 for float16,
+# 1 + 2**-8 + 2**-40 for bfloat16.
+TIES = {"float16": 2**-11, "bfloat16": 2**-8, "float32": 2**-24, "float64": 2**-53}
+TRANSFORMS: dict[str, tuple[dict[str, Any], float]] = {
+    # argument: (other options, its value before the tie is added)
+    "loss_scale_factor": ({}, 1.0),
+    "clipvalue": ({}, 1.0),
+    "clipnorm": ({}, 1.0),
+    "ema_momentum": (dict(use_ema=True, ema_overwrite_frequency=2), 0.5),
+    # Above the gradients' norm: the scale is clip * (1 / clip), rounded in each dtype.
+    "global_clipnorm": ({}, 300.0),
+}
+
+
+def _keras_refuses(name: str, kind: str, dtype: str) -> bool:
+    # TF converts a Python number or NumPy value to the gradient's dtype but
+    # takes a tensor as it is, in `g / scale` and tf.clip_by_value.
+    # global_clipnorm: Keras' scale is computed in result_type(T, D), which TF
+    # then cannot add to a T tensor unless it is T (a tensor must be T itself).
+    if kind.startswith("tensor-"):
+        return (
+            name in ("loss_scale_factor", "clipvalue", "global_clipnorm")
+            and kind != f"tensor-{dtype}"
+        )
+    if name != "global_clipnorm":
+        return False
+    kind_dtype = {"numpy-0d-array": "float64", "numpy-0d-float32-array": "float32"}.get(
+        kind, kind.removeprefix("numpy-")
+    )
+    wider = {"float16": 1, "bfloat16": 1, "float32": 2, "float64": 3}
+    return kind_dtype != dtype and (wider[kind_dtype] >= wider[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", HYPER_KINDS)
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_typed_transform_hyperparameters_match_keras(name: str, kind: str, dtype: str) -> None:
+    options, base = TRANSFORMS[name]
+    value = base + TIES[dtype] + 2**-40
+    sparse = 0.0 if name == "loss_scale_factor" else 0.5  # Keras cannot unscale IndexedSlices
+    s = random_scenario(
+        9, dtype=dtype, shapes=[(6, 3), (4,)], steps=3, sparse=sparse, scale=(-1, 1)
+    )
+    keras_make, tfadam_make = HYPER_KINDS[kind]
+    keras_config = dict(options, **{name: keras_make(value)})
+    tfadam_config = dict(options, **{name: tfadam_make(value)})
+    if _keras_refuses(name, kind, dtype):
+        s.config = keras_config
+        with pytest.raises(Exception):  # noqa: B017 (TypeError or InvalidArgumentError)
+            run_keras(s)
+        w = torch.ones(4, dtype=getattr(torch, dtype))
+        optimizer = tfadam.keras.Adam(**tfadam_config)
+        with pytest.raises(TypeError, match=f"Argument `{name}` is (a )?torch"):
+            optimizer.apply_gradients([(torch.ones_like(w), w)])
+        assert (w == 1).all() and not optimizer.built
+        return
+    assert _compare(s, keras_config, tfadam_config) == []
+
+
+def test_the_transform_ties_matter() -> None:
+    # A NumPy float64 clipvalue rounds once to float16, a Python float through
+    # float32: the matrix above distinguishes the two conversions.
+    s = random_scenario(9, dtype="float16", shapes=[(6, 3)], steps=3, scale=(0, 1))
+    value = 1 + TIES["float16"] + 2**-40
+    s.config = dict(clipvalue=np.float64(value))
+    numpy_run = run_keras(s)
+    s.config = dict(clipvalue=value)
+    python_run = run_tfadam(s)
+    assert differences(numpy_run[0] + numpy_run[1], python_run[0] + python_run[1])
+
+
 # What Keras refuses (at construction or, for these, at its first step) is
 # refused at construction, naming the argument and the fix.
 REFUSED = [

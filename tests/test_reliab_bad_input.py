@@ -739,11 +739,18 @@ for _name, _key, _value, _error, _pattern in [
      r"Argument `beta_2` is a tensor on the meta device"),
     ("keras_beta_1_callable", "beta_1", lambda: (lambda: 0.9), ValueError,
      r"Argument `beta_1` must be a number.*callable"),
+    # TF takes a tensor as it is: `g / scale` needs the gradient's dtype.
+    ("keras_loss_scale_tensor_of_another_dtype", "loss_scale_factor",
+     lambda: torch.tensor(2.0, dtype=torch.float64), TypeError,
+     r"Argument `loss_scale_factor` is a torch.float64 tensor, but the gradient of variable #0"),
+    # Keras' scale would be float64, which TF cannot add to float32.
+    ("keras_global_clipnorm_numpy_wider", "global_clipnorm", lambda: torch.tensor(1.0).double().numpy(),
+     TypeError, r"Argument `global_clipnorm` is torch.float64 and the gradients are torch.float32"),
 ]:  # fmt: skip
 
     def _setup(w, key=_key, make=_value):
         setattr(w.opt, key, make())
-        good = IndexedSlices(torch.ones(1, 2), torch.tensor([1]), (6, 2))
+        good = torch.ones(6, 2)  # dense: Keras cannot unscale an IndexedSlices
         return lambda: w.apply(good)
 
     _setup.__name__ = _name

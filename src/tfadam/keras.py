@@ -51,6 +51,11 @@ class _Hyper(NamedTuple):
     beta_2: float | torch.Tensor
     epsilon: float | torch.Tensor
     weight_decay: float | torch.Tensor | None
+    ema_momentum: float | torch.Tensor
+    clipnorm: keras_rule.KerasScalar | None
+    clipvalue: keras_rule.KerasScalar | None
+    global_clipnorm: keras_rule.KerasScalar | None
+    loss_scale_factor: keras_rule.KerasScalar | None
 
 
 class LearningRateSchedule:
@@ -122,7 +127,7 @@ def _as_scalar(value: Any, what: str) -> float | torch.Tensor:
 
 def _typed_hyper(value: Any, name: str, *, optional: bool = False) -> float | torch.Tensor | None:
     """A hyperparameter Keras computes with as it is: ``beta_1``, ``beta_2``, ``epsilon``,
-    ``weight_decay``.
+    ``weight_decay``, ``ema_momentum`` (and, checked here, the others).
 
     A Python number stays a float (Keras converts it as a literal); a NumPy
     floating scalar (``np.float64`` included, although it is a ``float``), a
@@ -188,34 +193,23 @@ def _typed_hyper(value: Any, name: str, *, optional: bool = False) -> float | to
     return tensor.clone()
 
 
-def _number(value: Any, name: str, *, optional: bool = False) -> float | None:
-    """A hyperparameter taken as a Python number only (clipping, EMA momentum, loss scale).
+def _converted_hyper(value: Any, name: str, *, optional: bool = False) -> Any:
+    """A hyperparameter a TF op converts: ``clipnorm``, ``clipvalue``, ``loss_scale_factor``.
 
-    Keras computes with a typed value (NumPy scalar, tensor) of these in its
-    own dtype, or fails (a float16 variable with a NumPy ``global_clipnorm``:
-    measured); tfadam.keras reproduces that for :func:`_typed_hyper`'s
-    arguments only, and refuses the others.
+    Checked as :func:`_typed_hyper`; a Python number becomes a float, a
+    NumPy scalar or 0-dim array stays one (TF converts the two differently
+    in ``tf.clip_by_norm``), anything else becomes a 0-dim torch tensor, the
+    stand-in for a TF tensor (see :func:`tfadam.keras_rule.keras_convert`).
+
+    >>> _converted_hyper(np.float16(2.0), "clipnorm"), _converted_hyper(2, "clipnorm")
+    (np.float16(2.0), 2.0)
     """
-    if value is None and optional:
-        return None
-    if callable(value):
-        # Keras accepts a callable here but fails at the first apply with
-        # "Attempt to convert a value (<function ...>) ... to a Tensor".
-        raise ValueError(
-            f"Argument `{name}` must be a number; Keras' Adam cannot use a callable here (it "
-            f"fails at the first step with 'Attempt to convert a value ... to a Tensor'). "
-            f"Received: {name}={value!r}"
-        )
-    # np.float64 is a float subclass, but Keras types it float64 in its promotion
-    # (measured: a float16 variable's m then differs from a Python float's).
-    if isinstance(value, (bool, np.generic)) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"Argument `{name}` must be a Python number; received {type(value).__name__} "
-            f"{value!r}. Pass float(...) (tfadam.keras follows Keras' arithmetic for Python "
-            "numbers; Keras computes with a NumPy scalar or a tensor in its own dtype, which "
-            "tfadam.keras reproduces for beta_1, beta_2, epsilon and weight_decay only)."
-        )
-    return float(value) if isinstance(value, float) else value
+    typed = _typed_hyper(value, name, optional=optional)
+    if isinstance(value, np.generic):
+        return value
+    if isinstance(value, np.ndarray):
+        return np.array(value)
+    return typed
 
 
 def _tf_intra_op_threads() -> int:
@@ -273,7 +267,9 @@ class Adam:
         weight_decay: decoupled decay ``θ = θ - θ * wd * lr`` before each step
             (a number or a typed scalar, cast to the variable's dtype).
         clipnorm, clipvalue, global_clipnorm: at most one; clip each gradient's
-            norm, each element, or the norm of all gradients together.
+            norm, each element, or the norm of all gradients together. These,
+            ``ema_momentum`` and ``loss_scale_factor`` may be typed scalars as
+            well, converted or promoted as Keras does (docs/hyperparameters.md).
         use_ema, ema_momentum, ema_overwrite_frequency: keep an exponential
             moving average of the weights; copy it into them every
             ``ema_overwrite_frequency`` updates (or at
@@ -311,13 +307,13 @@ class Adam:
         epsilon: Number = 1e-7,
         amsgrad: bool = False,
         weight_decay: Number | None = None,
-        clipnorm: float | None = None,
-        clipvalue: float | None = None,
-        global_clipnorm: float | None = None,
+        clipnorm: Number | None = None,
+        clipvalue: Number | None = None,
+        global_clipnorm: Number | None = None,
         use_ema: bool = False,
-        ema_momentum: float = 0.99,
+        ema_momentum: Number = 0.99,
         ema_overwrite_frequency: int | None = None,
-        loss_scale_factor: float | None = None,
+        loss_scale_factor: Number | None = None,
         gradient_accumulation_steps: int | None = None,
         name: str = "adam",
         *,
@@ -339,8 +335,8 @@ class Adam:
                     f"gradient_accumulation_steps={gradient_accumulation_steps}"
                 )
         if use_ema:
-            ema_momentum = _number(ema_momentum, "ema_momentum")  # type: ignore[assignment]
-            if ema_momentum > 1 or ema_momentum < 0:
+            momentum = _typed_hyper(ema_momentum, "ema_momentum")
+            if float(momentum) > 1 or float(momentum) < 0:  # type: ignore[arg-type]
                 raise ValueError(
                     f"`ema_momentum` must be in the range [0, 1]. Received: "
                     f"ema_momentum={ema_momentum}"
@@ -361,8 +357,10 @@ class Adam:
                 f"Received: clipnorm={clipnorm}, clipvalue={clipvalue}, "
                 f"global_clipnorm={global_clipnorm}"
             )
-        for key, value in clipping.items():
-            _number(value, key, optional=True)
+        _converted_hyper(clipnorm, "clipnorm", optional=True)
+        _converted_hyper(clipvalue, "clipvalue", optional=True)
+        _converted_hyper(global_clipnorm, "global_clipnorm", optional=True)
+        _converted_hyper(loss_scale_factor, "loss_scale_factor", optional=True)
         if intra_op_threads is not None and (
             not isinstance(intra_op_threads, int) or intra_op_threads < 1
         ):
@@ -372,7 +370,7 @@ class Adam:
         _typed_hyper(weight_decay, "weight_decay", optional=True)
         self.name = name
         # Kept as given (as Keras keeps them, and get_config returns them); each
-        # step reads them through _typed_hyper, before anything is written.
+        # step reads them (_hyperparameters), before anything is written.
         self.beta_1 = beta_1
         self.beta_2 = beta_2
         self.epsilon = epsilon
@@ -384,7 +382,7 @@ class Adam:
         self.use_ema = bool(use_ema)
         self.ema_momentum = ema_momentum
         self.ema_overwrite_frequency = ema_overwrite_frequency
-        self.loss_scale_factor = _number(loss_scale_factor, "loss_scale_factor", optional=True)
+        self.loss_scale_factor = loss_scale_factor
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.intra_op_threads = intra_op_threads
         # Keras' "int" variable is int64 under the TF backend.
@@ -511,6 +509,7 @@ class Adam:
         variables = self._variables_for(grads, trainable_variables)
         plan = self._validated(grads, variables)
         hyper = self._hyperparameters()
+        self._check_tensor_dtypes(plan, hyper)
         learning_rates = self._learning_rates_for(plan)
         # The step and its count commit together: an interrupt waits for both.
         with engine.atomic(), torch.no_grad():
@@ -523,7 +522,7 @@ class Adam:
                 keras_rule.moving_average_all(
                     averages,
                     self._trainable,
-                    self.ema_momentum,
+                    hyper.ema_momentum,
                     schedule.step,
                     self.ema_overwrite_frequency,
                 )
@@ -935,7 +934,48 @@ class Adam:
             _typed_hyper(self.beta_2, "beta_2"),  # type: ignore[arg-type]
             _typed_hyper(self.epsilon, "epsilon"),  # type: ignore[arg-type]
             _typed_hyper(self.weight_decay, "weight_decay", optional=True),
+            _typed_hyper(self.ema_momentum, "ema_momentum") if self.use_ema else 0.0,  # type: ignore[arg-type]
+            _converted_hyper(self.clipnorm, "clipnorm", optional=True),
+            _converted_hyper(self.clipvalue, "clipvalue", optional=True),
+            _converted_hyper(self.global_clipnorm, "global_clipnorm", optional=True),
+            _converted_hyper(self.loss_scale_factor, "loss_scale_factor", optional=True),
         )
+
+    def _check_tensor_dtypes(self, plan: engine.Plan, hyper: _Hyper) -> None:
+        """A tensor ``loss_scale_factor`` or ``clipvalue`` must be each gradient's dtype;
+        a typed ``global_clipnorm`` must not promote the gradients' dtype.
+
+        TF converts a Python number or NumPy value to the gradient's dtype, but
+        takes a tensor as it is: ``g / scale`` raises TypeError ("`x` and `y`
+        must have the same dtype"), ``tf.clip_by_value`` InvalidArgumentError
+        ("cannot compute Minimum as input #1 was expected to be a ... tensor").
+        """
+        checked = [("loss_scale_factor", hyper.loss_scale_factor)]
+        if self._is_update_step() and not (hyper.clipnorm or self.global_clipnorm):
+            checked.append(("clipvalue", hyper.clipvalue))
+        for name, value in checked:
+            if not isinstance(value, torch.Tensor):
+                continue
+            for u in plan.updates:
+                if u.param.dtype != value.dtype:
+                    raise TypeError(
+                        f"Argument `{name}` is a {value.dtype} tensor, but the gradient of "
+                        f"{u.name} is {u.param.dtype}; Keras/TF cannot mix them (a tensor is not "
+                        "converted to the gradient's dtype). Pass a Python float or a NumPy "
+                        "scalar, which Keras converts, or a tensor of the variables' dtype."
+                    )
+        clip = hyper.global_clipnorm
+        if self._clips_globally() and isinstance(clip, (np.generic, np.ndarray, torch.Tensor)):
+            dtype = plan.updates[0].param.dtype  # one dtype for all (_validated)
+            typed = keras_rule.keras_typed(clip)
+            promoted = keras_rule.keras_result_type(dtype, typed.dtype)
+            if (typed.dtype if isinstance(clip, torch.Tensor) else promoted) != dtype:
+                raise TypeError(
+                    f"Argument `global_clipnorm` is {typed.dtype} and the gradients are {dtype}: "
+                    "Keras computes the clipping scale in the wider dtype and TF then fails "
+                    "('cannot compute AddV2 as input #1 was expected to be a ... tensor'). Pass "
+                    "a Python float, or a value of the gradients' dtype (or narrower, as NumPy)."
+                )
 
     def _schedule(self, learning_rates: list[Any], hyper: _Hyper) -> keras_rule.Iterations:
         return keras_rule.Iterations(
@@ -963,8 +1003,8 @@ class Adam:
         shapes = [p.shape for p in params]
         slots = [self._slots[self._index[id(p)]] for p in params]
         grads: list[Gradient] = [u.grad for u in updates]
-        if self.loss_scale_factor is not None:
-            grads = keras_rule.unscale_all(grads, self.loss_scale_factor)  # type: ignore[arg-type]
+        if hyper.loss_scale_factor is not None:
+            grads = keras_rule.unscale_all(grads, hyper.loss_scale_factor)  # type: ignore[arg-type]
         steps = self.gradient_accumulation_steps
         if steps:
             accumulators = [s["gradient_accumulator"] for s in slots]
@@ -972,7 +1012,7 @@ class Adam:
                 keras_rule.accumulate_all(accumulators, grads, shapes)
                 return False
             grads = keras_rule.accumulated_gradients(grads, accumulators, shapes, steps)  # type: ignore[assignment]
-        clipping = keras_rule.Clipping(self.clipnorm, self.clipvalue, self.global_clipnorm)
+        clipping = keras_rule.Clipping(hyper.clipnorm, hyper.clipvalue, hyper.global_clipnorm)
         grads = keras_rule.clip_all(grads, shapes, clipping, self._threads())
         # Keras' update (AMSGrad, repeated sparse rows, typed hyperparameters
         # included) runs in the engine under Options(rule="keras").

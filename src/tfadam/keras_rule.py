@@ -150,6 +150,56 @@ def keras_operand(value: HyperValue, dtype: torch.dtype) -> tuple[float, torch.d
     return keras_literal(value, dtype).item(), dtype
 
 
+# The transforms meet a hyperparameter inside TF ops (``g / scale``,
+# ``tf.clip_by_value``, ``tf.clip_by_norm``), which convert it to the gradient's
+# dtype ``T``: a Python number as a literal, a NumPy value rounded once from its
+# own dtype (NumPy's conversion: no float32 step, no flush), a TF tensor only if
+# it is ``T`` already (a 0-dim torch tensor stands for one here).
+KerasScalar = float | np.generic | np.ndarray | torch.Tensor
+
+
+def keras_convert(value: KerasScalar, dtype: torch.dtype) -> torch.Tensor:
+    """``convert_to_tensor(value, T)`` as a TF op does it for its second operand.
+
+    >>> x = 1 + 2**-11 + 2**-40  # float32 rounds it to a float16 tie
+    >>> keras_convert(np.float64(x), torch.float16).item(), keras_literal(x, torch.float16).item()
+    (1.0009765625, 1.0)
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().reshape(()).to(dtype)  # a T tensor (checked by the face)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return _round_once(float(np.asarray(value).astype(np.float64)), dtype)
+    return keras_literal(value, dtype)
+
+
+def _round_once(x: float, dtype: torch.dtype) -> torch.Tensor:
+    """The double ``x`` rounded once (to nearest, ties to even) to ``dtype``."""
+    if dtype == torch.float64:
+        return torch.tensor(x, dtype=torch.float64)
+    if dtype == torch.float16:  # NumPy converts double to half directly
+        return torch.from_numpy(np.array(x, np.float64).astype(np.float16))
+    # Rounding to float32 toward zero with a sticky last bit ("round to odd")
+    # keeps a later rounding to a narrower format (bfloat16) a single rounding.
+    narrow = np.float32(x)
+    if not math.isfinite(x) or float(narrow) == x or dtype == torch.float32:
+        return torch.tensor(float(narrow), dtype=torch.float32).to(dtype)
+    if abs(float(narrow)) > abs(x):
+        narrow = np.nextafter(narrow, np.float32(0))
+    odd = np.array(narrow).view(np.int32) | 1
+    return torch.tensor(float(odd.view(np.float32)), dtype=torch.float32).to(dtype)
+
+
+def keras_cast_from(value: KerasScalar, dtype: torch.dtype) -> torch.Tensor:
+    """``tf.cast(value, T)`` of a typed value: TF's Cast from its own dtype (:func:`keras_cast`).
+
+    >>> keras_cast_from(np.array(1 + 2**-11 + 2**-40), torch.float16).item()
+    1.0
+    """
+    if isinstance(value, (np.generic, np.ndarray)):
+        value = keras_typed(value)
+    return keras_cast(value, dtype)  # type: ignore[arg-type]
+
+
 # --- 2. Coefficients from the iteration counter ---------------------------------------
 
 
@@ -427,9 +477,9 @@ def keras_only_update(
 # --- 4a. Loss scaling and gradient accumulation ---------------------------------------
 
 
-def keras_unscale(g: torch.Tensor, loss_scale_factor: float) -> torch.Tensor:
-    """``loss_scale_factor``: ``g / T(scale)``, before anything else touches ``g``."""
-    return g / keras_literal(loss_scale_factor, g.dtype)
+def keras_unscale(g: torch.Tensor, loss_scale_factor: KerasScalar) -> torch.Tensor:
+    """``loss_scale_factor``: ``g / T(scale)`` (:func:`keras_convert`), before anything else."""
+    return g / keras_convert(loss_scale_factor, g.dtype)
 
 
 def keras_accumulate(accumulator: torch.Tensor, g: torch.Tensor) -> None:
@@ -471,7 +521,9 @@ def densify(g: Gradient, shape: Sequence[int]) -> torch.Tensor:
     return g
 
 
-def unscale_all(grads: Sequence[torch.Tensor], loss_scale_factor: float) -> list[torch.Tensor]:
+def unscale_all(
+    grads: Sequence[torch.Tensor], loss_scale_factor: KerasScalar
+) -> list[torch.Tensor]:
     """Transform 1, ``loss_scale_factor``: every gradient through :func:`keras_unscale`."""
     return [keras_unscale(g, loss_scale_factor) for g in grads]
 
@@ -627,7 +679,9 @@ def keras_squared_norm(g: torch.Tensor, max_threads: int) -> torch.Tensor:
     return tf_sum(flush_subnormal(g * g), max_threads)
 
 
-def keras_clip_by_norm(values: torch.Tensor, clipnorm: float, max_threads: int) -> torch.Tensor:
+def keras_clip_by_norm(
+    values: torch.Tensor, clipnorm: KerasScalar, max_threads: int
+) -> torch.Tensor:
     """``clipnorm`` (the TF backend calls ``tf.clip_by_norm(values, clipnorm)``)::
 
         l2sum = reduce_sum(values * values)
@@ -635,47 +689,78 @@ def keras_clip_by_norm(values: torch.Tensor, clipnorm: float, max_threads: int) 
         clipped = (values * T(clipnorm)) / max(l2norm, T(clipnorm))
 
     For an IndexedSlices ``values`` are its rows as given: a repeated index
-    counts once per occurrence, before any summing.
+    counts once per occurrence, before any summing. ``T(clipnorm)``: TF
+    converts a Python number or NumPy scalar (``np.isscalar``) as an operand
+    (:func:`keras_convert`) and casts anything else, a 0-dim array or a
+    tensor of any dtype, with ``tf.cast`` (:func:`keras_cast_from`).
     """
-    c = keras_literal(clipnorm, values.dtype)
+    if isinstance(clipnorm, (np.ndarray, torch.Tensor)):
+        c = keras_cast_from(clipnorm, values.dtype)
+    else:
+        c = keras_convert(clipnorm, values.dtype)
     l2sum = keras_squared_norm(values, max_threads)
     l2norm = exact_sqrt(l2sum) if bool(l2sum > 0) else l2sum
     return (values * c) / tf_maximum(l2norm, c)
 
 
-def keras_clip_by_value(values: torch.Tensor, clipvalue: float) -> torch.Tensor:
-    """``clipvalue`` (``tf.clip_by_value(values, -v, v)``): ``max(min(values, v), -v)``."""
-    high = keras_literal(clipvalue, values.dtype)
-    low = keras_literal(-clipvalue, values.dtype)
+def keras_clip_by_value(values: torch.Tensor, clipvalue: KerasScalar) -> torch.Tensor:
+    """``clipvalue`` (``tf.clip_by_value(values, -v, v)``): ``max(min(values, v), -v)``.
+
+    ``v`` and ``-v`` (negated in their own type) as TF converts them (:func:`keras_convert`).
+    """
+    high = keras_convert(clipvalue, values.dtype)
+    low = keras_convert(-clipvalue, values.dtype)
     return tf_maximum(tf_minimum(values, high), low)
 
 
 def keras_global_norm_scale(
-    squared_norms: Sequence[torch.Tensor], clipnorm: float, max_threads: int
+    squared_norms: Sequence[torch.Tensor], clipnorm: KerasScalar, max_threads: int
 ) -> torch.Tensor:
     """``global_clipnorm``: the factor Keras multiplies every gradient by::
 
         norm = sqrt(reduce_sum(stack(squared_norms)))
         scale = T(clipnorm) * min(T(1) / norm, T(1 / clipnorm)) + (norm - norm)
 
-    ``1 / clipnorm`` is a Python double, rounded once; ``norm - norm`` makes
-    the scale NaN when the norm is not finite.
+    ``1 / clipnorm`` is a Python double, rounded once, for a Python number;
+    for a typed one it is computed in its own dtype ``D``, which Keras then
+    meets in ``result_type(T, D)`` — only ``T`` itself works (otherwise the
+    sum with ``norm - norm`` fails in TF; the face refuses it before).
+    ``norm - norm`` makes the scale NaN when the norm is not finite.
     """
     total = tf_sum(torch.stack(list(squared_norms)), max_threads)
     dtype = total.dtype
     norm = exact_sqrt(total)
     one = torch.ones((), dtype=dtype)
-    smaller = tf_minimum(one / norm, keras_literal(1.0 / clipnorm, dtype))
-    return keras_literal(clipnorm, dtype) * smaller + (norm - norm)
+    if isinstance(clipnorm, (int, float)) and not isinstance(clipnorm, np.generic):
+        inverse = keras_literal(1.0 / clipnorm, dtype)
+    else:
+        typed = keras_typed(clipnorm)
+        inverse = TFArithmetic(typed.dtype).div(1.0, typed).to(dtype)  # exact: D fits in T
+    smaller = tf_minimum(one / norm, inverse)
+    return keras_convert(clipnorm, dtype) * smaller + (norm - norm)
+
+
+def keras_typed(value: np.generic | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A typed value (NumPy scalar or array, tensor) as a 0-dim CPU tensor of its dtype.
+
+    >>> keras_typed(np.float16(0.5))
+    tensor(0.5000, dtype=torch.float16)
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().reshape(())
+    array = np.asarray(value)
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16).reshape(())
+    return torch.from_numpy(np.array(array)).reshape(())
 
 
 @dataclass(frozen=True)
 class Clipping:
     """Transform 3: which of Keras' clipping options is set (at most one; ``None`` or 0: off)."""
 
-    clipnorm: float | None = None
-    clipvalue: float | None = None
-    global_clipnorm: float | None = None
+    clipnorm: KerasScalar | None = None
+    clipvalue: KerasScalar | None = None
+    global_clipnorm: KerasScalar | None = None
 
 
 def clip_all(
@@ -731,19 +816,30 @@ def keras_weight_decay(theta: torch.Tensor, weight_decay: torch.Tensor, lr: torc
 
 
 def keras_ema_update(
-    average: torch.Tensor, theta: torch.Tensor, ema_momentum: float, first_step: bool
+    average: torch.Tensor, theta: torch.Tensor, ema_momentum: HyperValue, first_step: bool
 ) -> None:
     """``use_ema``, after the step, in place::
 
-        momentum = T(iterations != 0) * T(ema_momentum)
-        average = momentum * average + (T(1) - momentum) * θ
+        momentum = T(iterations != 0) * ema_momentum
+        average = T(momentum * average + (1 - momentum) * θ)
 
-    so the first step copies θ (momentum 0).
+    so the first step copies θ (momentum 0). The ops compute in ``T`` for a
+    Python number (converted as a literal); a typed ``ema_momentum`` (a 0-dim
+    tensor of its dtype ``D``) makes them compute in ``result_type(T, D)``,
+    and the assignment casts the result to ``T`` (:func:`keras_operand`).
     """
     dtype = theta.dtype
-    momentum = torch.zeros((), dtype=dtype) if first_step else keras_literal(ema_momentum, dtype)
-    one = torch.ones((), dtype=dtype)
-    average.copy_(momentum * average + (one - momentum) * theta)
+    value, op_dtype = keras_operand(ema_momentum, dtype)
+    if op_dtype == dtype:
+        momentum = torch.tensor(0.0 if first_step else value, dtype=dtype)
+        one = torch.ones((), dtype=dtype)
+        average.copy_(momentum * average + (one - momentum) * theta)
+        return
+    wide = TFArithmetic(op_dtype)
+    momentum = wide.operand(0.0 if first_step else value)
+    kept = wide.mul(momentum, average)
+    moved = wide.mul(wide.sub(1.0, momentum), theta)
+    average.copy_(TFArithmetic(dtype).cast(wide.add(kept, moved)))
 
 
 def decay_all(
@@ -770,7 +866,7 @@ def decay_all(
 def moving_average_all(
     averages: Sequence[torch.Tensor],
     thetas: Sequence[torch.Tensor],
-    ema_momentum: float,
+    ema_momentum: HyperValue,
     iterations: int,
     overwrite_frequency: int | None,
 ) -> None:
