@@ -725,6 +725,38 @@ def keras_global_clipnorm_mixed_dtypes(w):
     return lambda: other.apply_gradients([(torch.ones(4, 3), w.a), (torch.ones(3).double(), wide)])
 
 
+# Typed hyperparameters (NumPy scalars, 0-dim arrays and tensors) are Keras'
+# bits now; what Keras cannot use either, set after construction, is refused
+# at the next apply call before anything moves.
+for _name, _key, _value, _error, _pattern in [
+    ("keras_beta_1_vector", "beta_1", lambda: torch.tensor([0.9, 0.8]).numpy(), ValueError,
+     r"Argument `beta_1` must be a scalar \(0-dim\).*shape \(2,\)"),
+    ("keras_epsilon_string", "epsilon", lambda: "1e-7", TypeError,
+     r"Argument `epsilon` must be a real number.*str"),
+    ("keras_weight_decay_integer_array", "weight_decay", lambda: torch.tensor(1).numpy(),
+     TypeError, r"Argument `weight_decay` must be a floating value.*int64"),
+    ("keras_beta_2_meta_tensor", "beta_2", lambda: torch.tensor(0.9, device="meta"), ValueError,
+     r"Argument `beta_2` is a tensor on the meta device"),
+    ("keras_beta_1_callable", "beta_1", lambda: (lambda: 0.9), ValueError,
+     r"Argument `beta_1` must be a number.*callable"),
+    # TF takes a tensor as it is: `g / scale` needs the gradient's dtype.
+    ("keras_loss_scale_tensor_of_another_dtype", "loss_scale_factor",
+     lambda: torch.tensor(2.0, dtype=torch.float64), TypeError,
+     r"Argument `loss_scale_factor` is a torch.float64 tensor, but the gradient of variable #0"),
+    # Keras' scale would be float64, which TF cannot add to float32.
+    ("keras_global_clipnorm_numpy_wider", "global_clipnorm", lambda: torch.tensor(1.0).double().numpy(),
+     TypeError, r"Argument `global_clipnorm` is torch.float64 and the gradients are torch.float32"),
+]:  # fmt: skip
+
+    def _setup(w, key=_key, make=_value):
+        setattr(w.opt, key, make())
+        good = torch.ones(6, 2)  # dense: Keras cannot unscale an IndexedSlices
+        return lambda: w.apply(good)
+
+    _setup.__name__ = _name
+    case("keras", _error, _pattern)(_setup)
+
+
 # -- issue 15: shared memory, strict options, meta devices, edited slots, accumulators -----------
 
 

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from . import guard, kernels, rule
+from . import guard, keras_rule, kernels, rule
 from .guard import FLOATING, PLAIN, Gradient, Nonfinite, Options, SparseMode
 from .hyper import Resolution, accumulator_mismatch, resolve_all
 from .interrupts import held
@@ -586,9 +586,10 @@ def _written_name(updates: Sequence[Update], index: int) -> str:
 def execute(plan: Plan, schedule: Schedule) -> None:
     """Run a prepared plan: the arithmetic of one step, then ``schedule.advance()``.
 
-    Cannot fail on input (:func:`prepare` has checked it all). Runs inside
-    :func:`atomic`: an interrupt arriving meanwhile is handled after the
-    step, which is then complete.
+    With ``Options(rule="keras")`` each update is Keras 3's (see
+    :func:`_keras_updates`). Cannot fail on input (:func:`prepare` has
+    checked it all). Runs inside :func:`atomic`: an interrupt arriving
+    meanwhile is handled after the step, which is then complete.
     """
     options = plan.options
     with atomic(), torch.no_grad():
@@ -596,6 +597,10 @@ def execute(plan: Plan, schedule: Schedule) -> None:
         coefficients = {dtype: schedule.coefficients(dtype) for dtype in plan.dtypes}
         for update in plan.fresh:
             create_slots(update.param, update.state, options)
+        if options.rule == "keras":
+            _keras_updates(plan, coefficients)
+            schedule.advance()
+            return
         steady = plan.steady
         if steady is not None:
             steady.batch.step(
@@ -665,6 +670,29 @@ def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         t.to_local() if type(t) not in PLAIN and isinstance(t, dtensor) else t  # type: ignore[attr-defined]
         for t in tensors
     ]
+
+
+def _keras_updates(plan: Plan, coefficients: dict[torch.dtype, rule.Coefficients]) -> None:
+    """``Options(rule="keras")``: each update as Keras 3 computes it (:mod:`tfadam.keras_rule`).
+
+    Where Keras' update is TF1's dense update (``keras_rule.differs_from_tf1``
+    is false), TF1's kernel runs it on the densified gradient, a dtype at a
+    time; the others (AMSGrad, repeated sparse rows, typed hyperparameters
+    promoted beyond ``T``) run ``keras_rule.keras_only_update``.
+    """
+    amsgrad = plan.options.amsgrad
+    tf1: dict[torch.dtype, list[tuple[torch.Tensor, ...]]] = {}
+    for u in plan.updates:
+        c, state = coefficients[u.param.dtype], u.state
+        if keras_rule.differs_from_tf1(u.grad, amsgrad, c):
+            vhat = state["vhat"] if amsgrad else None
+            keras_rule.keras_only_update(u.param, u.grad, state["m"], state["v"], c, vhat=vhat)
+        else:
+            dense = keras_rule.densify(u.grad, u.param.shape)
+            tf1.setdefault(u.param.dtype, []).append((u.param, dense, state["m"], state["v"]))
+    for dtype, group in tf1.items():
+        params, grads, ms, vs = (_local(list(column)) for column in zip(*group, strict=True))
+        kernels.dense_step(params, grads, ms, vs, None, coefficients[dtype], nesterov=False)
 
 
 def _amsgrad_sparse(u: Update, c: rule.Coefficients, options: Options) -> None:

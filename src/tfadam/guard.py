@@ -75,6 +75,7 @@ __all__ = [
 
 SparseMode = Literal["dense", "lazy"]
 Nonfinite = Literal["propagate", "raise"]
+Rule = Literal["tf1", "keras"]
 Gradient = torch.Tensor | IndexedSlices
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -92,6 +93,8 @@ class Options:
         nonfinite: ``"propagate"`` (TF: NaN/Inf gradients are applied) or
             ``"raise"`` (:func:`tfadam.engine.prepare` scans every gradient and raises
             :class:`tfadam.NonFiniteGradientError`, naming call and variable).
+        rule: ``"tf1"`` (TF's kernels) or ``"keras"`` (Keras 3's ``update_step``,
+            :mod:`tfadam.keras_rule`; TF1's kernel where the two agree).
 
     A bool option takes a bool: ``"False"`` is a non-empty string, which
     ``if`` would read as true.
@@ -107,6 +110,7 @@ class Options:
     sparse: SparseMode = "dense"
     numerics: rule.Numerics = "eager"
     nonfinite: Nonfinite = "propagate"
+    rule: Rule = "tf1"
 
     def __post_init__(self) -> None:
         for key in ("amsgrad", "nesterov"):
@@ -117,6 +121,7 @@ class Options:
             "sparse": ("dense", "lazy"),
             "numerics": ("eager", "graph"),
             "nonfinite": ("propagate", "raise"),
+            "rule": ("tf1", "keras"),
         }
         for key, allowed in choices.items():
             value = getattr(self, key)
@@ -124,6 +129,8 @@ class Options:
                 raise ValueError(f"{key}={value!r}: {_CHOICES[key]}")
         if self.amsgrad and self.sparse == "lazy":
             raise ValueError("amsgrad=True has no lazy sparse form; use sparse='dense'.")
+        if self.rule == "keras" and (self.nesterov or self.sparse == "lazy"):
+            raise ValueError("rule='keras' has no nesterov or lazy form (Keras' Adam has none).")
 
     @property
     def slot_names(self) -> list[str]:
@@ -135,6 +142,7 @@ _CHOICES = {
     "numerics": "choose 'eager' or 'graph'.",
     "nonfinite": "choose 'propagate' (TF: apply NaN/Inf gradients) or 'raise' (check every "
     "gradient, raise before updating).",
+    "rule": "choose 'tf1' (TF's kernels) or 'keras' (Keras 3's update).",
 }
 
 

@@ -26,7 +26,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,10 +38,24 @@ from .sparse import IndexedSlices
 __all__ = ["Adam", "IndexedSlices", "LearningRateSchedule"]
 
 Gradient = torch.Tensor | IndexedSlices
+# A Python number, or a typed scalar: NumPy floating scalar, 0-dim array or tensor.
+Number = float | np.floating | np.ndarray | torch.Tensor
 LearningRate = float | Callable[[], Any]
 
 # engine.prepare checks gradients and slots; the hyperparameters it carries are unused here.
 _NO_HYPER = Resolution(0.0, 0.0, 0.0, 0.0)
+
+
+class _Hyper(NamedTuple):
+    beta_1: float | torch.Tensor
+    beta_2: float | torch.Tensor
+    epsilon: float | torch.Tensor
+    weight_decay: float | torch.Tensor | None
+    ema_momentum: float | torch.Tensor
+    clipnorm: keras_rule.KerasScalar | None
+    clipvalue: keras_rule.KerasScalar | None
+    global_clipnorm: keras_rule.KerasScalar | None
+    loss_scale_factor: keras_rule.KerasScalar | None
 
 
 class LearningRateSchedule:
@@ -111,8 +125,22 @@ def _as_scalar(value: Any, what: str) -> float | torch.Tensor:
     return tensor
 
 
-def _number(value: Any, name: str, *, optional: bool = False) -> float | None:
-    """A hyperparameter Keras uses as a Python number (betas, ε, clipping, decay...)."""
+def _typed_hyper(value: Any, name: str, *, optional: bool = False) -> float | torch.Tensor | None:
+    """A hyperparameter Keras computes with as it is: ``beta_1``, ``beta_2``, ``epsilon``,
+    ``weight_decay``, ``ema_momentum`` (and, checked here, the others).
+
+    A Python number stays a float (Keras converts it as a literal); a NumPy
+    floating scalar (``np.float64`` included, although it is a ``float``), a
+    0-dim floating array or tensor (torch or TF) becomes a 0-dim CPU tensor of
+    its dtype, which Keras keeps in its type promotion (:mod:`tfadam.keras_rule`).
+
+    >>> _typed_hyper(0.9, "beta_1"), _typed_hyper(np.float16(0.5), "beta_1")
+    (0.9, tensor(0.5000, dtype=torch.float16))
+    >>> _typed_hyper(np.array([0.9]), "beta_1")
+    Traceback (most recent call last):
+    ...
+    ValueError: Argument `beta_1` must be a scalar (0-dim); received a value of shape (1,). ...
+    """
     if value is None and optional:
         return None
     if callable(value):
@@ -123,16 +151,65 @@ def _number(value: Any, name: str, *, optional: bool = False) -> float | None:
             f"fails at the first step with 'Attempt to convert a value ... to a Tensor'). "
             f"Received: {name}={value!r}"
         )
-    # np.float64 is a float subclass, but Keras types it float64 in its promotion
-    # (measured: a float16 variable's m then differs from a Python float's).
-    if isinstance(value, (bool, np.generic)) or not isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, (bool, np.generic)):
+        return float(value)
+    fix = f"Pass a Python float, or a floating NumPy scalar or 0-dim tensor as `{name}`."
+    if isinstance(value, (bool, np.bool_, str, bytes)):
         raise TypeError(
-            f"Argument `{name}` must be a Python number; received {type(value).__name__} "
-            f"{value!r}. Pass float(...) (tfadam.keras follows Keras' arithmetic for Python "
-            "numbers; Keras computes with a NumPy scalar or a tensor in its own dtype, which "
-            "tfadam.keras does not reproduce)."
+            f"Argument `{name}` must be a real number; received {type(value).__name__} "
+            f"{value!r}. {fix}"
         )
-    return float(value) if isinstance(value, float) else value
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+        if tensor.is_meta:
+            raise ValueError(f"Argument `{name}` is a tensor on the meta device: it has no value.")
+        tensor = tensor.cpu()
+    else:
+        try:
+            array = np.asarray(value)
+        except Exception as error:
+            raise TypeError(
+                f"Argument `{name}` must be a real number; received {type(value).__name__} "
+                f"{value!r}. {fix}"
+            ) from error
+        if array.dtype.name == "bfloat16":
+            tensor = torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+        elif array.dtype.kind == "f" and array.dtype.itemsize in (2, 4, 8):
+            tensor = torch.from_numpy(np.array(array))
+        else:
+            raise TypeError(
+                f"Argument `{name}` must be a floating value; received {type(value).__name__} "
+                f"of dtype {array.dtype}. {fix}"
+            )
+    if tensor.dtype not in engine.FLOATING:
+        raise TypeError(
+            f"Argument `{name}` must be a floating value; received a {tensor.dtype} tensor. {fix}"
+        )
+    if tensor.dim() != 0:
+        raise ValueError(
+            f"Argument `{name}` must be a scalar (0-dim); received a value of shape "
+            f"{tuple(tensor.shape)}. Pass one value, e.g. x.reshape(())."
+        )
+    return tensor.clone()
+
+
+def _converted_hyper(value: Any, name: str, *, optional: bool = False) -> Any:
+    """A hyperparameter a TF op converts: ``clipnorm``, ``clipvalue``, ``loss_scale_factor``.
+
+    Checked as :func:`_typed_hyper`; a Python number becomes a float, a
+    NumPy scalar or 0-dim array stays one (TF converts the two differently
+    in ``tf.clip_by_norm``), anything else becomes a 0-dim torch tensor, the
+    stand-in for a TF tensor (see :func:`tfadam.keras_rule.keras_convert`).
+
+    >>> _converted_hyper(np.float16(2.0), "clipnorm"), _converted_hyper(2, "clipnorm")
+    (np.float16(2.0), 2.0)
+    """
+    typed = _typed_hyper(value, name, optional=optional)
+    if isinstance(value, np.generic):
+        return value
+    if isinstance(value, np.ndarray):
+        return np.array(value)
+    return typed
 
 
 def _tf_intra_op_threads() -> int:
@@ -182,11 +259,17 @@ class Adam:
         learning_rate: a Python float (held as a float32 tensor, like Keras'
             variable), a :class:`LearningRateSchedule` or Keras schedule
             (called with the step), or a zero-argument callable.
-        beta_1, beta_2, epsilon: Python numbers.
+        beta_1, beta_2, epsilon: Python numbers, or typed scalars (a NumPy
+            floating scalar, a 0-dim array or tensor), which Keras computes
+            with in their own dtype (``1 - β`` in it, products in the
+            promoted dtype); the same bits here.
         amsgrad: keep ``velocity_hat = max(velocity_hat, v)``.
-        weight_decay: decoupled decay ``θ = θ - θ * wd * lr`` before each step.
+        weight_decay: decoupled decay ``θ = θ - θ * wd * lr`` before each step
+            (a number or a typed scalar, cast to the variable's dtype).
         clipnorm, clipvalue, global_clipnorm: at most one; clip each gradient's
-            norm, each element, or the norm of all gradients together.
+            norm, each element, or the norm of all gradients together. These,
+            ``ema_momentum`` and ``loss_scale_factor`` may be typed scalars as
+            well, converted or promoted as Keras does (docs/hyperparameters.md).
         use_ema, ema_momentum, ema_overwrite_frequency: keep an exponential
             moving average of the weights; copy it into them every
             ``ema_overwrite_frequency`` updates (or at
@@ -219,18 +302,18 @@ class Adam:
     def __init__(
         self,
         learning_rate: LearningRate = 0.001,
-        beta_1: float = 0.9,
-        beta_2: float = 0.999,
-        epsilon: float = 1e-7,
+        beta_1: Number = 0.9,
+        beta_2: Number = 0.999,
+        epsilon: Number = 1e-7,
         amsgrad: bool = False,
-        weight_decay: float | None = None,
-        clipnorm: float | None = None,
-        clipvalue: float | None = None,
-        global_clipnorm: float | None = None,
+        weight_decay: Number | None = None,
+        clipnorm: Number | None = None,
+        clipvalue: Number | None = None,
+        global_clipnorm: Number | None = None,
         use_ema: bool = False,
-        ema_momentum: float = 0.99,
+        ema_momentum: Number = 0.99,
         ema_overwrite_frequency: int | None = None,
-        loss_scale_factor: float | None = None,
+        loss_scale_factor: Number | None = None,
         gradient_accumulation_steps: int | None = None,
         name: str = "adam",
         *,
@@ -252,8 +335,8 @@ class Adam:
                     f"gradient_accumulation_steps={gradient_accumulation_steps}"
                 )
         if use_ema:
-            ema_momentum = _number(ema_momentum, "ema_momentum")  # type: ignore[assignment]
-            if ema_momentum > 1 or ema_momentum < 0:
+            momentum = _typed_hyper(ema_momentum, "ema_momentum")
+            if float(momentum) > 1 or float(momentum) < 0:  # type: ignore[arg-type]
                 raise ValueError(
                     f"`ema_momentum` must be in the range [0, 1]. Received: "
                     f"ema_momentum={ema_momentum}"
@@ -274,25 +357,32 @@ class Adam:
                 f"Received: clipnorm={clipnorm}, clipvalue={clipvalue}, "
                 f"global_clipnorm={global_clipnorm}"
             )
-        for key, value in clipping.items():
-            _number(value, key, optional=True)
+        _converted_hyper(clipnorm, "clipnorm", optional=True)
+        _converted_hyper(clipvalue, "clipvalue", optional=True)
+        _converted_hyper(global_clipnorm, "global_clipnorm", optional=True)
+        _converted_hyper(loss_scale_factor, "loss_scale_factor", optional=True)
         if intra_op_threads is not None and (
             not isinstance(intra_op_threads, int) or intra_op_threads < 1
         ):
             raise ValueError(f"intra_op_threads must be a positive int; got {intra_op_threads!r}.")
+        for key, value in dict(beta_1=beta_1, beta_2=beta_2, epsilon=epsilon).items():
+            _typed_hyper(value, key)
+        _typed_hyper(weight_decay, "weight_decay", optional=True)
         self.name = name
-        self.beta_1 = _number(beta_1, "beta_1")
-        self.beta_2 = _number(beta_2, "beta_2")
-        self.epsilon = _number(epsilon, "epsilon")
+        # Kept as given (as Keras keeps them, and get_config returns them); each
+        # step reads them (_hyperparameters), before anything is written.
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
         self.amsgrad = bool(amsgrad)
-        self.weight_decay = _number(weight_decay, "weight_decay", optional=True)
+        self.weight_decay = weight_decay
         self.clipnorm = clipnorm
         self.clipvalue = clipvalue
         self.global_clipnorm = global_clipnorm
         self.use_ema = bool(use_ema)
         self.ema_momentum = ema_momentum
         self.ema_overwrite_frequency = ema_overwrite_frequency
-        self.loss_scale_factor = _number(loss_scale_factor, "loss_scale_factor", optional=True)
+        self.loss_scale_factor = loss_scale_factor
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.intra_op_threads = intra_op_threads
         # Keras' "int" variable is int64 under the TF backend.
@@ -418,19 +508,21 @@ class Adam:
             return
         variables = self._variables_for(grads, trainable_variables)
         plan = self._validated(grads, variables)
+        hyper = self._hyperparameters()
+        self._check_tensor_dtypes(plan, hyper)
         learning_rates = self._learning_rates_for(plan)
         # The step and its count commit together: an interrupt waits for both.
         with engine.atomic(), torch.no_grad():
             if not self.built:
                 self._build(variables)
-            schedule = self._schedule(learning_rates)
-            updated = self._step(plan, learning_rates, schedule)
+            schedule = self._schedule(learning_rates, hyper)
+            updated = self._step(plan, learning_rates, schedule, hyper)
             if self.use_ema:
                 averages = [slots["average"] for slots in self._slots]
                 keras_rule.moving_average_all(
                     averages,
                     self._trainable,
-                    self.ema_momentum,
+                    hyper.ema_momentum,
                     schedule.step,
                     self.ema_overwrite_frequency,
                 )
@@ -835,18 +927,72 @@ class Adam:
 
     # --- one step, in Keras' order (BaseOptimizer.apply / _backend_apply_gradients) -------
 
-    def _schedule(self, learning_rates: list[Any]) -> keras_rule.Iterations:
+    def _hyperparameters(self) -> _Hyper:
+        """``beta_1``, ``beta_2``, ``epsilon``, ``weight_decay`` as this step reads them."""
+        return _Hyper(
+            _typed_hyper(self.beta_1, "beta_1"),  # type: ignore[arg-type]
+            _typed_hyper(self.beta_2, "beta_2"),  # type: ignore[arg-type]
+            _typed_hyper(self.epsilon, "epsilon"),  # type: ignore[arg-type]
+            _typed_hyper(self.weight_decay, "weight_decay", optional=True),
+            _typed_hyper(self.ema_momentum, "ema_momentum") if self.use_ema else 0.0,  # type: ignore[arg-type]
+            _converted_hyper(self.clipnorm, "clipnorm", optional=True),
+            _converted_hyper(self.clipvalue, "clipvalue", optional=True),
+            _converted_hyper(self.global_clipnorm, "global_clipnorm", optional=True),
+            _converted_hyper(self.loss_scale_factor, "loss_scale_factor", optional=True),
+        )
+
+    def _check_tensor_dtypes(self, plan: engine.Plan, hyper: _Hyper) -> None:
+        """A tensor ``loss_scale_factor`` or ``clipvalue`` must be each gradient's dtype;
+        a typed ``global_clipnorm`` must not promote the gradients' dtype.
+
+        TF converts a Python number or NumPy value to the gradient's dtype, but
+        takes a tensor as it is: ``g / scale`` raises TypeError ("`x` and `y`
+        must have the same dtype"), ``tf.clip_by_value`` InvalidArgumentError
+        ("cannot compute Minimum as input #1 was expected to be a ... tensor").
+        """
+        checked = [("loss_scale_factor", hyper.loss_scale_factor)]
+        if self._is_update_step() and not (hyper.clipnorm or self.global_clipnorm):
+            checked.append(("clipvalue", hyper.clipvalue))
+        for name, value in checked:
+            if not isinstance(value, torch.Tensor):
+                continue
+            for u in plan.updates:
+                if u.param.dtype != value.dtype:
+                    raise TypeError(
+                        f"Argument `{name}` is a {value.dtype} tensor, but the gradient of "
+                        f"{u.name} is {u.param.dtype}; Keras/TF cannot mix them (a tensor is not "
+                        "converted to the gradient's dtype). Pass a Python float or a NumPy "
+                        "scalar, which Keras converts, or a tensor of the variables' dtype."
+                    )
+        clip = hyper.global_clipnorm
+        if self._clips_globally() and isinstance(clip, (np.generic, np.ndarray, torch.Tensor)):
+            dtype = plan.updates[0].param.dtype  # one dtype for all (_validated)
+            typed = keras_rule.keras_typed(clip)
+            promoted = keras_rule.keras_result_type(dtype, typed.dtype)
+            if (typed.dtype if isinstance(clip, torch.Tensor) else promoted) != dtype:
+                raise TypeError(
+                    f"Argument `global_clipnorm` is {typed.dtype} and the gradients are {dtype}: "
+                    "Keras computes the clipping scale in the wider dtype and TF then fails "
+                    "('cannot compute AddV2 as input #1 was expected to be a ... tensor'). Pass "
+                    "a Python float, or a value of the gradients' dtype (or narrower, as NumPy)."
+                )
+
+    def _schedule(self, learning_rates: list[Any], hyper: _Hyper) -> keras_rule.Iterations:
         return keras_rule.Iterations(
             counter=self._iterations,
             step=int(self.iterations),
             learning_rate=learning_rates[-1] if learning_rates else None,
-            beta_1=self.beta_1,  # type: ignore[arg-type]
-            beta_2=self.beta_2,  # type: ignore[arg-type]
-            epsilon=self.epsilon,  # type: ignore[arg-type]
+            beta_1=hyper.beta_1,
+            beta_2=hyper.beta_2,
+            epsilon=hyper.epsilon,
         )
 
     def _step(
-        self, plan: engine.Plan, learning_rates: list[Any], schedule: keras_rule.Iterations
+        self,
+        plan: engine.Plan,
+        learning_rates: list[Any],
+        schedule: keras_rule.Iterations,
+        hyper: _Hyper,
     ) -> bool:
         """Keras' transforms around one engine execution; False on a call that only accumulates.
 
@@ -857,8 +1003,8 @@ class Adam:
         shapes = [p.shape for p in params]
         slots = [self._slots[self._index[id(p)]] for p in params]
         grads: list[Gradient] = [u.grad for u in updates]
-        if self.loss_scale_factor is not None:
-            grads = keras_rule.unscale_all(grads, self.loss_scale_factor)  # type: ignore[arg-type]
+        if hyper.loss_scale_factor is not None:
+            grads = keras_rule.unscale_all(grads, hyper.loss_scale_factor)  # type: ignore[arg-type]
         steps = self.gradient_accumulation_steps
         if steps:
             accumulators = [s["gradient_accumulator"] for s in slots]
@@ -866,27 +1012,32 @@ class Adam:
                 keras_rule.accumulate_all(accumulators, grads, shapes)
                 return False
             grads = keras_rule.accumulated_gradients(grads, accumulators, shapes, steps)  # type: ignore[assignment]
-        clipping = keras_rule.Clipping(self.clipnorm, self.clipvalue, self.global_clipnorm)
+        clipping = keras_rule.Clipping(hyper.clipnorm, hyper.clipvalue, hyper.global_clipnorm)
         grads = keras_rule.clip_all(grads, shapes, clipping, self._threads())
-        tf1_updates, keras_only = [], []
-        for g, u, s in zip(grads, updates, slots, strict=True):
-            if keras_rule.differs_from_tf1(g, self.amsgrad):
-                keras_only.append((u.param, g, s))
-            else:
-                moments = {"m": s["momentum"], "v": s["velocity"]}
-                dense = keras_rule.densify(g, u.param.shape)
-                tf1_updates.append(engine.Update(u.param, dense, moments, u[3]))
-        update_plan = engine.prepare(tf1_updates, _NO_HYPER, engine.Options())
-        if self.weight_decay is not None:
+        # Keras' update (AMSGrad, repeated sparse rows, typed hyperparameters
+        # included) runs in the engine under Options(rule="keras").
+        moments = [_moments(s, self.amsgrad) for s in slots]
+        names = [u[3] for u in updates]
+        options = engine.Options(amsgrad=self.amsgrad, rule="keras")
+        update_plan = engine.prepare(
+            engine.Update.many(params, grads, moments, names), _NO_HYPER, options
+        )
+        if hyper.weight_decay is not None:
             decayed = iter(learning_rates[:-1])
             rates = [next(decayed) if self._uses_weight_decay(p) else None for p in params]
-            keras_rule.decay_all(params, self.weight_decay, rates)
-        for param, g, s in keras_only:
-            keras_rule.keras_only_update(param, g, s, schedule.coefficients(param.dtype))
+            keras_rule.decay_all(params, hyper.weight_decay, rates)
         engine.execute(update_plan, schedule)  # advances the schedule
         if steps:
             keras_rule.reset_accumulators([s["gradient_accumulator"] for s in self._slots])
         return True
+
+
+def _moments(slots: dict[str, torch.Tensor], amsgrad: bool) -> dict[str, torch.Tensor]:
+    """A variable's Keras slots by the engine's names (``m``, ``v``, ``vhat``)."""
+    moments = {"m": slots["momentum"], "v": slots["velocity"]}
+    if amsgrad:
+        moments["vhat"] = slots["velocity_hat"]
+    return moments
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -3,13 +3,18 @@
 The Keras counterpart of :mod:`tfadam.rule`, and the specification the Keras
 face (:mod:`tfadam.keras`) runs. It reads in Keras' order:
 
-1. **Python numbers**: Keras meets them in two ways that round differently
-   (:func:`keras_cast`, :func:`keras_literal`).
+1. **Hyperparameters**: Keras meets a Python number in two ways that round
+   differently (:func:`keras_cast`, :func:`keras_literal`); a typed one (a
+   NumPy scalar, a 0-dim array or tensor) keeps its dtype, and each op
+   computes in the promoted dtype (:func:`keras_result_type`,
+   :func:`keras_one_minus`, :func:`keras_operand`).
 2. **Coefficients** from the iteration counter (:func:`keras_coefficients`):
    ``β^t`` is a power (:func:`tf_scalar_power`), not TF1's running product.
    :class:`Iterations` serves them to the engine (Keras' ``Schedule``).
-3. **The update** (:func:`keras_update`): TF1's dense update but for two
-   places (:func:`differs_from_tf1`); elsewhere the engine's TF1 kernels run it.
+3. **The update** (:func:`keras_update`): TF1's dense update but for three
+   places (:func:`differs_from_tf1`). The engine runs it for a plan with
+   ``Options(rule="keras")``: :func:`keras_only_update` where it differs,
+   TF1's kernels elsewhere.
 4. **The transforms** Keras applies around the update, in its order:
    loss-scale unscaling, gradient accumulation, clipping (with the norms
    summed in Eigen's order, :func:`tf_sum`), decoupled weight decay before
@@ -85,6 +90,116 @@ def keras_literal(value: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(float(value), dtype=torch.float32).to(dtype)
 
 
+# A typed hyperparameter (NumPy scalar, 0-dim array, tensor; a 0-dim torch tensor of
+# its dtype here) is not a Python number to Keras: ``1 - beta_1`` is computed in
+# its own dtype (NumPy's or TF's arithmetic), and ``ops.multiply(t, x)`` computes
+# in ``result_type(T, dtype(x))``, wider than ``T`` where x's dtype is; the
+# result is cast back to ``T`` when it is assigned (``tf.cast`` in assign_add).
+
+
+def keras_result_type(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """Keras' type promotion of two float dtypes (``dtypes.result_type``).
+
+    The wider of the two; float16 with bfloat16 is float32 (neither holds
+    the other).
+
+    >>> keras_result_type(torch.float16, torch.bfloat16), keras_result_type(
+    ...     torch.float32, torch.float64)
+    (torch.float32, torch.float64)
+    """
+    if a == b:
+        return a
+    if {a, b} == {torch.float16, torch.bfloat16}:
+        return torch.float32
+    return a if a.itemsize > b.itemsize else b
+
+
+def keras_one_minus(beta: HyperValue) -> HyperValue:
+    """``1 - β`` as Keras' Adam writes it (in Python, outside any op).
+
+    A Python number gives a Python double (rounded later, as a literal);
+    a typed β gives ``1 - β`` in β's own dtype, rounded once, as NumPy's or
+    TF's scalar arithmetic does.
+
+    >>> keras_one_minus(0.9) == 1 - 0.9
+    True
+    >>> keras_one_minus(torch.tensor(0.9, dtype=torch.float16))
+    tensor(0.1001, dtype=torch.float16)
+    """
+    if isinstance(beta, torch.Tensor):
+        return TFArithmetic(beta.dtype).sub(1.0, beta.detach().cpu().reshape(()))
+    return 1 - beta
+
+
+def keras_operand(value: HyperValue, dtype: torch.dtype) -> tuple[float, torch.dtype]:
+    """A hyperparameter as a Keras op meets it beside a ``T`` tensor: its value and the op's dtype.
+
+    A Python number converts as a literal (:func:`keras_literal`) and the op
+    computes in ``T``; a typed value keeps its dtype ``D`` (a subnormal read
+    as zero, as TF's kernels do) and the op computes in
+    ``keras_result_type(T, D)``. The value is exact in that dtype.
+
+    >>> keras_operand(1e-7, torch.float16)
+    (1.1920928955078125e-07, torch.float16)
+    >>> keras_operand(torch.tensor(1e-7, dtype=torch.float64), torch.float16)
+    (1e-07, torch.float64)
+    """
+    if isinstance(value, torch.Tensor):
+        typed = flush_subnormal(value.detach().cpu().reshape(()))
+        return typed.item(), keras_result_type(dtype, typed.dtype)
+    return keras_literal(value, dtype).item(), dtype
+
+
+# The transforms meet a hyperparameter inside TF ops (``g / scale``,
+# ``tf.clip_by_value``, ``tf.clip_by_norm``), which convert it to the gradient's
+# dtype ``T``: a Python number as a literal, a NumPy value rounded once from its
+# own dtype (NumPy's conversion: no float32 step, no flush), a TF tensor only if
+# it is ``T`` already (a 0-dim torch tensor stands for one here).
+KerasScalar = float | np.generic | np.ndarray | torch.Tensor
+
+
+def keras_convert(value: KerasScalar, dtype: torch.dtype) -> torch.Tensor:
+    """``convert_to_tensor(value, T)`` as a TF op does it for its second operand.
+
+    >>> x = 1 + 2**-11 + 2**-40  # float32 rounds it to a float16 tie
+    >>> keras_convert(np.float64(x), torch.float16).item(), keras_literal(x, torch.float16).item()
+    (1.0009765625, 1.0)
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().reshape(()).to(dtype)  # a T tensor (checked by the face)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return _round_once(float(np.asarray(value).astype(np.float64)), dtype)
+    return keras_literal(value, dtype)
+
+
+def _round_once(x: float, dtype: torch.dtype) -> torch.Tensor:
+    """The double ``x`` rounded once (to nearest, ties to even) to ``dtype``."""
+    if dtype == torch.float64:
+        return torch.tensor(x, dtype=torch.float64)
+    if dtype == torch.float16:  # NumPy converts double to half directly
+        return torch.from_numpy(np.array(x, np.float64).astype(np.float16))
+    # Rounding to float32 toward zero with a sticky last bit ("round to odd")
+    # keeps a later rounding to a narrower format (bfloat16) a single rounding.
+    narrow = np.float32(x)
+    if not math.isfinite(x) or float(narrow) == x or dtype == torch.float32:
+        return torch.tensor(float(narrow), dtype=torch.float32).to(dtype)
+    if abs(float(narrow)) > abs(x):
+        narrow = np.nextafter(narrow, np.float32(0))
+    odd = np.array(narrow).view(np.int32) | 1
+    return torch.tensor(float(odd.view(np.float32)), dtype=torch.float32).to(dtype)
+
+
+def keras_cast_from(value: KerasScalar, dtype: torch.dtype) -> torch.Tensor:
+    """``tf.cast(value, T)`` of a typed value: TF's Cast from its own dtype (:func:`keras_cast`).
+
+    >>> keras_cast_from(np.array(1 + 2**-11 + 2**-40), torch.float16).item()
+    1.0
+    """
+    if isinstance(value, (np.generic, np.ndarray)):
+        value = keras_typed(value)
+    return keras_cast(value, dtype)  # type: ignore[arg-type]
+
+
 # --- 2. Coefficients from the iteration counter ---------------------------------------
 
 
@@ -111,28 +226,57 @@ def tf_scalar_power(base: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
     return flush_subnormal(result).to(dtype)
 
 
+@dataclass(frozen=True)
+class KerasCoefficients(Coefficients):
+    """:class:`Coefficients`, and the dtypes Keras' type promotion computes three ops in.
+
+    ``None`` means ``T`` (a Python number, or a typed value whose dtype ``T``
+    holds). Otherwise (e.g. ``beta_1=np.float64(0.9)`` for a float32
+    variable) the op computes in that wider dtype and its result is cast to
+    ``T`` on assignment; :func:`keras_update` does so, TF1's kernel cannot.
+
+    Attributes:
+        momentum_dtype: of ``(g - m) * (1 - β1)``.
+        velocity_dtype: of ``(g² - v) * (1 - β2)``.
+        denominator_dtype: of ``sqrt(v) + ε`` and of the division by it.
+    """
+
+    momentum_dtype: torch.dtype | None = None
+    velocity_dtype: torch.dtype | None = None
+    denominator_dtype: torch.dtype | None = None
+
+    @property
+    def promoted(self) -> bool:
+        """Whether some op computes in a dtype wider than ``T``."""
+        dtypes = (self.momentum_dtype, self.velocity_dtype, self.denominator_dtype)
+        return any(dtype is not None for dtype in dtypes)
+
+
 def keras_coefficients(
     *,
     lr: HyperValue,
-    beta_1: float,
-    beta_2: float,
-    epsilon: float,
+    beta_1: HyperValue,
+    beta_2: HyperValue,
+    epsilon: HyperValue,
     iterations: int,
     dtype: torch.dtype,
-) -> Coefficients:
+) -> KerasCoefficients:
     """The scalar prelude of Keras 3's ``Adam.update_step``, in dtype ``T``::
 
         t = T(iterations + 1)                       # int64 counter cast (via float32 unless f64)
-        β1^t = pow(T(float32(β1)), t)               # tf.pow, C library, see tf_scalar_power
+        β1^t = pow(T(β1), t)                        # tf.pow, C library, see tf_scalar_power
         alpha = (T(lr) * sqrt(T(1) - β2^t)) / (T(1) - β1^t)
-        one_minus_beta = T(1 - β)                   # 1 - β in Python double, then converted
-        epsilon = T(ε)                              # converted as a literal
+        one_minus_beta = 1 - β                      # see keras_one_minus, keras_operand
+        epsilon = ε                                 # see keras_operand
 
     ``lr`` is the learning rate as Keras holds it (a float32 tensor for a
     float learning rate, a schedule's output) or a Python number (a callable's
-    output), cast with :func:`keras_cast`. Unlike TF1, ``1 - β`` is rounded
-    once from double (TF1 rounds β first), and ``β^t`` is a power, not a
-    running product: for float32 both change the bits.
+    output), cast with :func:`keras_cast`, as are the βs (a Python β through
+    float32). For a Python β, ``1 - β`` is rounded once from double (TF1
+    rounds β first), and ``β^t`` is a power, not a running product: for
+    float32 both change the bits. A typed β or ε (a 0-dim tensor of its
+    dtype) enters its ops in the promoted dtype, recorded in the result's
+    ``*_dtype`` fields.
 
     >>> c = keras_coefficients(lr=torch.tensor(0.001), beta_1=0.9, beta_2=0.999,
     ...                        epsilon=1e-7, iterations=0, dtype=torch.float32)
@@ -147,13 +291,23 @@ def keras_coefficients(
     beta1_power = tf_scalar_power(b1, step)
     beta2_power = tf_scalar_power(b2, step)
     alpha = (keras_cast(lr, dtype) * exact_sqrt(one - beta2_power)) / (one - beta1_power)
-    return Coefficients(
+    one_minus_beta1, momentum_dtype = keras_operand(keras_one_minus(beta_1), dtype)
+    one_minus_beta2, velocity_dtype = keras_operand(keras_one_minus(beta_2), dtype)
+    eps, denominator_dtype = keras_operand(epsilon, dtype)
+
+    def wider(op_dtype: torch.dtype) -> torch.dtype | None:
+        return None if op_dtype == dtype else op_dtype
+
+    return KerasCoefficients(
         alpha=alpha.item(),
         beta1=b1.item(),
         beta2=b2.item(),
-        one_minus_beta1=keras_literal(1 - beta_1, dtype).item(),
-        one_minus_beta2=keras_literal(1 - beta_2, dtype).item(),
-        epsilon=keras_literal(epsilon, dtype).item(),
+        one_minus_beta1=one_minus_beta1,
+        one_minus_beta2=one_minus_beta2,
+        epsilon=eps,
+        momentum_dtype=wider(momentum_dtype),
+        velocity_dtype=wider(velocity_dtype),
+        denominator_dtype=wider(denominator_dtype),
     )
 
 
@@ -179,11 +333,11 @@ class Iterations:
     counter: torch.Tensor
     step: int
     learning_rate: HyperValue | None  # None on a call that only accumulates
-    beta_1: float
-    beta_2: float
-    epsilon: float
+    beta_1: HyperValue
+    beta_2: HyperValue
+    epsilon: HyperValue
 
-    def coefficients(self, dtype: torch.dtype) -> Coefficients:
+    def coefficients(self, dtype: torch.dtype) -> KerasCoefficients:
         assert self.learning_rate is not None, "a call that only accumulates has no update"
         return keras_coefficients(
             lr=self.learning_rate,
@@ -213,42 +367,74 @@ def keras_update(
 ) -> None:
     """Keras' ``Adam.update_step`` on one variable, in place, each op one TF op::
 
-        m = m + (g - m) * (1 - β1)
-        v = v + (g_squared - v) * (1 - β2)           g_squared = g*g unless given
+        m = m + T((g - m) * (1 - β1))                in T, or in R1 (see below)
+        v = v + T((g_squared - v) * (1 - β2))        g_squared = g*g unless given
         vhat = tf_maximum(vhat, v)                   (amsgrad; then v := vhat below)
-        θ = θ - (m * alpha) / (sqrt(v) + ε)
+        θ = θ - T((m * alpha) / (sqrt(v) + ε))       the sum and quotient in T, or in Re
 
-    This is :func:`tfadam.rule.dense_update` except in two places. An IndexedSlices
+    This is :func:`tfadam.rule.dense_update` except in three places. An IndexedSlices
     gradient with repeated indices: Keras squares its values *before* TF
     densifies them, so ``g_squared`` holds summed squares, not the square of the
     sum (pass both densified, see :func:`keras_densify`). AMSGrad: Keras takes
     ``tf.maximum``, which keeps a NaN's own bits (:func:`tf_maximum`), and its
-    additions are not swapped (TF1's fused AMSGrad kernel swaps them). Every
-    operation rounds as TF's CPU ops do (:class:`tfadam.tfmath.TFArithmetic`:
-    subnormals flushed to zero, measured against live Keras).
+    additions are not swapped (TF1's fused AMSGrad kernel swaps them). Typed
+    hyperparameters wider than ``T``: the ops that meet them compute in the
+    promoted dtype (``c.momentum_dtype`` ...), then ``T(...)`` is TF's Cast
+    (float64 to float16 or bfloat16 through float32). Every operation rounds
+    as TF's CPU ops do (:class:`tfadam.tfmath.TFArithmetic`: subnormals
+    flushed to zero, measured against live Keras).
     """
-    t = TFArithmetic(theta.dtype)
-    m.copy_(t.add(m, t.mul(t.sub(g, m), c.one_minus_beta1)))
+    dtype = theta.dtype
+    t = TFArithmetic(dtype)
+    momentum_dtype, velocity_dtype, denominator_dtype = _op_dtypes(c, dtype)
+
+    def scaled(x: torch.Tensor, factor: float, op_dtype: torch.dtype) -> torch.Tensor:
+        if op_dtype == dtype:
+            return t.mul(x, factor)
+        return t.cast(TFArithmetic(op_dtype).mul(x, factor))
+
+    m.copy_(t.add(m, scaled(t.sub(g, m), c.one_minus_beta1, momentum_dtype)))
     square = t.mul(g, g) if g_squared is None else g_squared
-    v.copy_(t.add(v, t.mul(t.sub(square, v), c.one_minus_beta2)))
+    v.copy_(t.add(v, scaled(t.sub(square, v), c.one_minus_beta2, velocity_dtype)))
     if vhat is not None:
         vhat.copy_(tf_maximum(vhat, v))
-    denominator = t.add(t.sqrt(v if vhat is None else vhat), c.epsilon)
-    theta.copy_(t.sub(theta, t.div(t.mul(m, c.alpha), denominator)))
+    root = t.sqrt(v if vhat is None else vhat)
+    if denominator_dtype == dtype:
+        step = t.div(t.mul(m, c.alpha), t.add(root, c.epsilon))
+    else:
+        wide = TFArithmetic(denominator_dtype)
+        step = t.cast(wide.div(t.mul(m, c.alpha), wide.add(root, c.epsilon)))
+    theta.copy_(t.sub(theta, step))
 
 
-def differs_from_tf1(g: Gradient, amsgrad: bool) -> bool:
-    """Whether Keras' update of ``g`` is not TF1's dense update (:func:`keras_update`'s two places).
+def _op_dtypes(c: Coefficients, dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes of :func:`keras_update`'s three promoted ops (``T`` where not promoted)."""
+    if not isinstance(c, KerasCoefficients):
+        return dtype, dtype, dtype
+    found = (c.momentum_dtype, c.velocity_dtype, c.denominator_dtype)
+    return tuple(dtype if op_dtype is None else op_dtype for op_dtype in found)
+
+
+def differs_from_tf1(g: Gradient, amsgrad: bool, c: Coefficients | None = None) -> bool:
+    """Whether Keras' update of ``g`` is not TF1's dense update (:func:`keras_update`'s places).
 
     Everywhere else TF1's fused kernel (:func:`tfadam.rule.dense_update`, run
     by the engine on the densified gradient) computes Keras' update bit for bit.
+    ``c`` (the variable dtype's coefficients) tells whether a typed
+    hyperparameter promotes an op beyond ``T``.
 
     >>> differs_from_tf1(IndexedSlices(torch.ones(2, 1), torch.tensor([0, 0]), (3, 1)), False)
     True
     >>> differs_from_tf1(torch.ones(3), False), differs_from_tf1(torch.ones(3), True)
     (False, True)
+    >>> c = keras_coefficients(lr=torch.tensor(0.1), beta_1=torch.tensor(0.9, dtype=torch.float64),
+    ...                        beta_2=0.999, epsilon=1e-7, iterations=0, dtype=torch.float32)
+    >>> differs_from_tf1(torch.ones(3), False, c)
+    True
     """
     if amsgrad:
+        return True
+    if isinstance(c, KerasCoefficients) and c.promoted:
         return True
     if isinstance(g, IndexedSlices):
         return bool(torch.unique(g.indices).numel() != g.indices.numel())
@@ -256,13 +442,28 @@ def differs_from_tf1(g: Gradient, amsgrad: bool) -> bool:
 
 
 def keras_only_update(
-    theta: torch.Tensor, g: Gradient, slots: dict[str, torch.Tensor], c: Coefficients
+    theta: torch.Tensor,
+    g: Gradient,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    c: Coefficients,
+    *,
+    vhat: torch.Tensor | None = None,
 ) -> None:
     """:func:`keras_update` of one variable whose update :func:`differs_from_tf1`.
 
-    ``slots`` are Keras' (``momentum``, ``velocity``, and ``velocity_hat``
-    with AMSGrad). An IndexedSlices with repeated rows passes its summed
-    squares as ``g_squared``.
+    ``m``, ``v`` and ``vhat`` (AMSGrad) are Keras' ``momentum``, ``velocity``
+    and ``velocity_hat``. An IndexedSlices with repeated rows passes its
+    summed squares as ``g_squared``. The engine calls this for an update
+    of a plan with ``Options(rule="keras")``.
+
+    >>> theta, m, v = torch.ones(3, 1), torch.zeros(3, 1), torch.zeros(3, 1)
+    >>> c = keras_coefficients(lr=torch.tensor(0.1), beta_1=0.9, beta_2=0.999,
+    ...                        epsilon=1e-7, iterations=0, dtype=torch.float32)
+    >>> g = IndexedSlices(torch.tensor([[3.0], [4.0]]), torch.tensor([1, 1]), (3, 1))
+    >>> keras_only_update(theta, g, m, v, c)
+    >>> v.flatten()  # (1 - β2) * (3² + 4²), not (3 + 4)²
+    tensor([0.0000, 0.0250, 0.0000])
     """
     g_squared = None
     if isinstance(g, IndexedSlices):
@@ -270,23 +471,15 @@ def keras_only_update(
             squares = TFArithmetic(theta.dtype).mul(g.values, g.values)
             g_squared = keras_densify(g.indices, squares, theta.shape)
         g = keras_densify(g.indices, g.values, theta.shape)
-    keras_update(
-        theta,
-        slots["momentum"],
-        slots["velocity"],
-        g,
-        c,
-        g_squared=g_squared,
-        vhat=slots.get("velocity_hat"),
-    )
+    keras_update(theta, m, v, g, c, g_squared=g_squared, vhat=vhat)
 
 
 # --- 4a. Loss scaling and gradient accumulation ---------------------------------------
 
 
-def keras_unscale(g: torch.Tensor, loss_scale_factor: float) -> torch.Tensor:
-    """``loss_scale_factor``: ``g / T(scale)``, before anything else touches ``g``."""
-    return g / keras_literal(loss_scale_factor, g.dtype)
+def keras_unscale(g: torch.Tensor, loss_scale_factor: KerasScalar) -> torch.Tensor:
+    """``loss_scale_factor``: ``g / T(scale)`` (:func:`keras_convert`), before anything else."""
+    return g / keras_convert(loss_scale_factor, g.dtype)
 
 
 def keras_accumulate(accumulator: torch.Tensor, g: torch.Tensor) -> None:
@@ -328,7 +521,9 @@ def densify(g: Gradient, shape: Sequence[int]) -> torch.Tensor:
     return g
 
 
-def unscale_all(grads: Sequence[torch.Tensor], loss_scale_factor: float) -> list[torch.Tensor]:
+def unscale_all(
+    grads: Sequence[torch.Tensor], loss_scale_factor: KerasScalar
+) -> list[torch.Tensor]:
     """Transform 1, ``loss_scale_factor``: every gradient through :func:`keras_unscale`."""
     return [keras_unscale(g, loss_scale_factor) for g in grads]
 
@@ -484,7 +679,9 @@ def keras_squared_norm(g: torch.Tensor, max_threads: int) -> torch.Tensor:
     return tf_sum(flush_subnormal(g * g), max_threads)
 
 
-def keras_clip_by_norm(values: torch.Tensor, clipnorm: float, max_threads: int) -> torch.Tensor:
+def keras_clip_by_norm(
+    values: torch.Tensor, clipnorm: KerasScalar, max_threads: int
+) -> torch.Tensor:
     """``clipnorm`` (the TF backend calls ``tf.clip_by_norm(values, clipnorm)``)::
 
         l2sum = reduce_sum(values * values)
@@ -492,47 +689,78 @@ def keras_clip_by_norm(values: torch.Tensor, clipnorm: float, max_threads: int) 
         clipped = (values * T(clipnorm)) / max(l2norm, T(clipnorm))
 
     For an IndexedSlices ``values`` are its rows as given: a repeated index
-    counts once per occurrence, before any summing.
+    counts once per occurrence, before any summing. ``T(clipnorm)``: TF
+    converts a Python number or NumPy scalar (``np.isscalar``) as an operand
+    (:func:`keras_convert`) and casts anything else, a 0-dim array or a
+    tensor of any dtype, with ``tf.cast`` (:func:`keras_cast_from`).
     """
-    c = keras_literal(clipnorm, values.dtype)
+    if isinstance(clipnorm, (np.ndarray, torch.Tensor)):
+        c = keras_cast_from(clipnorm, values.dtype)
+    else:
+        c = keras_convert(clipnorm, values.dtype)
     l2sum = keras_squared_norm(values, max_threads)
     l2norm = exact_sqrt(l2sum) if bool(l2sum > 0) else l2sum
     return (values * c) / tf_maximum(l2norm, c)
 
 
-def keras_clip_by_value(values: torch.Tensor, clipvalue: float) -> torch.Tensor:
-    """``clipvalue`` (``tf.clip_by_value(values, -v, v)``): ``max(min(values, v), -v)``."""
-    high = keras_literal(clipvalue, values.dtype)
-    low = keras_literal(-clipvalue, values.dtype)
+def keras_clip_by_value(values: torch.Tensor, clipvalue: KerasScalar) -> torch.Tensor:
+    """``clipvalue`` (``tf.clip_by_value(values, -v, v)``): ``max(min(values, v), -v)``.
+
+    ``v`` and ``-v`` (negated in their own type) as TF converts them (:func:`keras_convert`).
+    """
+    high = keras_convert(clipvalue, values.dtype)
+    low = keras_convert(-clipvalue, values.dtype)
     return tf_maximum(tf_minimum(values, high), low)
 
 
 def keras_global_norm_scale(
-    squared_norms: Sequence[torch.Tensor], clipnorm: float, max_threads: int
+    squared_norms: Sequence[torch.Tensor], clipnorm: KerasScalar, max_threads: int
 ) -> torch.Tensor:
     """``global_clipnorm``: the factor Keras multiplies every gradient by::
 
         norm = sqrt(reduce_sum(stack(squared_norms)))
         scale = T(clipnorm) * min(T(1) / norm, T(1 / clipnorm)) + (norm - norm)
 
-    ``1 / clipnorm`` is a Python double, rounded once; ``norm - norm`` makes
-    the scale NaN when the norm is not finite.
+    ``1 / clipnorm`` is a Python double, rounded once, for a Python number;
+    for a typed one it is computed in its own dtype ``D``, which Keras then
+    meets in ``result_type(T, D)`` — only ``T`` itself works (otherwise the
+    sum with ``norm - norm`` fails in TF; the face refuses it before).
+    ``norm - norm`` makes the scale NaN when the norm is not finite.
     """
     total = tf_sum(torch.stack(list(squared_norms)), max_threads)
     dtype = total.dtype
     norm = exact_sqrt(total)
     one = torch.ones((), dtype=dtype)
-    smaller = tf_minimum(one / norm, keras_literal(1.0 / clipnorm, dtype))
-    return keras_literal(clipnorm, dtype) * smaller + (norm - norm)
+    if isinstance(clipnorm, (int, float)) and not isinstance(clipnorm, np.generic):
+        inverse = keras_literal(1.0 / clipnorm, dtype)
+    else:
+        typed = keras_typed(clipnorm)
+        inverse = TFArithmetic(typed.dtype).div(1.0, typed).to(dtype)  # exact: D fits in T
+    smaller = tf_minimum(one / norm, inverse)
+    return keras_convert(clipnorm, dtype) * smaller + (norm - norm)
+
+
+def keras_typed(value: np.generic | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A typed value (NumPy scalar or array, tensor) as a 0-dim CPU tensor of its dtype.
+
+    >>> keras_typed(np.float16(0.5))
+    tensor(0.5000, dtype=torch.float16)
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().reshape(())
+    array = np.asarray(value)
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16).reshape(())
+    return torch.from_numpy(np.array(array)).reshape(())
 
 
 @dataclass(frozen=True)
 class Clipping:
     """Transform 3: which of Keras' clipping options is set (at most one; ``None`` or 0: off)."""
 
-    clipnorm: float | None = None
-    clipvalue: float | None = None
-    global_clipnorm: float | None = None
+    clipnorm: KerasScalar | None = None
+    clipvalue: KerasScalar | None = None
+    global_clipnorm: KerasScalar | None = None
 
 
 def clip_all(
@@ -588,24 +816,35 @@ def keras_weight_decay(theta: torch.Tensor, weight_decay: torch.Tensor, lr: torc
 
 
 def keras_ema_update(
-    average: torch.Tensor, theta: torch.Tensor, ema_momentum: float, first_step: bool
+    average: torch.Tensor, theta: torch.Tensor, ema_momentum: HyperValue, first_step: bool
 ) -> None:
     """``use_ema``, after the step, in place::
 
-        momentum = T(iterations != 0) * T(ema_momentum)
-        average = momentum * average + (T(1) - momentum) * θ
+        momentum = T(iterations != 0) * ema_momentum
+        average = T(momentum * average + (1 - momentum) * θ)
 
-    so the first step copies θ (momentum 0).
+    so the first step copies θ (momentum 0). The ops compute in ``T`` for a
+    Python number (converted as a literal); a typed ``ema_momentum`` (a 0-dim
+    tensor of its dtype ``D``) makes them compute in ``result_type(T, D)``,
+    and the assignment casts the result to ``T`` (:func:`keras_operand`).
     """
     dtype = theta.dtype
-    momentum = torch.zeros((), dtype=dtype) if first_step else keras_literal(ema_momentum, dtype)
-    one = torch.ones((), dtype=dtype)
-    average.copy_(momentum * average + (one - momentum) * theta)
+    value, op_dtype = keras_operand(ema_momentum, dtype)
+    if op_dtype == dtype:
+        momentum = torch.tensor(0.0 if first_step else value, dtype=dtype)
+        one = torch.ones((), dtype=dtype)
+        average.copy_(momentum * average + (one - momentum) * theta)
+        return
+    wide = TFArithmetic(op_dtype)
+    momentum = wide.operand(0.0 if first_step else value)
+    kept = wide.mul(momentum, average)
+    moved = wide.mul(wide.sub(1.0, momentum), theta)
+    average.copy_(TFArithmetic(dtype).cast(wide.add(kept, moved)))
 
 
 def decay_all(
     thetas: Sequence[torch.Tensor],
-    weight_decay: float,
+    weight_decay: HyperValue,
     learning_rates: Sequence[HyperValue | None],
 ) -> None:
     """Transform 4, before the update: :func:`keras_weight_decay` of each variable, in place.
@@ -627,7 +866,7 @@ def decay_all(
 def moving_average_all(
     averages: Sequence[torch.Tensor],
     thetas: Sequence[torch.Tensor],
-    ema_momentum: float,
+    ema_momentum: HyperValue,
     iterations: int,
     overwrite_frequency: int | None,
 ) -> None:
