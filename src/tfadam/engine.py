@@ -521,7 +521,7 @@ def prepare(
     if options.nonfinite == "raise":
         guard.check_finite(((u.grad, u.name) for u in checked), when)
     steady = None
-    if reusable and on_cpu and not fresh and dense:
+    if reusable and on_cpu and not fresh and dense and options.rule == "tf1":
         steady = Steady.of(checked, written, options, accumulators, earlier)
     if steady is None:
         return Plan(checked, hyper, options, dense, sparse, fresh, accumulators, written)
