@@ -181,12 +181,16 @@ def _run(face: str, trials: int, seed: int) -> dict[str, int]:
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)
     try:
-        for _ in range(trials):
+        done = 0
+        # On a loaded machine a step's timing drifts from the reference's: go
+        # on (up to 3x) until some interrupt has landed inside the writes.
+        while done < trials or (outcomes["held"] == 0 and done < 3 * trials):
             state, landed = _trial(face, rng.uniform(0.0, 1.5 * elapsed), _interrupt(rng))
             if landed:
                 outcomes[landed] += 1
             outcome = "before" if state == before else "after" if state == after else "split"
             outcomes[outcome] += 1
+            done += 1
     finally:
         sys.setswitchinterval(interval)
     return outcomes
@@ -200,7 +204,8 @@ SEEDS = {"torch": 1, "tf1": 2, "keras": 3}
 def test_an_interrupt_never_splits_a_step(face: str) -> None:
     outcomes = _run(face, trials=70, seed=SEEDS[face])
     assert outcomes["split"] == 0, outcomes
-    assert outcomes["held"] + outcomes["free"] == 70, outcomes  # every interrupt was raised
+    trials = outcomes["before"] + outcomes["after"]
+    assert trials >= 70 and outcomes["held"] + outcomes["free"] == trials, outcomes  # all raised
     # Some arrived while the step wrote (the case that matters), and some
     # completed steps are seen: the trials do cover the step.
     assert outcomes["held"] > 0 and outcomes["after"] > 0, outcomes
