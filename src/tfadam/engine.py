@@ -271,6 +271,7 @@ class Steady:
     shapes: list[torch.Size] | None  # None where every variable is 1-d (its numel says it)
     options: Options
     powers: tuple[torch.Tensor, ...]  # the accumulators (identity)
+    power_pointers: tuple[int, ...]  # and their addresses (``.data = x`` keeps the identity)
     earlier: tuple[Steady, ...]  # the earlier plans' of the same step, when this was made
     written: tuple[torch.Tensor, ...]
     starts: np.ndarray  # byte ranges written by this plan and the earlier ones, by start
@@ -320,6 +321,7 @@ class Steady:
             None if all(len(shape) == 1 for shape in shapes) else shapes,
             options,
             powers,
+            tuple(map(_data_ptr, powers)),
             before,  # type: ignore[arg-type]
             written,
             starts[order],
@@ -361,7 +363,11 @@ def reuse(
     ):
         return None
     powers = () if accumulators is None else (accumulators.beta1_power, accumulators.beta2_power)
-    if len(powers) != len(steady.powers) or not all(map(is_, powers, steady.powers)):
+    if (
+        len(powers) != len(steady.powers)
+        or not all(map(is_, powers, steady.powers))
+        or tuple(map(_data_ptr, powers)) != steady.power_pointers
+    ):
         return None
     if accumulators is not None:
         guard.check_accumulators(accumulators.beta1_power, accumulators.beta2_power, "")
@@ -377,11 +383,13 @@ def reuse(
             for name, column in zip(slot_names, steady.slots, strict=True)
         ):
             return None
-        # `.data = ...` keeps a tensor's identity but may change all of these.
+        # `.data = ...` keeps a tensor's identity but may change all of these,
+        # the shape even at the same address (`p.data = p.data[:3]`).
         if (
             set(map(_DTYPE, params)) != {dtype}
             or not all(map(_is_contiguous, params))
             or not steady.batch.holds(params)
+            or not _shaped(params, steady)
         ):
             return None
         if (
@@ -389,12 +397,7 @@ def reuse(
             or set(map(_DTYPE, grads)) != {dtype}
             or not all(map(_IS_CPU, grads))
             or not all(map(_is_contiguous, grads))  # (raises for a sparse layout)
-            or list(map(_numel, grads)) != steady.numels
-            or (
-                set(map(_dim, grads)) != {1}
-                if steady.shapes is None
-                else list(map(_SHAPE, grads)) != steady.shapes
-            )
+            or not _shaped(grads, steady)
         ):
             return None
     except (KeyError, TypeError, RuntimeError):
@@ -424,6 +427,15 @@ def reuse(
         grads,
         grad_pointers,
     )
+
+
+def _shaped(tensors: Sequence[torch.Tensor], steady: Steady) -> bool:
+    """Whether the tensors have the shapes of ``steady``'s variables."""
+    if list(map(_numel, tensors)) != steady.numels:
+        return False
+    if steady.shapes is None:
+        return set(map(_dim, tensors)) == {1}
+    return list(map(_SHAPE, tensors)) == steady.shapes
 
 
 class _Updates(Sequence[Update]):

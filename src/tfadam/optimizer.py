@@ -100,7 +100,9 @@ class Adam(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._nonfinite = nonfinite
         self._calls = 0  # step() calls that applied, to name the step in errors
-        self._steady: dict[int, engine.Steady] = {}  # per group index (engine.reuse)
+        # Per group index (engine.reuse): the plan's steady part, and the
+        # group's param_names, which its error messages name parameters by.
+        self._steady: dict[int, tuple[engine.Steady, Any]] = {}
         self._seen: tuple[Any, list[Any], list[Any]] = (None, [], [])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -197,7 +199,7 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
             with torch.enable_grad():
                 loss = closure()
         plans: list[tuple[dict[str, Any], engine.Plan, bool, list[Any]]] = []
-        steadies: dict[int, engine.Steady] = {}
+        steadies: dict[int, tuple[engine.Steady, Any]] = {}
         when = f"step() #{self._calls + 1}"
         # Phase 1: every group is checked and planned before any is touched.
         for index, group in enumerate(self.param_groups):
@@ -210,9 +212,9 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
             options = _options(group, self._nonfinite, where)
             accumulators, new = _accumulators_of(group, hyper, where)
             earlier = [p for _, p, _, _ in plans]
-            steady = self._steady.get(index)
+            steady, names = self._steady.get(index, (None, None))
             plan = None
-            if steady is not None and not new:
+            if steady is not None and not new and group.get("param_names") is names:
                 # The common step: the last step's plan, if nothing structural changed.
                 plan = engine.reuse(
                     steady,
@@ -238,7 +240,7 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
             guard.warn_numerics(self, plan.hyper, plan.dtypes)
             plans.append((group, plan, new, fresh))
             if plan.steady is not None:
-                steadies[index] = plan.steady
+                steadies[index] = (plan.steady, group.get("param_names"))
         # Phase 2: arithmetic only, and the step's record with it, uninterruptible.
         with engine.atomic():
             for group, plan, new, fresh in plans:
