@@ -156,6 +156,13 @@ def _renamed_then_nan(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
     _nan("b", 0, 1)(opt, p)
 
 
+def _without_gradient_then_removed(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    """A step without a's gradient (b and c are then [1] and [2]), then a removed: [0] and [1]."""
+    _then_step(_grad("a", lambda o, p: None))(opt, p)
+    del opt.param_groups[0]["params"][0]
+    _nan("c", 1, 1)(opt, p)
+
+
 def _accumulated_in_place(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
     grads = {k: v.grad.clone() for k, v in p.items()}  # type: ignore[union-attr]
     opt.zero_grad(set_to_none=False)
@@ -234,7 +241,9 @@ ROWS = [
     Row("accumulators of two groups share memory (.data =)", _share_accumulator_memory, True, ValueError, "shares memory"),
     Row("accumulator moved onto a gradient (.data =)", _accumulator_onto_gradient, False, ValueError, "shares memory"),
     Row("param_names replaced, NaN gradient", _renamed_then_nan, False, tfadam.NonFiniteGradientError, "('w')", {"nonfinite": "raise"}),
+    Row("a variable without gradient for a step, then removed", _without_gradient_then_removed, False, tfadam.NonFiniteGradientError, "['params'][1] has", {"nonfinite": "raise"}),
     # Checked and found equal.
+    Row("a gradient None for a step, then back", _then_step(_grad("a", lambda o, p: None)), reused=False),
     Row("NaN and Inf gradients", lambda o, p: (_nan("b", 1, 2)(o, p), _nan("c", 0, 0, value=float("-inf"))(o, p)), reused=True),
     Row("NaN gradient, nonfinite='raise'", _nan("c", 2, 5), True, tfadam.NonFiniteGradientError, "['params'][2]", {"nonfinite": "raise"}),
     Row("a step refused (NaN), then the NaN cleared", _refused_then_cleared, True, options={"nonfinite": "raise"}),

@@ -239,7 +239,9 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
                 )
             guard.warn_numerics(self, plan.hyper, plan.dtypes)
             plans.append((group, plan, new, fresh))
-            if plan.steady is not None:
+            # Not a plan of some of the group (others' grad None): it names its
+            # parameters by their positions, which removing the others would shift.
+            if plan.steady is not None and len(plan.updates) == len(params):
                 steadies[index] = (plan.steady, group.get("param_names"))
         # Phase 2: arithmetic only, and the step's record with it, uninterruptible.
         with engine.atomic():
