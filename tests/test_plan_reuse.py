@@ -163,6 +163,12 @@ def _without_gradient_then_removed(opt: tfadam.Adam, p: dict[str, torch.Tensor])
     _nan("c", 1, 1)(opt, p)
 
 
+def _slots_reordered_one_read_later(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    state = opt.state[p["c"]]
+    state["m"] = state.pop("m")  # (the same tensors, listed v, m)
+    p["d"].grad = state["m"].view(-1)[:7]
+
+
 def _accumulated_in_place(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
     grads = {k: v.grad.clone() for k, v in p.items()}  # type: ignore[union-attr]
     opt.zero_grad(set_to_none=False)
@@ -242,6 +248,7 @@ ROWS = [
     Row("accumulator moved onto a gradient (.data =)", _accumulator_onto_gradient, False, ValueError, "shares memory"),
     Row("param_names replaced, NaN gradient", _renamed_then_nan, False, tfadam.NonFiniteGradientError, "('w')", {"nonfinite": "raise"}),
     Row("a variable without gradient for a step, then removed", _without_gradient_then_removed, False, tfadam.NonFiniteGradientError, "['params'][1] has", {"nonfinite": "raise"}),
+    Row("slots reordered, one a later group's gradient", _slots_reordered_one_read_later, True, ValueError, "slot 'm' of param_groups[0]['params'][2]"),
     # Checked and found equal.
     Row("a gradient None for a step, then back", _then_step(_grad("a", lambda o, p: None)), reused=False),
     Row("NaN and Inf gradients", lambda o, p: (_nan("b", 1, 2)(o, p), _nan("c", 0, 0, value=float("-inf"))(o, p)), reused=True),

@@ -555,26 +555,31 @@ def _check_disjoint(
         if index < len(before):
             for members, group in plans:
                 if index < len(group):
-                    return _written_name(members, index)
+                    return _written_name(members, group, index)
                 index -= len(group)
         if index < count:
-            return _written_name(updates, index - len(before))
+            return _written_name(updates, written, index - len(before))
         return f"the gradient of {updates[index - count].name}"
 
     guard.check_disjoint(tensors, count, name, one_device=one_device)
 
 
-def _written_name(updates: Sequence[Update], index: int) -> str:
-    """The name of ``_written(updates, ...)[index]``."""
+def _written_name(updates: Sequence[Update], written: Sequence[torch.Tensor], index: int) -> str:
+    """The name of ``written[index]``, where ``written`` is ``_written(updates, ...)``.
+
+    Or a reused plan's, made when the states were read: their slots may since
+    have been reordered (``state["m"] = state.pop("m")``), which moves no slot.
+    """
     if index < len(updates):
         return updates[index].name
-    index -= len(updates)
-    for update in updates:
-        slots = [k for k, t in update.state.items() if isinstance(t, torch.Tensor)]
-        if index < len(slots):
-            return f"optimizer slot {slots[index]!r} of {update.name}"
-        index -= len(slots)
-    power = ("beta1_power", "beta2_power")[index]
+    position = index - len(updates)
+    slots = [(k, u) for u in updates for k, t in u.state.items() if isinstance(t, torch.Tensor)]
+    if position < len(slots):
+        slot, update = slots[position]
+        if update.state[slot] is not written[index]:
+            slot, update = next((k, u) for k, u in slots if u.state[k] is written[index])
+        return f"optimizer slot {slot!r} of {update.name}"
+    power = ("beta1_power", "beta2_power")[position - len(slots)]
     return f"the {power} of {updates[0].name}'s group" if updates else f"the {power}"
 
 
