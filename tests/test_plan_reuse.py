@@ -169,6 +169,19 @@ def _slots_reordered_one_read_later(opt: tfadam.Adam, p: dict[str, torch.Tensor]
     p["d"].grad = state["m"].view(-1)[:7]
 
 
+def _nonfinite_in_place(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():  # (values, not storage: the plan writes through its own aliases)
+        p["b"][1, 1] = float("nan")
+        opt.state[p["c"]]["v"][0, 3] = float("inf")
+        opt.state[p["a"]]["m"][2] = float("nan")
+
+
+def _empty_variable_inserted(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    empty = torch.nn.Parameter(torch.empty(0))
+    empty.grad = torch.empty(0)
+    opt.param_groups[0]["params"].insert(1, empty)
+
+
 def _accumulated_in_place(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
     grads = {k: v.grad.clone() for k, v in p.items()}  # type: ignore[union-attr]
     opt.zero_grad(set_to_none=False)
@@ -250,6 +263,8 @@ ROWS = [
     Row("a variable without gradient for a step, then removed", _without_gradient_then_removed, False, tfadam.NonFiniteGradientError, "['params'][1] has", {"nonfinite": "raise"}),
     Row("slots reordered, one a later group's gradient", _slots_reordered_one_read_later, True, ValueError, "slot 'm' of param_groups[0]['params'][2]"),
     # Checked and found equal.
+    Row("NaN and Inf in a variable and slots (in place)", _nonfinite_in_place, reused=True),
+    Row("an empty variable inserted, two steps", _then_step(_then_step(_empty_variable_inserted)), reused=True),
     Row("a gradient None for a step, then back", _then_step(_grad("a", lambda o, p: None)), reused=False),
     Row("NaN and Inf gradients", lambda o, p: (_nan("b", 1, 2)(o, p), _nan("c", 0, 0, value=float("-inf"))(o, p)), reused=True),
     Row("NaN gradient, nonfinite='raise'", _nan("c", 2, 5), True, tfadam.NonFiniteGradientError, "['params'][2]", {"nonfinite": "raise"}),
