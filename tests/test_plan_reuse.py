@@ -13,8 +13,10 @@ a change that must be seen is never papered over by a stale plan.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -32,6 +34,7 @@ class Row:
     reused: bool  # whether group 0's plan is reused after the change
     error: type[BaseException] | None = None
     fragment: str = ""
+    options: dict[str, Any] = field(default_factory=dict)  # tfadam.Adam's, for both groups
 
 
 def _set(group: int, key: str, value: Any) -> Callable[..., None]:
@@ -58,6 +61,14 @@ def _data(name: str, value: Callable[..., torch.Tensor]) -> Callable[..., None]:
 def _grad(name: str, value: Callable[..., Any]) -> Callable[..., None]:
     def change(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
         p[name].grad = value(opt, p)
+
+    return change
+
+
+def _in_slot(name: str, slot: str, edit: Callable[[torch.Tensor], Any]) -> Callable[..., None]:
+    def change(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            edit(opt.state[p[name]][slot])
 
     return change
 
@@ -91,6 +102,129 @@ def _share_across_groups(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
     p["d"].data = p["b"].data.view(-1)[:7]
 
 
+def _share_accumulator_memory(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    opt.param_groups[1]["beta1_power"].data = opt.param_groups[0]["beta1_power"].data
+
+
+def _accumulator_onto_gradient(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    power = p["d"].grad.detach()[2:3].view(()).fill_(0.5)  # type: ignore[union-attr]
+    opt.param_groups[0]["beta2_power"].data = power
+
+
+def _then_step(*changes: Callable[..., None]) -> Callable[..., None]:
+    """The changes, a step (on the plans they leave), and the next step's gradients."""
+
+    def change(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+        for made in changes:
+            made(opt, p)
+        opt.step()
+        _gradients(p, 4)
+
+    return change
+
+
+def _retype(dtype: torch.dtype, names: str) -> Callable[..., None]:
+    """Variables, gradients and slots of ``names`` converted to ``dtype``."""
+
+    def change(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+        for name in names:
+            p[name].data = p[name].data.to(dtype)
+            p[name].grad = p[name].grad.to(dtype)  # type: ignore[union-attr]
+            state = opt.state[p[name]]
+            for slot in list(state):
+                state[slot] = state[slot].to(dtype)
+
+    return change
+
+
+def _amsgrad_with_slots(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    opt.param_groups[0]["amsgrad"] = True
+    for param in opt.param_groups[0]["params"]:
+        opt.state[param]["vhat"] = opt.state[param]["v"].clone()
+
+
+def _nan(name: str, *where: int, value: float = float("nan")) -> Callable[..., None]:
+    def change(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+        p[name].grad[where] = value  # type: ignore[index]
+
+    return change
+
+
+def _refused_then_cleared(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    _nan("b", 1, 2)(opt, p)
+    with pytest.raises(tfadam.NonFiniteGradientError):
+        opt.step()
+    p["b"].grad[1, 2] = 0.25  # type: ignore[index]
+
+
+def _renamed_then_nan(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    """A step with param_names (its plan names by them), then new names: errors use those."""
+    _then_step(_set(0, "param_names", ["x", "y", "z"]))(opt, p)
+    opt.param_groups[0]["param_names"] = ["u", "w", "z"]
+    _nan("b", 0, 1)(opt, p)
+
+
+def _without_gradient_then_removed(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    """A step without a's gradient (b and c are then [1] and [2]), then a removed: [0] and [1]."""
+    _then_step(_grad("a", lambda o, p: None))(opt, p)
+    del opt.param_groups[0]["params"][0]
+    _nan("c", 1, 1)(opt, p)
+
+
+def _slots_reordered_one_read_later(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    state = opt.state[p["c"]]
+    state["m"] = state.pop("m")  # (the same tensors, listed v, m)
+    p["d"].grad = state["m"].view(-1)[:7]
+
+
+def _nonfinite_in_place(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():  # (values, not storage: the plan writes through its own aliases)
+        p["b"][1, 1] = float("nan")
+        opt.state[p["c"]]["v"][0, 3] = float("inf")
+        opt.state[p["a"]]["m"][2] = float("nan")
+
+
+def _empty_variable_inserted(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    empty = torch.nn.Parameter(torch.empty(0))
+    empty.grad = torch.empty(0)
+    opt.param_groups[0]["params"].insert(1, empty)
+
+
+def _accumulated_in_place(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    grads = {k: v.grad.clone() for k, v in p.items()}  # type: ignore[union-attr]
+    opt.zero_grad(set_to_none=False)
+    for name, param in p.items():
+        param.grad.add_(grads[name]).mul_(0.5)  # type: ignore[union-attr]
+
+
+def _grads_viewing_one_tensor(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    flat = torch.cat([param.grad.reshape(-1) for param in p.values()])  # type: ignore[union-attr]
+    offset = 0
+    for param in p.values():
+        param.grad = flat[offset : offset + param.numel()].view(param.shape)
+        offset += param.numel()
+
+
+def _first_group_without_gradients(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    for name in "abc":
+        p[name].grad = None
+
+
+def _first_group_removed(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    del opt.param_groups[0]
+
+
+def _group_added(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    extra = torch.nn.Parameter(torch.linspace(-1, 1, 6))
+    extra.grad = torch.linspace(0.5, -0.5, 6)
+    opt.add_param_group({"params": [extra], "lr": 0.02})
+
+
+def _moved_to_the_other_group(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    del opt.param_groups[0]["params"][2]  # (list.remove compares tensors with ==)
+    opt.param_groups[1]["params"].append(p["c"])
+
+
 ROWS = [
     Row("nothing", lambda opt, p: None, reused=True),
     Row("lr changed (a schedule)", _set(0, "lr", 0.05), reused=True),
@@ -105,6 +239,10 @@ ROWS = [
     Row("slot is the other slot", _slot("a", "m", lambda o, p: o.state[p["a"]]["v"]), False, ValueError, "shares memory"),
     Row("slot is a variable", _slot("a", "m", lambda o, p: p["a"].detach()), False, ValueError, "shares memory"),
     Row("slot expand()ed", _slot("a", "m", lambda o, p: torch.zeros(1).expand(5)), False, ValueError, "m"),
+    Row("slot moved in place (.data =)", _in_slot("a", "m", lambda m: setattr(m, "data", m.data.clone())), reused=False),
+    Row("slot moved in place (.set_)", _in_slot("b", "v", lambda v: v.set_(v.clone())), reused=False),
+    Row("slot grown in place (.resize_)", _in_slot("a", "m", lambda m: m.resize_(64).zero_()), False, ValueError, "shape"),
+    Row("slot storage reallocated", _in_slot("a", "v", lambda v: v.untyped_storage().resize_(1 << 16)), reused=False),
     Row("variable moved (.data =)", _data("a", lambda o, p: p["a"].data.clone()), reused=False),
     Row("variable transposed (.data =)", _data("b", lambda o, p: p["b"].data.t()), reused=False),
     Row("variable of another shape (.data =)", _data("a", lambda o, p: torch.zeros(3)), False, ValueError, "shape"),
@@ -128,27 +266,53 @@ ROWS = [
     Row("accumulator shared by two groups", _set(1, "beta1_power", lambda o, p: o.param_groups[0]["beta1_power"]), True, ValueError, "shares memory"),
     Row("variable appended to a group", _append_param, reused=False),
     Row("state_dict reloaded", _reload, reused=False),
+    # Found by the adversarial pass: each was stepped by the reused plan.
+    Row("variable reshaped at its address (.data = view)", _data("b", lambda o, p: p["b"].data.view(2, 8)), False, ValueError, "shape"),
+    Row("variable narrowed at its address (.data = [:3])", _data("a", lambda o, p: p["a"].data[:3]), False, ValueError, "shape"),
+    Row("accumulators of two groups share memory (.data =)", _share_accumulator_memory, True, ValueError, "shares memory"),
+    Row("accumulator moved onto a gradient (.data =)", _accumulator_onto_gradient, False, ValueError, "shares memory"),
+    Row("param_names replaced, NaN gradient", _renamed_then_nan, False, tfadam.NonFiniteGradientError, "('w')", {"nonfinite": "raise"}),
+    Row("a variable without gradient for a step, then removed", _without_gradient_then_removed, False, tfadam.NonFiniteGradientError, "['params'][1] has", {"nonfinite": "raise"}),
+    Row("slots reordered, one a later group's gradient", _slots_reordered_one_read_later, True, ValueError, "slot 'm' of param_groups[0]['params'][2]"),
+    # Checked and found equal.
+    Row("NaN and Inf in a variable and slots (in place)", _nonfinite_in_place, reused=True),
+    Row("an empty variable inserted, two steps", _then_step(_then_step(_empty_variable_inserted)), reused=True),
+    Row("a gradient None for a step, then back", _then_step(_grad("a", lambda o, p: None)), reused=False),
+    Row("NaN and Inf gradients", lambda o, p: (_nan("b", 1, 2)(o, p), _nan("c", 0, 0, value=float("-inf"))(o, p)), reused=True),
+    Row("NaN gradient, nonfinite='raise'", _nan("c", 2, 5), True, tfadam.NonFiniteGradientError, "['params'][2]", {"nonfinite": "raise"}),
+    Row("a step refused (NaN), then the NaN cleared", _refused_then_cleared, True, options={"nonfinite": "raise"}),
+    Row("zero_grad(set_to_none=False), accumulated in place", _accumulated_in_place, reused=True),
+    Row("gradients views of one tensor", _grads_viewing_one_tensor, reused=True),
+    Row("first group's gradients all None", _first_group_without_gradients, reused=False),
+    Row("first group removed", _first_group_removed, reused=False),
+    Row("group added", _group_added, reused=True),
+    Row("variable moved to the other group", _moved_to_the_other_group, reused=False),
+    Row("amsgrad on, with slots, a step", _then_step(_amsgrad_with_slots), reused=True),
+    Row("group float64, a step", _then_step(_retype(torch.float64, "abc")), reused=True),
+    Row("group float16, a step", _then_step(_retype(torch.float16, "abc")), reused=True),
+    Row("group bfloat16, a step", _then_step(_retype(torch.bfloat16, "abc")), reused=True),
+    Row("dtypes mixed in a group, a step", _then_step(_retype(torch.float64, "a")), reused=False),
 ]  # fmt: skip
 
 
-def _model(seed: int) -> tuple[tfadam.Adam, dict[str, torch.Tensor]]:
+def _model(seed: int, **options: Any) -> tuple[tfadam.Adam, dict[str, torch.Tensor]]:
     """Two groups: a 1-d, a square and a 3 x 6 variable, and a 1-d one alone."""
     g = torch.Generator().manual_seed(seed)
     shapes = {"a": (5,), "b": (4, 4), "c": (3, 6), "d": (7,)}
     p = {k: torch.nn.Parameter(torch.randn(s, generator=g)) for k, s in shapes.items()}
-    opt = tfadam.Adam([{"params": [p["a"], p["b"], p["c"]]}, {"params": [p["d"]], "lr": 0.01}])
-    return opt, p
+    groups = [{"params": [p["a"], p["b"], p["c"]]}, {"params": [p["d"]], "lr": 0.01}]
+    return tfadam.Adam(groups, **options), p
 
 
 def _gradients(p: dict[str, torch.Tensor], step: int) -> None:
     g = torch.Generator().manual_seed(1000 + step)
     for param in p.values():
-        param.grad = torch.randn(param.shape, generator=g)
+        param.grad = torch.randn(param.shape, generator=g).to(param.dtype)
 
 
-def _ready(seed: int) -> tuple[tfadam.Adam, dict[str, torch.Tensor]]:
+def _ready(seed: int, **options: Any) -> tuple[tfadam.Adam, dict[str, torch.Tensor]]:
     """Three steps taken (the third on a reused plan), the fourth's gradients set."""
-    opt, p = _model(seed)
+    opt, p = _model(seed, **options)
     for step in range(3):
         _gradients(p, step)
         opt.step()
@@ -179,11 +343,12 @@ def test_reuse_is_taken_in_a_steady_loop(monkeypatch: pytest.MonkeyPatch) -> Non
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 def test_reused_step_is_the_prepared_step(row: Row, monkeypatch: pytest.MonkeyPatch) -> None:
-    shipped, p1 = _ready(7)
-    fresh, p2 = _ready(7)
-    assert torch_face_tensors(shipped) == torch_face_tensors(fresh)
+    shipped, p1 = _ready(7, **row.options)
+    fresh, p2 = _ready(7, **row.options)
     row.change(shipped, p1)
     row.change(fresh, p2)
+    # (after the change: a snapshot's NumPy views make a storage unresizable)
+    assert torch_face_tensors(shipped) == torch_face_tensors(fresh)
     if row.error is None:
         reused = _step(shipped, monkeypatch, reuse=True)
         _step(fresh, monkeypatch, reuse=False)
@@ -208,9 +373,10 @@ def test_frozen_parameters_do_not_stop_reuse(monkeypatch: pytest.MonkeyPatch) ->
         _gradients(p, step)
         p["b"].grad = None  # b frozen from here on
         seen.append(_step(opt, monkeypatch, reuse=True))
-    # The change re-prepares both groups (group 1's plan was checked against
-    # group 0's old one); the next step keeps the new plans; then reuse.
-    assert seen == [[False, False], [], [True, True], [True, True]]
+    # The change re-prepares both groups (group 0's without asking: another
+    # variable lacks a gradient; group 1's plan was checked against group 0's
+    # old one); the next step keeps the new plans; then reuse.
+    assert seen == [[False], [], [True, True], [True, True]]
 
 
 def test_a_loop_that_changes_every_step_builds_nothing_for_reuse(
@@ -233,3 +399,40 @@ def test_a_loop_that_changes_every_step_builds_nothing_for_reuse(
     # asked from its second step on (its first step makes its slots).
     assert len(asked) == 5
     assert all(len(variables) == 1 and variables[0] is p["d"] for variables in asked)
+
+
+def test_a_reused_plan_keeps_no_gradient_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    opt, p = _ready(3)
+    assert _step(opt, monkeypatch, reuse=True) == [True, True]
+    grads = [weakref.ref(param.grad) for param in p.values()]  # type: ignore[arg-type]
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert [grad() for grad in grads] == [None] * len(grads)
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["shipped", "prepared"])
+def test_a_variable_moved_mid_step_leaves_freed_memory_alone(
+    reuse: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A callable lr of a later group runs after an earlier group's plan was made.
+
+    Here it moves a variable of that group (``.data =``), freeing the memory
+    the plan checked, and allocates tensors of its size, which may land there:
+    the step must write only memory that is still the plan's.
+    """
+    g = torch.Generator().manual_seed(11)
+    a, d = (torch.nn.Parameter(torch.randn(n, generator=g)) for n in (1024, 7))
+    opt = tfadam.Adam([{"params": [a]}, {"params": [d]}])
+    for _ in range(3):  # (the third on a reused plan)
+        a.grad, d.grad = torch.randn(1024, generator=g), torch.randn(7, generator=g)
+        opt.step()
+    taken: list[torch.Tensor] = []
+
+    def lr() -> float:
+        a.data = a.data.clone()
+        taken.extend(torch.zeros(a.shape) for _ in range(16))
+        return 0.01
+
+    opt.param_groups[1]["lr"] = lr
+    _step(opt, monkeypatch, reuse=reuse)
+    assert sum(int(t.count_nonzero()) for t in taken) == 0

@@ -271,6 +271,7 @@ class Steady:
     shapes: list[torch.Size] | None  # None where every variable is 1-d (its numel says it)
     options: Options
     powers: tuple[torch.Tensor, ...]  # the accumulators (identity)
+    power_pointers: tuple[int, ...]  # and their addresses (``.data = x`` keeps the identity)
     earlier: tuple[Steady, ...]  # the earlier plans' of the same step, when this was made
     written: tuple[torch.Tensor, ...]
     starts: np.ndarray  # byte ranges written by this plan and the earlier ones, by start
@@ -320,6 +321,7 @@ class Steady:
             None if all(len(shape) == 1 for shape in shapes) else shapes,
             options,
             powers,
+            tuple(map(_data_ptr, powers)),
             before,  # type: ignore[arg-type]
             written,
             starts[order],
@@ -374,7 +376,11 @@ def reuse(
     ):
         return None
     powers = () if accumulators is None else (accumulators.beta1_power, accumulators.beta2_power)
-    if len(powers) != len(steady.powers) or not all(map(is_, powers, steady.powers)):
+    if (
+        len(powers) != len(steady.powers)
+        or not all(map(is_, powers, steady.powers))
+        or tuple(map(_data_ptr, powers)) != steady.power_pointers
+    ):
         return None
     if accumulators is not None:
         guard.check_accumulators(accumulators.beta1_power, accumulators.beta2_power, "")
@@ -390,11 +396,13 @@ def reuse(
             for name, column in zip(slot_names, steady.slots, strict=True)
         ):
             return None
-        # `.data = ...` keeps a tensor's identity but may change all of these.
+        # `.data = ...` keeps a tensor's identity but may change all of these,
+        # the shape even at the same address (`p.data = p.data[:3]`).
         if (
             set(map(_DTYPE, params)) != {dtype}
             or not all(map(_is_contiguous, params))
-            or not steady.batch.holds(params)
+            or not steady.batch.holds(params, *steady.slots)
+            or not _shaped(params, steady)
         ):
             return None
         if (
@@ -402,12 +410,7 @@ def reuse(
             or set(map(_DTYPE, grads)) != {dtype}
             or not all(map(_IS_CPU, grads))
             or not all(map(_is_contiguous, grads))  # (raises for a sparse layout)
-            or list(map(_numel, grads)) != steady.numels
-            or (
-                set(map(_dim, grads)) != {1}
-                if steady.shapes is None
-                else list(map(_SHAPE, grads)) != steady.shapes
-            )
+            or not _shaped(grads, steady)
         ):
             return None
     except (KeyError, TypeError, RuntimeError):
@@ -437,6 +440,15 @@ def reuse(
         grads,
         grad_pointers,
     )
+
+
+def _shaped(tensors: Sequence[torch.Tensor], steady: Steady) -> bool:
+    """Whether the tensors have the shapes of ``steady``'s variables."""
+    if list(map(_numel, tensors)) != steady.numels:
+        return False
+    if steady.shapes is None:
+        return set(map(_dim, tensors)) == {1}
+    return list(map(_SHAPE, tensors)) == steady.shapes
 
 
 class _Updates(Sequence[Update]):
@@ -560,26 +572,31 @@ def _check_disjoint(
         if index < len(before):
             for members, group in plans:
                 if index < len(group):
-                    return _written_name(members, index)
+                    return _written_name(members, group, index)
                 index -= len(group)
         if index < count:
-            return _written_name(updates, index - len(before))
+            return _written_name(updates, written, index - len(before))
         return f"the gradient of {updates[index - count].name}"
 
     guard.check_disjoint(tensors, count, name, one_device=one_device)
 
 
-def _written_name(updates: Sequence[Update], index: int) -> str:
-    """The name of ``_written(updates, ...)[index]``."""
+def _written_name(updates: Sequence[Update], written: Sequence[torch.Tensor], index: int) -> str:
+    """The name of ``written[index]``, where ``written`` is ``_written(updates, ...)``.
+
+    Or a reused plan's, made when the states were read: their slots may since
+    have been reordered (``state["m"] = state.pop("m")``), which moves no slot.
+    """
     if index < len(updates):
         return updates[index].name
-    index -= len(updates)
-    for update in updates:
-        slots = [k for k, t in update.state.items() if isinstance(t, torch.Tensor)]
-        if index < len(slots):
-            return f"optimizer slot {slots[index]!r} of {update.name}"
-        index -= len(slots)
-    power = ("beta1_power", "beta2_power")[index]
+    position = index - len(updates)
+    slots = [(k, u) for u in updates for k, t in u.state.items() if isinstance(t, torch.Tensor)]
+    if position < len(slots):
+        slot, update = slots[position]
+        if update.state[slot] is not written[index]:
+            slot, update = next((k, u) for k, u in slots if u.state[k] is written[index])
+        return f"optimizer slot {slot!r} of {update.name}"
+    power = ("beta1_power", "beta2_power")[position - len(slots)]
     return f"the {power} of {updates[0].name}'s group" if updates else f"the {power}"
 
 

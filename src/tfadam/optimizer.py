@@ -100,7 +100,10 @@ class Adam(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._nonfinite = nonfinite
         self._calls = 0  # step() calls that applied, to name the step in errors
-        self._steady: dict[int, engine.Steady] = {}  # per group index (engine.reuse)
+        # Per group index (engine.reuse): the plan's steady part, and the
+        # group's param_names and which of its parameters had gradients (its
+        # error messages name parameters by name and position).
+        self._steady: dict[int, tuple[engine.Steady, Any, Any]] = {}
         self._seen: tuple[Any, list[Any], list[Any]] = (None, [], [])
         self._planned: dict[int, tuple[torch.Tensor, ...]] = {}  # each group's last variables
 
@@ -198,40 +201,51 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
             with torch.enable_grad():
                 loss = closure()
         plans: list[tuple[dict[str, Any], engine.Plan, bool, list[Any]]] = []
-        steadies: dict[int, engine.Steady] = {}
+        steadies: dict[int, tuple[engine.Steady, Any, Any]] = {}
         planned: dict[int, tuple[torch.Tensor, ...]] = {}
         when = f"step() #{self._calls + 1}"
         # Phase 1: every group is checked and planned before any is touched.
+        # First every group's settings: their callables are the user's code,
+        # which could move a tensor (`p.data = ...`), so all of them run before
+        # the first check of a tensor, and none between the checks and the writes.
+        settings = []
         for index, group in enumerate(self.param_groups):
-            params = group["params"]
             where = f"param_groups[{index}] "
             betas = group["betas"]
             if not isinstance(betas, (tuple, list)) or len(betas) != 2:
                 raise ValueError(f"{where}betas must be a pair (beta1, beta2); got {betas!r}.")
             hyper = engine.resolve_all(group["lr"], betas[0], betas[1], group["eps"], where)
-            options = _options(group, self._nonfinite, where)
+            settings.append((hyper, _options(group, self._nonfinite, where), where))
+        for index, group in enumerate(self.param_groups):
+            params = group["params"]
+            hyper, options, where = settings[index]
             accumulators, new = _accumulators_of(group, hyper, where)
             earlier = [p for _, p, _, _ in plans]
-            steady = self._steady.get(index)
+            steady, names, kept = self._steady.get(index, (None, None, None))
             plan = None
-            if steady is not None and not new:
+            if steady is not None and not new and group.get("param_names") is names:
                 # The common step: the last step's plan, if nothing structural changed.
                 grads = list(map(_GRAD, params))
-                members = params
+                members, present = params, None
                 if any(map(_IS_NONE, grads)):  # (frozen parameters have no gradient)
                     present = list(map(_IS_NOT_NONE, grads))
                     members, grads = list(compress(params, present)), list(compress(grads, present))
                 known = self._state_unchanged()
-                plan = engine.reuse(
-                    steady,
-                    members,
-                    grads,
-                    steady.states if known else list(map(self.state.get, members)),
-                    hyper,
-                    options,
-                    accumulators=accumulators,
-                    earlier=earlier,
-                    when=when,
+                # (its errors name parameters by position: the same positions)
+                plan = (
+                    None
+                    if present != kept
+                    else engine.reuse(
+                        steady,
+                        members,
+                        grads,
+                        steady.states if known else list(map(self.state.get, members)),
+                        hyper,
+                        options,
+                        accumulators=accumulators,
+                        earlier=earlier,
+                        when=when,
+                    )
                 )
             fresh: list[Any] = []
             if plan is None:
@@ -259,7 +273,12 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
             guard.warn_numerics(self, plan.hyper, plan.dtypes)
             plans.append((group, plan, new, fresh))
             if plan.steady is not None:
-                steadies[index] = plan.steady
+                # A plan of some of the group (others' grad None) names its parameters
+                # by their positions: it is reused only where they are the same.
+                present = None
+                if len(plan.updates) != len(params):
+                    present = list(map(_IS_NOT_NONE, map(_GRAD, params)))
+                steadies[index] = (plan.steady, group.get("param_names"), present)
         # Phase 2: arithmetic only, and the step's record with it, uninterruptible.
         with engine.atomic():
             for group, plan, new, fresh in plans:

@@ -107,7 +107,7 @@ def dense_step(
     if not chosen:
         return skipped
     vhats = groups[4] if vhats is not None else None
-    batch = DenseBatch(groups[0], groups[2], groups[3], vhats, alias_slots=False)
+    batch = DenseBatch(groups[0], groups[2], groups[3], vhats, alias=False)
     batch.step(groups[1], pointers(groups[1]), c, nesterov=nesterov)
     return skipped
 
@@ -123,12 +123,12 @@ class DenseBatch:
     A step over thousands of small tensors spends more time gathering
     pointers than computing; a batch keeps them, and :meth:`step` takes only
     the gradients' (:func:`pointers`). The tensors must be contiguous plain
-    CPU tensors of one dtype. The variables must stay where they are while
-    the batch is used (:meth:`holds` says whether they do: ``p.data = x``
-    moves one). The slots are kept as the batch's own aliases (``detach()``:
-    the same memory, metadata of their own), so the memory the batch writes
-    stays allocated and shaped as it was, whatever is done to the slot
-    tensors given; the caller confirms that those are still the slots.
+    CPU tensors of one dtype, and stay where they are while the batch is
+    used: :meth:`holds` says whether they do (``p.data = x``, ``set_()`` and a
+    ``resize_()`` that reallocates all move a tensor). The batch keeps its own
+    aliases of them (``detach()``: the same storage, metadata of their own),
+    so that a tensor given to it and then pointed elsewhere leaves its old
+    memory allocated until the batch is dropped.
 
     >>> theta, m, v = torch.ones(2), torch.zeros(2), torch.zeros(2)
     >>> batch = DenseBatch([theta], [m], [v], None)
@@ -147,23 +147,25 @@ class DenseBatch:
         vs: Sequence[torch.Tensor],
         vhats: Sequence[torch.Tensor] | None,
         *,
-        alias_slots: bool = True,
+        alias: bool = True,
     ) -> None:
         lib = native.library()
         assert lib is not None, "DenseBatch needs the C kernels (see cpu.available())"
         self._function = getattr(lib, f"tfadam_dense_{DTYPE_NAMES[thetas[0].dtype]}")
         slots = [ms, vs] if vhats is None else [ms, vs, vhats]
         # (a batch used once, within one step, needs no aliases)
-        alias: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]] = (
-            (lambda group: list(map(_detach, group))) if alias_slots else list
+        kept: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]] = (
+            (lambda group: list(map(_detach, group))) if alias else list
         )
-        self._written = [list(thetas)] + [alias(group) for group in slots]
+        self._written = [kept(group) for group in [thetas, *slots]]
         self._pointers = [pointers(group) for group in self._written]
         self._offsets = array("q", accumulate(map(_numel, thetas), initial=0))
 
-    def holds(self, thetas: Sequence[torch.Tensor]) -> bool:
-        """Whether these variables are still at the batch's pointers."""
-        return pointers(thetas) == self._pointers[0]
+    def holds(self, *given: Sequence[torch.Tensor]) -> bool:
+        """Whether these tensors (θs, ms, vs and vhats if any) are still at the batch's pointers."""
+        return len(given) == len(self._pointers) and all(
+            pointers(group) == kept for group, kept in zip(given, self._pointers, strict=True)
+        )
 
     def step(
         self,
