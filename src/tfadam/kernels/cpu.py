@@ -123,12 +123,14 @@ class DenseBatch:
     A step over thousands of small tensors spends more time gathering
     pointers than computing; a batch keeps them, and :meth:`step` takes only
     the gradients' (:func:`pointers`). The tensors must be contiguous plain
-    CPU tensors of one dtype, and stay where they are while the batch is
-    used: :meth:`holds` says whether they do (``p.data = x``, ``set_()`` and a
-    ``resize_()`` that reallocates all move a tensor). The batch keeps its own
-    aliases of them (``detach()``: the same storage, metadata of their own),
-    so that a tensor given to it and then pointed elsewhere leaves its old
-    memory allocated until the batch is dropped.
+    CPU tensors of one dtype. The batch keeps its own aliases of them
+    (``detach()``: the same storage, metadata of their own), so that a tensor
+    given to it and then pointed elsewhere (``p.data = x``, ``set_()``) leaves
+    its old memory allocated while the batch lives. It makes the slots'
+    storages unresizable, as torch makes a storage it shares with NumPy: a
+    ``resize_()`` that would reallocate one raises instead of freeing memory
+    the batch writes. The variables may still move (their storages are the
+    user's): :meth:`holds` says whether they are where they were.
 
     >>> theta, m, v = torch.ones(2), torch.zeros(2), torch.zeros(2)
     >>> batch = DenseBatch([theta], [m], [v], None)
@@ -158,14 +160,16 @@ class DenseBatch:
             (lambda group: list(map(_detach, group))) if alias else list
         )
         self._written = [kept(group) for group in [thetas, *slots]]
+        if alias:
+            for group in self._written[1:]:
+                for slot in group:
+                    _unresizable(slot)
         self._pointers = [pointers(group) for group in self._written]
         self._offsets = array("q", accumulate(map(_numel, thetas), initial=0))
 
-    def holds(self, *given: Sequence[torch.Tensor]) -> bool:
-        """Whether these tensors (θs, ms, vs and vhats if any) are still at the batch's pointers."""
-        return len(given) == len(self._pointers) and all(
-            pointers(group) == kept for group, kept in zip(given, self._pointers, strict=True)
-        )
+    def holds(self, thetas: Sequence[torch.Tensor]) -> bool:
+        """Whether these variables are still at the batch's pointers."""
+        return pointers(thetas) == self._pointers[0]
 
     def step(
         self,
@@ -200,6 +204,16 @@ class DenseBatch:
             written = self._written
             groups = [written[0], list(grads), *written[1:]]
             _dense_nan_blocks(groups, offsets, nan_blocks, native.NAN_BLOCK, c, nesterov)
+
+
+def _unresizable(t: torch.Tensor) -> None:
+    """Make ``t``'s storage unresizable, so that its memory can never be reallocated.
+
+    torch has no public switch for it; exporting to NumPy sets it (torch
+    cannot let NumPy's view of the memory dangle), for good.
+    ``tests/test_plan_reuse.py`` checks that it still does.
+    """
+    t.reshape(-1).view(torch.uint8).numpy()
 
 
 def _dense_nan_blocks(
