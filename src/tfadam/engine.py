@@ -401,7 +401,7 @@ def reuse(
         if (
             set(map(_DTYPE, params)) != {dtype}
             or not all(map(_is_contiguous, params))
-            or not steady.batch.holds(params)
+            or not steady.batch.holds(params, *steady.slots)
             or not _shaped(params, steady)
         ):
             return None

@@ -123,14 +123,14 @@ class DenseBatch:
     A step over thousands of small tensors spends more time gathering
     pointers than computing; a batch keeps them, and :meth:`step` takes only
     the gradients' (:func:`pointers`). The tensors must be contiguous plain
-    CPU tensors of one dtype. The batch keeps its own aliases of them
-    (``detach()``: the same storage, metadata of their own), so that a tensor
-    given to it and then pointed elsewhere (``p.data = x``, ``set_()``) leaves
-    its old memory allocated while the batch lives. It makes the slots'
-    storages unresizable, as torch makes a storage it shares with NumPy: a
-    ``resize_()`` that would reallocate one raises instead of freeing memory
-    the batch writes. The variables may still move (their storages are the
-    user's): :meth:`holds` says whether they are where they were.
+    CPU tensors of one dtype, and stay where they are while the batch is
+    used: :meth:`holds` says whether they do (``p.data = x``, ``set_()`` and
+    ``share_memory_()`` move a tensor's memory). The batch keeps its own
+    aliases of them (``detach()``: the same storage, metadata of their own),
+    so that a tensor pointed elsewhere leaves its old memory allocated while
+    the batch lives, and makes the slots' storages unresizable, as torch
+    makes a storage it shares with NumPy (a ``resize_()`` that would
+    reallocate one raises).
 
     >>> theta, m, v = torch.ones(2), torch.zeros(2), torch.zeros(2)
     >>> batch = DenseBatch([theta], [m], [v], None)
@@ -167,9 +167,11 @@ class DenseBatch:
         self._pointers = [pointers(group) for group in self._written]
         self._offsets = array("q", accumulate(map(_numel, thetas), initial=0))
 
-    def holds(self, thetas: Sequence[torch.Tensor]) -> bool:
-        """Whether these variables are still at the batch's pointers."""
-        return pointers(thetas) == self._pointers[0]
+    def holds(self, *given: Sequence[torch.Tensor]) -> bool:
+        """Whether these tensors (θs, ms, vs and vhats if any) are still at the batch's pointers."""
+        return len(given) == len(self._pointers) and all(
+            pointers(group) == kept for group, kept in zip(given, self._pointers, strict=True)
+        )
 
     def step(
         self,
