@@ -14,6 +14,11 @@ hard line between them:
    advances the schedule. It performs arithmetic only, with the interrupts
    of :mod:`tfadam.interrupts` held, so a step is applied entirely or not at all.
 
+What a face does around the update (Keras' loss scaling, gradient
+accumulation, clipping, weight decay, moving average) enters :func:`execute`
+as a sequence of transforms (:class:`Transform`), run in their order in the
+same held block: the step and its transforms commit together.
+
 Example:
     >>> import torch
     >>> theta = torch.zeros(3)
@@ -55,6 +60,7 @@ __all__ = [
     "Schedule",
     "SparseMode",
     "Steady",
+    "Transform",
     "Update",
     "atomic",
     "check_state",
@@ -204,6 +210,57 @@ class BetaPowers:
         kernels.advance_accumulators(
             accumulators.beta1_power, accumulators.beta2_power, self._hyper.beta1, self._hyper.beta2
         )
+
+
+class Transform(Protocol):
+    """A named step a face takes around the update; :func:`execute` runs its hooks.
+
+    With ``execute(plan, schedule, transforms)`` a call runs, all under the
+    held interrupts (one commit)::
+
+        grads = plan's gradients
+        for t in transforms: grads = t.gradients(grads)   # until one returns None
+        if grads is None:                                 # this call does not update
+            for t in transforms: t.after_update(False)
+        else:
+            (the transformed gradients are checked as prepare checks any)
+            for t in transforms: t.before_update()
+            the update, with the schedule's coefficients
+            for t in transforms: t.after_update(True)
+        schedule.advance()                                # once per call, either way
+
+    ``gradients`` computes, and writes nothing, unless it returns None: a
+    call that only accumulates (Keras' ``gradient_accumulation_steps``) writes
+    its accumulators there, and no update follows. So every check of the
+    update comes before its first write. ``before_update`` writes before the
+    update (Keras' decoupled weight decay); ``after_update`` after it (Keras'
+    moving average, resetting accumulators). Keras' transforms are in
+    :mod:`tfadam.keras_rule` (``KerasPolicy``).
+
+    >>> class Log:  # a Transform that changes nothing and says when it runs
+    ...     def gradients(self, grads):
+    ...         print("gradients"); return grads
+    ...     def before_update(self):
+    ...         print("before the update")
+    ...     def after_update(self, updated):
+    ...         print("after the update:", updated)
+    >>> theta = torch.zeros(3)
+    >>> plan = prepare([Update(theta, torch.ones(3), {}, "theta")],
+    ...                resolve_all(0.1, 0.9, 0.999, 1e-8, ""), Options(),
+    ...                accumulators=Accumulators.create(0.9, 0.999))
+    >>> execute(plan, BetaPowers(plan), [Log()])
+    gradients
+    before the update
+    after the update: True
+    >>> theta
+    tensor([-0.1000, -0.1000, -0.1000])
+    """
+
+    def gradients(self, grads: Sequence[Gradient]) -> Sequence[Gradient] | None: ...
+
+    def before_update(self) -> None: ...
+
+    def after_update(self, updated: bool) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -600,22 +657,35 @@ def _written_name(updates: Sequence[Update], written: Sequence[torch.Tensor], in
     return f"the {power} of {updates[0].name}'s group" if updates else f"the {power}"
 
 
-def execute(plan: Plan, schedule: Schedule) -> None:
+def execute(plan: Plan, schedule: Schedule, transforms: Sequence[Transform] = ()) -> None:
     """Run a prepared plan: the arithmetic of one step, then ``schedule.advance()``.
 
     With ``Options(rule="keras")`` each update is Keras 3's (see
-    :func:`_keras_updates`). Cannot fail on input (:func:`prepare` has
+    :func:`_keras_updates`). ``transforms`` run around the update in their
+    order (see :class:`Transform`). Cannot fail on input (:func:`prepare` has
     checked it all). Runs inside :func:`atomic`: an interrupt arriving
     meanwhile is handled after the step, which is then complete.
     """
     options = plan.options
     with atomic(), torch.no_grad():
+        if transforms:
+            transformed = _transformed(plan, transforms)
+            if transformed is None:  # a call without an update (it accumulated)
+                for transform in transforms:
+                    transform.after_update(False)
+                schedule.advance()
+                return
+            plan = transformed
         # Every coefficient before any write: the schedule reads its state once.
         coefficients = {dtype: schedule.coefficients(dtype) for dtype in plan.dtypes}
         for update in plan.fresh:
             create_slots(update.param, update.state, options)
+        for transform in transforms:
+            transform.before_update()
         if options.rule == "keras":
             _keras_updates(plan, coefficients)
+            for transform in transforms:
+                transform.after_update(True)
             schedule.advance()
             return
         steady = plan.steady
@@ -655,7 +725,28 @@ def execute(plan: Plan, schedule: Schedule) -> None:
                 lazy=options.sparse == "lazy",
                 numerics=numerics,
             )
+        for transform in transforms:
+            transform.after_update(True)
         schedule.advance()
+
+
+def _transformed(plan: Plan, transforms: Sequence[Transform]) -> Plan | None:
+    """``plan`` with its gradients through ``transforms`` (see :class:`Transform`); None: no update.
+
+    Gradients a transform replaced are new tensors (a quotient, a clipped
+    copy, a densified IndexedSlices): they are checked as :func:`prepare`
+    checks any, before the update's first write, and the plan is made again
+    around them (never reused: the next call's gradients are transformed anew).
+    """
+    grads: Sequence[Gradient] | None = list(map(_GRAD, plan.updates))
+    for transform in transforms:
+        grads = transform.gradients(grads)  # type: ignore[arg-type]
+        if grads is None:
+            return None
+    if all(map(is_, grads, map(_GRAD, plan.updates))):
+        return plan
+    updates = [Update(u.param, g, u.state, u[3]) for u, g in zip(plan.updates, grads, strict=True)]
+    return prepare(updates, plan.hyper, plan.options, accumulators=plan.accumulators)
 
 
 def create_slots(

@@ -5,8 +5,9 @@ tensors: an ``iterations`` counter instead of TF1's ``beta_power``
 accumulators, ε = 1e-7 by default, and Keras' extras — AMSGrad, decoupled
 weight decay, clipnorm / clipvalue / global_clipnorm, an exponential moving
 average of the weights, gradient accumulation and a loss scale factor. The
-arithmetic lives in :mod:`tfadam.keras_rule`; this module
-only keeps the state and calls it in Keras' order.
+arithmetic lives in :mod:`tfadam.keras_rule` and runs in the engine: this
+module keeps the state, builds each call's :class:`tfadam.keras_rule.KerasPolicy`
+(Keras' transforms) from its configuration and hands it to ``engine.execute``.
 
 Example:
     >>> import torch, tfadam.keras
@@ -511,23 +512,13 @@ class Adam:
         hyper = self._hyperparameters()
         self._check_tensor_dtypes(plan, hyper)
         learning_rates = self._learning_rates_for(plan)
-        # The step and its count commit together: an interrupt waits for both.
+        # The build, the step and its count commit together: an interrupt waits for all.
         with engine.atomic(), torch.no_grad():
             if not self.built:
                 self._build(variables)
             schedule = self._schedule(learning_rates, hyper)
-            updated = self._step(plan, learning_rates, schedule, hyper)
-            if self.use_ema:
-                averages = [slots["average"] for slots in self._slots]
-                keras_rule.moving_average_all(
-                    averages,
-                    self._trainable,
-                    hyper.ema_momentum,
-                    schedule.step,
-                    self.ema_overwrite_frequency,
-                )
-            if not updated:
-                schedule.advance()
+            policy = self._policy(plan, learning_rates, schedule, hyper)
+            engine.execute(self._update_plan(plan), schedule, policy.transforms)  # counts the call
 
     def scale_loss(self, loss: Any) -> Any:
         """``loss * loss_scale_factor`` (the loss unchanged without one)."""
@@ -987,49 +978,71 @@ class Adam:
             epsilon=hyper.epsilon,
         )
 
-    def _step(
+    def _update_plan(self, plan: engine.Plan) -> engine.Plan:
+        """``plan``'s updates on the slots by the engine's names, under ``Options(rule="keras")``.
+
+        Keras' update (AMSGrad, repeated sparse rows, typed hyperparameters
+        included) runs in the engine. Prepared after the build (the slots exist)
+        and before the first write; the engine checks the transformed gradients
+        in turn.
+        """
+        updates = plan.updates
+        params = [u.param for u in updates]
+        moments = [_moments(self._slots[self._index[id(p)]], self.amsgrad) for p in params]
+        options = engine.Options(amsgrad=self.amsgrad, rule="keras")
+        grads, names = [u.grad for u in updates], [u[3] for u in updates]
+        return engine.prepare(engine.Update.many(params, grads, moments, names), _NO_HYPER, options)
+
+    def _policy(
         self,
         plan: engine.Plan,
         learning_rates: list[Any],
         schedule: keras_rule.Iterations,
         hyper: _Hyper,
-    ) -> bool:
-        """Keras' transforms around one engine execution; False on a call that only accumulates.
+    ) -> keras_rule.KerasPolicy:
+        """This call's transforms, from the configuration; the engine runs them in Keras' order.
 
-        The update's own plan is prepared before the first write (weight decay).
+        The face says only which tensors each one reads and writes: this call's
+        variables and their slots, every variable's accumulator (reset after an
+        update) and average (the moving average covers every variable).
         """
-        updates = plan.updates
-        params = [u.param for u in updates]
+        params = [u.param for u in plan.updates]
         shapes = [p.shape for p in params]
         slots = [self._slots[self._index[id(p)]] for p in params]
-        grads: list[Gradient] = [u.grad for u in updates]
+        update = self._is_update_step()
+        loss_scale = accumulation = clipping = weight_decay = moving_average = None
         if hyper.loss_scale_factor is not None:
-            grads = keras_rule.unscale_all(grads, hyper.loss_scale_factor)  # type: ignore[arg-type]
-        steps = self.gradient_accumulation_steps
-        if steps:
-            accumulators = [s["gradient_accumulator"] for s in slots]
-            if not self._is_update_step():
-                keras_rule.accumulate_all(accumulators, grads, shapes)
-                return False
-            grads = keras_rule.accumulated_gradients(grads, accumulators, shapes, steps)  # type: ignore[assignment]
-        clipping = keras_rule.Clipping(hyper.clipnorm, hyper.clipvalue, hyper.global_clipnorm)
-        grads = keras_rule.clip_all(grads, shapes, clipping, self._threads())
-        # Keras' update (AMSGrad, repeated sparse rows, typed hyperparameters
-        # included) runs in the engine under Options(rule="keras").
-        moments = [_moments(s, self.amsgrad) for s in slots]
-        names = [u[3] for u in updates]
-        options = engine.Options(amsgrad=self.amsgrad, rule="keras")
-        update_plan = engine.prepare(
-            engine.Update.many(params, grads, moments, names), _NO_HYPER, options
-        )
-        if hyper.weight_decay is not None:
+            loss_scale = keras_rule.LossScale(hyper.loss_scale_factor)
+        if self.gradient_accumulation_steps:
+            accumulation = keras_rule.Accumulation(
+                accumulators=[s["gradient_accumulator"] for s in slots],
+                shapes=shapes,
+                steps=self.gradient_accumulation_steps,
+                updates=update,
+                every_accumulator=[s["gradient_accumulator"] for s in self._slots],
+            )
+        if any(c is not None for c in (hyper.clipnorm, hyper.clipvalue, hyper.global_clipnorm)):
+            clipping = keras_rule.ClipGradients(
+                keras_rule.Clipping(hyper.clipnorm, hyper.clipvalue, hyper.global_clipnorm),
+                shapes,
+                self._threads(),
+            )
+        if hyper.weight_decay is not None and update:
+            # Keras read the learning rate once per decayed variable (_learning_rates_for).
             decayed = iter(learning_rates[:-1])
             rates = [next(decayed) if self._uses_weight_decay(p) else None for p in params]
-            keras_rule.decay_all(params, hyper.weight_decay, rates)
-        engine.execute(update_plan, schedule)  # advances the schedule
-        if steps:
-            keras_rule.reset_accumulators([s["gradient_accumulator"] for s in self._slots])
-        return True
+            weight_decay = keras_rule.WeightDecay(params, hyper.weight_decay, rates)
+        if self.use_ema:
+            moving_average = keras_rule.MovingAverage(
+                averages=[s["average"] for s in self._slots],
+                thetas=self._trainable,
+                ema_momentum=hyper.ema_momentum,
+                iterations=schedule.step,
+                overwrite_frequency=self.ema_overwrite_frequency,
+            )
+        return keras_rule.KerasPolicy(
+            loss_scale, accumulation, clipping, weight_decay, moving_average
+        )
 
 
 def _moments(slots: dict[str, torch.Tensor], amsgrad: bool) -> dict[str, torch.Tensor]:

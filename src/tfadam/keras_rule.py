@@ -21,8 +21,13 @@ face (:mod:`tfadam.keras`) runs. It reads in Keras' order:
    the update, the moving average after it. Each has a named function over
    one step's gradients or variables (``unscale_all``, ``accumulate_all`` /
    ``accumulated_gradients``, ``clip_all``, ``decay_all``,
-   ``moving_average_all``) that :mod:`tfadam.keras` calls in that order
-   around ``engine.execute(plan, Iterations(...))``.
+   ``moving_average_all``).
+5. **The policy**: each transform as the engine runs it (a
+   :class:`tfadam.engine.Transform`: :class:`LossScale`,
+   :class:`Accumulation`, :class:`ClipGradients`, :class:`WeightDecay`,
+   :class:`MovingAverage`), composed in Keras' order by :class:`KerasPolicy`.
+   :mod:`tfadam.keras` builds one per apply call from its configuration and
+   runs ``engine.execute(plan, Iterations(...), policy.transforms)``.
 
 Every operation is rounded to ``T`` (the gradient's and variable's dtype) in
 Keras' order, with :mod:`tfadam.tfmath`'s primitives where TF's ops differ
@@ -880,3 +885,174 @@ def moving_average_all(
     if overwrite_frequency and (iterations + 1) % overwrite_frequency == 0:
         for average, theta in zip(averages, thetas, strict=True):
             theta.copy_(average)
+
+
+# --- 5. The policy: the transforms as the engine runs them, in Keras' order ------------
+
+
+class KerasTransform:
+    """One of Keras' transforms as :func:`tfadam.engine.execute` runs it (an ``engine.Transform``).
+
+    Each hook does nothing here; a transform overrides the ones it needs:
+    ``gradients`` (computes, writes nothing unless it returns None: no update
+    this call), ``before_update``, ``after_update(updated)``.
+    """
+
+    def gradients(self, grads: Sequence[Gradient]) -> Sequence[Gradient] | None:
+        return grads
+
+    def before_update(self) -> None:
+        return None
+
+    def after_update(self, updated: bool) -> None:
+        return None
+
+
+@dataclass(frozen=True, eq=False)
+class LossScale(KerasTransform):
+    """Transform 1, first of all: every gradient divided by ``factor`` (:func:`unscale_all`).
+
+    >>> LossScale(2.0).gradients([torch.tensor([3.0])])
+    [tensor([1.5000])]
+    """
+
+    factor: KerasScalar
+
+    def gradients(self, grads: Sequence[Gradient]) -> list[torch.Tensor]:
+        return unscale_all(grads, self.factor)  # type: ignore[arg-type]  # (dense: the face checks)
+
+
+@dataclass(frozen=True, eq=False)
+class Accumulation(KerasTransform):
+    """Transform 2, ``gradient_accumulation_steps``: Keras updates every ``steps``-th call.
+
+    A call that does not update (``updates`` false) adds its gradients to
+    ``accumulators`` (:func:`accumulate_all`, one per gradient) and stops the
+    step; the call that updates uses the mean of the last ``steps`` gradients
+    (:func:`accumulated_gradients`), and after its update every accumulator of
+    the optimizer (``every_accumulator``) is zeroed (:func:`reset_accumulators`).
+
+    >>> acc = torch.zeros(2)
+    >>> first = Accumulation([acc], [(2,)], steps=2, updates=False, every_accumulator=[acc])
+    >>> first.gradients([torch.ones(2)]) is None, acc
+    (True, tensor([1., 1.]))
+    >>> second = Accumulation([acc], [(2,)], steps=2, updates=True, every_accumulator=[acc])
+    >>> second.gradients([torch.full((2,), 3.0)])
+    [tensor([2., 2.])]
+    >>> second.after_update(True); acc
+    tensor([0., 0.])
+    """
+
+    accumulators: Sequence[torch.Tensor]
+    shapes: Sequence[Sequence[int]]
+    steps: int
+    updates: bool
+    every_accumulator: Sequence[torch.Tensor]
+
+    def gradients(self, grads: Sequence[Gradient]) -> list[torch.Tensor] | None:
+        if not self.updates:
+            accumulate_all(self.accumulators, grads, self.shapes)
+            return None
+        return accumulated_gradients(grads, self.accumulators, self.shapes, self.steps)
+
+    def after_update(self, updated: bool) -> None:
+        if updated:
+            reset_accumulators(self.every_accumulator)
+
+
+@dataclass(frozen=True, eq=False)
+class ClipGradients(KerasTransform):
+    """Transform 3: ``clipnorm``, ``global_clipnorm`` or ``clipvalue`` (:func:`clip_all`).
+
+    >>> ClipGradients(Clipping(clipvalue=0.5), [(2,)], max_threads=1).gradients(
+    ...     [torch.tensor([1.0, -0.25])])
+    [tensor([ 0.5000, -0.2500])]
+    """
+
+    clipping: Clipping
+    shapes: Sequence[Sequence[int]]
+    max_threads: int
+
+    def gradients(self, grads: Sequence[Gradient]) -> list[Gradient]:
+        return clip_all(grads, self.shapes, self.clipping, self.max_threads)
+
+
+@dataclass(frozen=True, eq=False)
+class WeightDecay(KerasTransform):
+    """Transform 4, before the update: decoupled weight decay (:func:`decay_all`).
+
+    ``learning_rates[i]``: the learning rate Keras read for ``thetas[i]``, or
+    None where the variable is excluded from weight decay.
+
+    >>> theta = torch.ones(2)
+    >>> WeightDecay([theta], 0.5, [torch.tensor(0.1)]).before_update(); theta
+    tensor([0.9500, 0.9500])
+    """
+
+    thetas: Sequence[torch.Tensor]
+    weight_decay: HyperValue
+    learning_rates: Sequence[HyperValue | None]
+
+    def before_update(self) -> None:
+        decay_all(self.thetas, self.weight_decay, self.learning_rates)
+
+
+@dataclass(frozen=True, eq=False)
+class MovingAverage(KerasTransform):
+    """Transform 5, after every call (an update or not): ``use_ema`` (:func:`moving_average_all`).
+
+    ``iterations``: Keras' counter before the call; ``averages`` and
+    ``thetas``: every variable of the optimizer, not only this call's.
+
+    >>> average, theta = torch.zeros(2), torch.ones(2)
+    >>> MovingAverage([average], [theta], 0.99, iterations=0,
+    ...               overwrite_frequency=None).after_update(True); average
+    tensor([1., 1.])
+    """
+
+    averages: Sequence[torch.Tensor]
+    thetas: Sequence[torch.Tensor]
+    ema_momentum: HyperValue
+    iterations: int
+    overwrite_frequency: int | None
+
+    def after_update(self, updated: bool) -> None:
+        moving_average_all(
+            self.averages, self.thetas, self.ema_momentum, self.iterations, self.overwrite_frequency
+        )
+
+
+@dataclass(frozen=True)
+class KerasPolicy:
+    """Keras' transforms for one apply call, in Keras' order (``BaseOptimizer.apply``).
+
+    The fields are in that order; an absent transform is None. Keras' order:
+    unscale the gradients, accumulate them (or use the accumulated mean),
+    clip them, decay the weights, update (the engine), reset the
+    accumulators, move the average, count the call (the schedule).
+
+    >>> theta, acc = torch.ones(2), torch.zeros(2)
+    >>> policy = KerasPolicy(
+    ...     loss_scale=LossScale(4.0),
+    ...     accumulation=Accumulation([acc], [(2,)], 2, updates=False, every_accumulator=[acc]))
+    >>> [type(t).__name__ for t in policy.transforms]
+    ['LossScale', 'Accumulation']
+    """
+
+    loss_scale: LossScale | None = None
+    accumulation: Accumulation | None = None
+    clipping: ClipGradients | None = None
+    weight_decay: WeightDecay | None = None
+    moving_average: MovingAverage | None = None
+
+    @property
+    def transforms(self) -> tuple[KerasTransform, ...]:
+        """The transforms present, in Keras' order: what ``engine.execute`` takes."""
+        found = (
+            self.loss_scale,
+            self.accumulation,
+            self.clipping,
+            self.weight_decay,
+            self.moving_average,
+        )
+        return tuple(t for t in found if t is not None)
