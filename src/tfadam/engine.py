@@ -100,6 +100,20 @@ class Accumulators:
 
         return cls(start(beta1), start(beta2))
 
+    def check(self, hyper: Resolution) -> None:
+        """Raise where the accumulators are unusable, or not in the dtype TF gives β."""
+        guard.check_accumulators(self.beta1_power, self.beta2_power, "")
+        mismatch = accumulator_mismatch(hyper.beta1, hyper.beta2, *_powers(self))
+        if mismatch:  # TF fails here only after the variables moved
+            raise TypeError(mismatch)
+
+
+def _powers(accumulators: Accumulators | None) -> tuple[torch.Tensor, ...]:
+    """The accumulators' tensors (none without accumulators)."""
+    if accumulators is None:
+        return ()
+    return (accumulators.beta1_power, accumulators.beta2_power)
+
 
 class Update(tuple):
     """One variable in one apply call: its gradient, its slots, its name for errors.
@@ -360,9 +374,7 @@ class Steady:
         if batch is None:
             return None
         shapes = list(map(_SHAPE, params))
-        powers = (
-            () if accumulators is None else (accumulators.beta1_power, accumulators.beta2_power)
-        )
+        powers = _powers(accumulators)
         ranges = [*written, *(t for s in before for t in s.written)]  # type: ignore[union-attr]
         starts = np.array(list(map(_data_ptr, ranges)), dtype=np.uint64)
         ends = starts + np.array(list(map(_NBYTES, ranges)), dtype=np.uint64)
@@ -432,7 +444,7 @@ def reuse(
         or not all(map(is_, states, steady.states))
     ):
         return None
-    powers = () if accumulators is None else (accumulators.beta1_power, accumulators.beta2_power)
+    powers = _powers(accumulators)
     if (
         len(powers) != len(steady.powers)
         or not all(map(is_, powers, steady.powers))
@@ -440,12 +452,7 @@ def reuse(
     ):
         return None
     if accumulators is not None:
-        guard.check_accumulators(accumulators.beta1_power, accumulators.beta2_power, "")
-        mismatch = accumulator_mismatch(
-            hyper.beta1, hyper.beta2, accumulators.beta1_power, accumulators.beta2_power
-        )
-        if mismatch:
-            raise TypeError(mismatch)
+        accumulators.check(hyper)
     dtype, slot_names = steady.dtype, options.slot_names
     try:
         if set(map(len, states)) != {len(slot_names)} or not all(
@@ -552,12 +559,7 @@ def prepare(
     the same variables). Modifies nothing.
     """
     if accumulators is not None:
-        guard.check_accumulators(accumulators.beta1_power, accumulators.beta2_power, "")
-        mismatch = accumulator_mismatch(
-            hyper.beta1, hyper.beta2, accumulators.beta1_power, accumulators.beta2_power
-        )
-        if mismatch:  # TF fails here only after the variables moved
-            raise TypeError(mismatch)
+        accumulators.check(hyper)
     common = _uniformly_plain(updates, options)
     if common is not None:
         key, slots_complete = common
@@ -608,8 +610,7 @@ def _written(
         for tensor in state.values()
         if isinstance(tensor, torch.Tensor)
     ]
-    powers = [] if accumulators is None else [accumulators.beta1_power, accumulators.beta2_power]
-    return (*params, *slots, *powers)
+    return (*params, *slots, *_powers(accumulators))
 
 
 def _check_disjoint(
