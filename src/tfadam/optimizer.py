@@ -221,32 +221,11 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
             hyper, options, where = settings[index]
             accumulators, new = _accumulators_of(group, hyper, where)
             earlier = [p for _, p, _, _ in plans]
-            steady, names, kept = self._steady.get(index, (None, None, None))
-            plan = None
-            if steady is not None and not new and group.get("param_names") is names:
-                # The common step: the last step's plan, if nothing structural changed.
-                grads = list(map(_GRAD, params))
-                members, present = params, None
-                if any(map(_IS_NONE, grads)):  # (frozen parameters have no gradient)
-                    present = list(map(_IS_NOT_NONE, grads))
-                    members, grads = list(compress(params, present)), list(compress(grads, present))
-                known = self._state_unchanged()
-                # (its errors name parameters by position: the same positions)
-                plan = (
-                    None
-                    if present != kept
-                    else engine.reuse(
-                        steady,
-                        members,
-                        grads,
-                        steady.states if known else list(map(self.state.get, members)),
-                        hyper,
-                        options,
-                        accumulators=accumulators,
-                        earlier=earlier,
-                        when=when,
-                    )
-                )
+            plan = (
+                None
+                if new
+                else self._reused(index, group, hyper, options, accumulators, earlier, when)
+            )
             fresh: list[Any] = []
             if plan is None:
                 updates, fresh = self._updates(index, group)
@@ -269,7 +248,8 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
                 )
                 planned[index] = variables
             else:
-                planned[index] = steady.params
+                assert plan.steady is not None
+                planned[index] = plan.steady.params
             guard.warn_numerics(self, plan.hyper, plan.dtypes)
             plans.append((group, plan, new, fresh))
             if plan.steady is not None:
@@ -295,6 +275,41 @@ beta1=1.5 makes the Adam update undefined; it must be in [0, 1).
         self._steady, self._planned = steadies, planned
         self._seen = (self.state, list(self.state), list(self.state.values()))
         return loss
+
+    def _reused(
+        self,
+        index: int,
+        group: dict[str, Any],
+        hyper: Resolution,
+        options: engine.Options,
+        accumulators: engine.Accumulators,
+        earlier: list[engine.Plan],
+        when: str,
+    ) -> engine.Plan | None:
+        """The group's last plan for this step (:func:`engine.reuse`), or None: prepare it."""
+        steady, names, kept = self._steady.get(index, (None, None, None))
+        if steady is None or group.get("param_names") is not names:
+            return None
+        params = group["params"]
+        grads = list(map(_GRAD, params))
+        members, present = params, None
+        if any(map(_IS_NONE, grads)):  # (frozen parameters have no gradient)
+            present = list(map(_IS_NOT_NONE, grads))
+            members, grads = list(compress(params, present)), list(compress(grads, present))
+        if present != kept:  # its errors name parameters by position: the same positions
+            return None
+        states = steady.states if self._state_unchanged() else list(map(self.state.get, members))
+        return engine.reuse(
+            steady,
+            members,
+            grads,
+            states,
+            hyper,
+            options,
+            accumulators=accumulators,
+            earlier=earlier,
+            when=when,
+        )
 
     def _state_unchanged(self) -> bool:
         """Whether ``self.state`` holds what the last step left: the same dicts for the same keys.
