@@ -47,6 +47,7 @@ from . import guard, keras_rule, kernels, rule
 from .guard import FLOATING, PLAIN, Gradient, Nonfinite, Options, SparseMode
 from .hyper import Resolution, accumulator_mismatch, resolve_all
 from .interrupts import held
+from .layouts import Layouts
 from .sparse import IndexedSlices
 
 __all__ = [
@@ -337,9 +338,9 @@ class Steady:
     slots: tuple[tuple[torch.Tensor, ...], ...]  # one column per slot name
     names: tuple[str | Callable[[], str], ...]
     dtype: torch.dtype
-    numels: list[int]
     nbytes: np.ndarray  # of each variable (and of its gradient)
-    shapes: list[torch.Size] | None  # None where every variable is 1-d (its numel says it)
+    variables: Layouts  # the variables' layouts (dtype, shape, strides...)
+    gradients: Layouts  # and the gradients' (plain, contiguous, each of its variable's shape)
     options: Options
     powers: tuple[torch.Tensor, ...]  # the accumulators (identity)
     power_pointers: tuple[int, ...]  # and their addresses (``.data = x`` keeps the identity)
@@ -371,9 +372,9 @@ class Steady:
         batch = kernels.dense_batch(
             params, slots[0], slots[1], slots[2] if options.amsgrad else None
         )
-        if batch is None:
+        variables, gradients = Layouts.of(params), Layouts.of(grads)
+        if batch is None or variables is None or gradients is None:
             return None
-        shapes = list(map(_SHAPE, params))
         powers = _powers(accumulators)
         ranges = [*written, *(t for s in before for t in s.written)]  # type: ignore[union-attr]
         starts = np.array(list(map(_data_ptr, ranges)), dtype=np.uint64)
@@ -385,9 +386,9 @@ class Steady:
             slots,
             tuple(u[3] for u in updates),
             params[0].dtype,
-            list(map(_numel, params)),
             np.array(list(map(_NBYTES, params)), dtype=np.uint64),
-            None if all(len(shape) == 1 for shape in shapes) else shapes,
+            variables,
+            gradients,
             options,
             powers,
             tuple(map(_data_ptr, powers)),
@@ -463,18 +464,9 @@ def reuse(
         # `.data = ...` keeps a tensor's identity but may change all of these,
         # the shape even at the same address (`p.data = p.data[:3]`).
         if (
-            set(map(_DTYPE, params)) != {dtype}
-            or not all(map(_is_contiguous, params))
+            not steady.variables.hold(params)
             or not steady.batch.holds(params, *steady.slots)
-            or not _shaped(params, steady)
-        ):
-            return None
-        if (
-            not PLAIN.issuperset(map(type, grads))
-            or set(map(_DTYPE, grads)) != {dtype}
-            or not all(map(_IS_CPU, grads))
-            or not all(map(_is_contiguous, grads))  # (raises for a sparse layout)
-            or not _shaped(grads, steady)
+            or not steady.gradients.hold(grads)
         ):
             return None
     except (KeyError, TypeError, RuntimeError):
@@ -504,15 +496,6 @@ def reuse(
         grads,
         grad_pointers,
     )
-
-
-def _shaped(tensors: Sequence[torch.Tensor], steady: Steady) -> bool:
-    """Whether the tensors have the shapes of ``steady``'s variables."""
-    if list(map(_numel, tensors)) != steady.numels:
-        return False
-    if steady.shapes is None:
-        return set(map(_dim, tensors)) == {1}
-    return list(map(_SHAPE, tensors)) == steady.shapes
 
 
 class _Updates(Sequence[Update]):
