@@ -79,6 +79,7 @@ def test_wheel_runs_prebuilt_kernels_without_a_compiler(tmp_path: Path) -> None:
     for level in native.PREBUILT_LEVELS:
         assert f"tfadam/kernels/prebuilt/{native.prebuilt_path(level).name}" in names, names
     assert "tfadam/kernels/cpu_adam.c" in names  # the run-time build's source, kept
+    assert "tfadam/kernels/addresses.cpp" in names  # built against the installed torch
 
     fresh = tmp_path / "fresh"
     run([sys.executable, "-m", "venv", str(fresh)])

@@ -871,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.workloads
     scale = 10 if args.quick else 1
     repeats = args.repeats if args.repeats is not None else (5 if args.quick else 30)
-    from .kernels import native
+    from .kernels import addresses, native
 
     native.library()  # compile (or load) before anything is timed
     if args._tf_phase:
@@ -888,6 +888,10 @@ def main(argv: list[str] | None = None) -> int:
         f"C kernels: {f'loaded, {threads}' if lib else native.unavailable_reason()}; "
         f"TF1 contenders: {'yes, in their own process (see below)' if want_tf else 'no'}"
     )
+    # A reused plan reads every tensor's address each step: in C++ once it is
+    # built (the first time, in the background); the bench times that steady state.
+    addresses.reader(wait=True)
+    report.add(f"Tensor addresses read by: {addresses.status()}")
     load_before = os.getloadavg()
 
     plan: list[tuple[Workload, list[Contender]]] = []

@@ -29,7 +29,7 @@ from itertools import accumulate, chain
 import torch
 
 from .. import rule
-from . import native, reference
+from . import addresses, native, reference
 
 DTYPE_NAMES = {
     torch.float32: "f32",
@@ -43,6 +43,8 @@ _is_contiguous = torch.Tensor.is_contiguous
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
 _detach = torch.Tensor.detach
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_ZERO = (0,)
 
 
 def available() -> bool:
@@ -113,7 +115,19 @@ def dense_step(
 
 
 def pointers(tensors: Sequence[torch.Tensor]) -> array:
-    """The tensors' data pointers, as the C kernels take them (``uint64``)."""
+    """The tensors' data pointers, as the C kernels take them (``uint64``).
+
+    In one C++ call where :mod:`tfadam.kernels.addresses` is built (plain
+    tensors), else one ``data_ptr()`` call per tensor: the same numbers.
+    """
+    read = addresses.reader()
+    if read is not None:
+        out = array("Q", _ZERO) * len(tensors)
+        try:
+            read(tensors, out, _PLAIN)
+            return out
+        except TypeError:  # a tensor subclass: its own data_ptr() may differ
+            pass
     return array("Q", map(_data_ptr, tensors))
 
 

@@ -1,0 +1,210 @@
+"""Many tensors' data addresses in one C++ call (``addresses.cpp``), built in the background.
+
+A step that reuses its plan (:func:`tfadam.engine.reuse`) re-reads the
+address of every variable, slot and gradient: 8,000 ``data_ptr()`` calls for
+2,000 parameters, at 0.1-0.4 us each from Python (more where the tensors'
+metadata is cold in cache, as after another optimizer's step). One C++ call
+reads them all, 4-5x faster (benchmarks/RESULTS.md, session 7).
+
+Reading a tensor's address takes torch's C++ headers, so unlike the C
+kernels this is built against the installed torch: on first use, in a
+background thread (about 10 s of one core, once per torch version and
+machine), cached beside the kernels (:func:`tfadam.kernels.native.cache_dir`).
+Until it is loaded, and wherever it cannot be built (no C++ compiler, no
+Python headers), :func:`reader` returns None and the addresses are read one
+Python call per tensor: the same numbers, slower.
+
+Environment:
+    ``TFADAM_ADDRESSES``: ``auto`` (default) or ``python`` (never build it).
+    ``TFADAM_CXX``, then ``CXX``: the C++ compiler (default: c++, g++, clang++).
+
+>>> import torch
+>>> from array import array
+>>> read = reader(wait=True)
+>>> t = torch.arange(4.0)
+>>> out = array("Q", [0, 0])
+>>> read is None or read([t, t[1:]], out, (torch.Tensor,)) is None
+True
+>>> read is None or list(out) == [t.data_ptr(), t.data_ptr() + 4]
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import threading
+from array import array
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from . import native
+
+SOURCE = Path(__file__).with_name("addresses.cpp")
+Reader = Callable[[Sequence[torch.Tensor], array, tuple[type, ...]], None]
+
+_lock = threading.Lock()
+_reader: Reader | None = None
+_builder: threading.Thread | None = None
+_status = "not asked for yet"
+
+
+def compiler() -> str | None:
+    """The C++ compiler: ``TFADAM_CXX``, ``CXX``, then c++ / g++ / clang++ on PATH."""
+    for candidate in (os.environ.get("TFADAM_CXX"), os.environ.get("CXX")):
+        if candidate:
+            return shutil.which(candidate) or (candidate if os.path.exists(candidate) else None)
+    for name in ("c++", "g++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _command(cxx: str, standard: str, target: str) -> list[str]:
+    root = Path(torch.__file__).parent
+    lib = root / "lib"
+    command = [cxx, "-O2", "-shared", "-fPIC", f"-std={standard}", "-w"]
+    command.append(f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}")
+    command += [f"-I{sysconfig.get_paths()['include']}", f"-I{root / 'include'}"]
+    command += [f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}"]
+    command += [str(SOURCE), "-o", target, f"-L{lib}", f"-Wl,-rpath,{lib}"]
+    command += ["-ltorch_python", "-ltorch", "-ltorch_cpu", "-lc10"]
+    if platform.system() == "Darwin":  # Python's symbols come from the process
+        command += ["-undefined", "dynamic_lookup"]
+    return command
+
+
+def _target(cxx: str) -> Path:
+    """Where this torch's build lives: keyed by the source, compiler, flags, torch and Python."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    stat = os.stat(cxx)
+    digest.update(f"{os.path.realpath(cxx)}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    digest.update(f"{torch.__version__}|{torch.__file__}|{platform.python_version()}".encode())
+    digest.update(" ".join(_command(cxx, "", "")).encode())
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    return native.cache_dir() / f"tfadam_addresses_{digest.hexdigest()[:20]}{suffix}"
+
+
+def _build(cxx: str, target: Path) -> str | None:
+    """Compile into ``target`` atomically; an error text, or None."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        built = os.path.join(work, target.name)
+        # C++17 is what torch 2.6's headers need; newer torch may want C++20.
+        for standard in ("c++17", "c++20"):
+            try:
+                done = subprocess.run(
+                    _command(cxx, standard, built), capture_output=True, text=True, timeout=600
+                )
+            except (OSError, subprocess.SubprocessError) as error:
+                return f"{cxx}: {error}"
+            if done.returncode == 0:
+                os.replace(built, target)  # concurrent builders write identical files
+                return None
+            errors.append(done.stderr.strip()[-1500:])
+    return "\n".join(errors)
+
+
+def _load(target: Path) -> Reader:
+    """Import the built module and check it against ``data_ptr()``; ``ImportError`` if it fails."""
+    spec = importlib.util.spec_from_file_location("tfadam_addresses", target)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {target}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    read: Reader = module.addresses
+    base = torch.zeros(8)
+    probes = [base, base[3:], torch.nn.Parameter(torch.ones(2, 3)), torch.zeros(0)]
+    out = array("Q", [0]) * len(probes)
+    read(probes, out, (torch.Tensor, torch.nn.Parameter))
+    if list(out) != [t.data_ptr() for t in probes]:
+        raise ImportError(f"{target}: its addresses differ from data_ptr()'s")
+    return read
+
+
+def _start() -> None:
+    """Load the cached build, or start building it in a thread (the caller holds ``_lock``)."""
+    global _reader, _builder, _status
+    if os.environ.get("TFADAM_ADDRESSES", "auto").strip().lower() == "python":
+        _status = "python (TFADAM_ADDRESSES=python)"
+        return
+    cxx = compiler()
+    if cxx is None:
+        _status = "python (no C++ compiler: set TFADAM_CXX or CXX)"
+        return
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        _status = "python (no Python headers: install python3-dev)"
+        return
+    target = _target(cxx)
+    if target.exists():
+        _finish(target, None)
+        return
+
+    def build() -> None:
+        try:
+            error = _build(cxx, target)
+        except OSError as failed:  # (an unwritable cache directory, say)
+            error = str(failed)
+        with _lock:
+            _finish(target, error)
+
+    _status = f"building {target}"
+    _builder = threading.Thread(target=build, name="tfadam addresses build", daemon=True)
+    _builder.start()
+
+
+def _finish(target: Path, error: str | None) -> None:
+    global _reader, _status
+    if error is not None:
+        _status = f"python (the build failed: {error})"
+        return
+    try:
+        _reader = _load(target)
+    except (ImportError, OSError, TypeError, RuntimeError) as failed:
+        _status = f"python (loading failed: {failed})"
+        return
+    _status = f"C++ ({target})"
+
+
+def _after_fork_in_child() -> None:
+    # A fork while the builder held the lock would leave the child's copy held.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def reader(*, wait: bool = False) -> Reader | None:
+    """The C++ reader, or None while it is built or where it cannot be (see :func:`status`).
+
+    The first call starts the build; ``wait=True`` waits for it to finish.
+    ``read(tensors, out, types)`` writes each tensor's ``data_ptr()`` into
+    ``out`` (an ``array("Q")`` of the same length); it raises ``TypeError``
+    for an object whose type is not in ``types``.
+    """
+    if _reader is not None:
+        return _reader
+    with _lock:
+        if _builder is None and _status == "not asked for yet":
+            _start()
+        builder = _builder
+    if wait and builder is not None:
+        builder.join()
+    return _reader
+
+
+def status() -> str:
+    """How addresses are read here: ``C++ (path)``, ``building ...`` or ``python (why)``."""
+    return _status

@@ -1,0 +1,143 @@
+"""``tfadam.kernels.addresses``: one C++ call reads what ``data_ptr()`` reads, tensor by tensor.
+
+A reused plan (tests/test_plan_reuse.py) trusts these addresses to find a
+tensor moved between steps (``.data =``, ``set_()``, ``share_memory_()``), so
+the C++ reader must agree with torch's own ``data_ptr()`` on every kind of
+tensor it is given, refuse what it cannot read, and write nothing when it
+refuses. ``cpu.pointers`` falls back to ``data_ptr()`` for a subclass.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+from array import array
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from tfadam.kernels import addresses, cpu
+
+PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _reader() -> addresses.Reader:
+    read = addresses.reader(wait=True)
+    if read is None:  # only where nothing can build it (checked below)
+        pytest.skip(addresses.status())
+    return read
+
+
+def test_the_reader_builds_where_a_compiler_and_headers_are() -> None:
+    buildable = (
+        addresses.compiler() is not None
+        and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
+        and shutil.which("ld") is not None
+    )
+    read = addresses.reader(wait=True)
+    assert (read is not None) == buildable, addresses.status()
+    if read is not None:
+        assert addresses.status().startswith("C++"), addresses.status()
+
+
+def _base() -> torch.Tensor:
+    return torch.arange(24.0).reshape(4, 6)
+
+
+CASES: dict[str, Callable[[], torch.Tensor]] = {
+    "contiguous": _base,
+    "a row (offset)": lambda: _base()[2],
+    "a column (strided)": lambda: _base()[:, 3],
+    "transposed": lambda: _base().t(),
+    "0-d": lambda: torch.tensor(1.5),
+    "empty": lambda: torch.zeros(0),
+    "empty with zero strides": lambda: torch.from_numpy(__import__("numpy").zeros((0, 3))),
+    "float16": lambda: torch.zeros(5, dtype=torch.float16),
+    "bfloat16 view with offset": lambda: torch.zeros(9, dtype=torch.bfloat16)[3:],
+    "float64": lambda: torch.zeros(5, dtype=torch.float64),
+    "int8": lambda: torch.zeros(5, dtype=torch.int8),
+    "a Parameter": lambda: torch.nn.Parameter(torch.ones(3)),
+    "requires grad": lambda: torch.ones(3, requires_grad=True),
+    "shared memory": lambda: torch.ones(3).share_memory_(),
+    "a dtype view": lambda: torch.ones(4).view(torch.int32)[1:],
+    "negative bit": lambda: torch._neg_view(torch.ones(3)),
+    "expanded": lambda: torch.ones(1).expand(5),
+}
+
+
+def test_the_reader_agrees_with_data_ptr_on_every_kind_of_tensor() -> None:
+    read = _reader()
+    tensors = [make() for make in CASES.values()]
+    out = array("Q", [0]) * len(tensors)
+    assert read(tensors, out, PLAIN) is None
+    for name, tensor, address in zip(CASES, tensors, out, strict=True):
+        assert address == tensor.data_ptr(), name
+
+
+def test_the_reader_sees_a_tensor_moved_in_place() -> None:
+    read = _reader()
+    t = torch.ones(1000)
+    out = array("Q", [0])
+    moves = [
+        lambda: setattr(t, "data", t.data.clone()),
+        lambda: t.set_(torch.ones(1000)),
+        lambda: t.resize_(10**6),
+        lambda: t.share_memory_(),  # (last: torch 2.13 segfaults resizing shared memory)
+    ]
+    for move in moves:
+        before = t.data_ptr()
+        move()
+        read([t], out, PLAIN)
+        assert out[0] == t.data_ptr() != before
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+REFUSED: dict[str, tuple[list[object], type[Exception]]] = {
+    "a subclass": ([torch.ones(2), torch.ones(2).as_subclass(_Sub)], TypeError),
+    "None": ([torch.ones(2), None], TypeError),
+    "a NumPy array": ([torch.ones(2).numpy()], TypeError),
+    "sparse (no storage)": ([torch.ones(2), torch.ones(2).to_sparse()], RuntimeError),
+    "meta (no data)": ([torch.ones(2), torch.ones(2, device="meta")], RuntimeError),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=list(REFUSED))
+def test_the_reader_refuses_what_it_cannot_read_and_writes_nothing(case: str) -> None:
+    read = _reader()
+    tensors, error = REFUSED[case]
+    out = array("Q", [7]) * len(tensors)
+    try:
+        read(tensors, out, PLAIN)
+    except error:
+        pass
+    else:
+        # meta tensors have a (null) data pointer in some torch releases
+        assert case == "meta (no data)" and list(out) == [tensors[0].data_ptr(), 0]
+        return
+    assert list(out) == [7] * len(tensors)
+
+
+def test_the_reader_refuses_an_output_of_the_wrong_size() -> None:
+    read = _reader()
+    out = array("Q", [7, 7, 7])
+    with pytest.raises(ValueError, match="wrong size"):
+        read([torch.ones(2), torch.ones(2)], out, PLAIN)
+    assert list(out) == [7, 7, 7]
+    with pytest.raises(TypeError):
+        read([torch.ones(2)], b"\0" * 8, PLAIN)  # read-only
+
+
+@pytest.mark.parametrize("path", ["C++", "Python"])
+def test_pointers_are_data_ptr_on_either_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if path == "C++":
+        _reader()
+    else:
+        monkeypatch.setattr(addresses, "reader", lambda **kwargs: None)
+    tensors = [make() for make in CASES.values()]
+    tensors.append(torch.ones(3).as_subclass(_Sub))  # the C++ reader refuses it: data_ptr()
+    assert list(cpu.pointers(tensors)) == [t.data_ptr() for t in tensors]
