@@ -19,6 +19,8 @@ def bits(value: Any) -> Any:
             return ("coo", tuple(t.shape), bits(t._indices()), bits(t._values()))
         if t.is_meta:
             return ("meta", tuple(t.shape), t.dtype)
+        if t.is_neg():  # a negated view's memory: negating it again clears the bit
+            return ("negated view", bits(torch._neg_view(t)))
         raw = t.contiguous().reshape(-1).view(torch.uint8)
         return (t.dtype, tuple(t.shape), t.device.type, raw.numpy().tobytes())
     if isinstance(value, Mapping):

@@ -270,6 +270,7 @@ ROWS = [
     Row("gradient is its slot", _grad("a", lambda o, p: o.state[p["a"]]["m"]), False, ValueError, "shares memory"),
     Row("gradient is another group's variable", _grad("d", lambda o, p: p["c"].detach().view(-1)[:7]), True, ValueError, "shares memory"),
     Row("gradient requires grad", _grad("a", lambda o, p: p["a"].grad.clone().requires_grad_()), reused=False),
+    Row("gradient a negated view (z.conj().imag)", _grad("a", lambda o, p: torch._neg_view(-p["a"].grad)), reused=False),
     Row("gradient sparse", _grad("a", lambda o, p: p["a"].grad.to_sparse()), reused=False),
     Row("accumulator replaced", _set(0, "beta1_power", lambda o, p: o.param_groups[0]["beta1_power"].clone()), reused=False),
     Row("accumulator NaN in place", _nan_power, False, ValueError, "beta1_power"),

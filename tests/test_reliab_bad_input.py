@@ -456,6 +456,13 @@ def tf1_variable_inference_tensor(w):
     return lambda: w.apply([(torch.ones(4, 3), var)])
 
 
+@case("tf1", ValueError, r"variable #3 .* is a lazily negated view .*resolve_neg\(\)")
+def tf1_variable_negated_view(w):
+    var = torch._neg_view(torch.zeros(4, 3))
+    w.extra["var"] = var
+    return lambda: w.apply([(torch.ones(4, 3), var)])
+
+
 @case("tf1", ValueError, r"variable #3 .* is on the meta device: it has no values to update")
 def tf1_variable_on_meta_device(w):
     return lambda: w.apply([(torch.ones(4, 3), torch.zeros(4, 3, device="meta"))])
@@ -838,6 +845,12 @@ def torch_slot_inference_tensor(w):
     return w.opt.step
 
 
+@case("torch", ValueError, rf"{G1W}: its optimizer slot 'v' is a lazily negated view")
+def torch_slot_negated_view(w):
+    w.opt.state[w.lin.weight]["v"] = torch._neg_view(torch.zeros(2, 3))
+    return w.opt.step
+
+
 @case(
     "torch", ValueError, rf"{G1W} .*has the slots \['m'\] but lacks \['v'\]: the state was edited"
 )
@@ -1201,6 +1214,14 @@ def keras_meta_variable_in_a_later_pair(w):
     meta = torch.zeros(3, device="meta")
     return lambda: other.apply_gradients([(torch.ones(4, 3), w.a), (torch.ones(3, device="meta"),
                                                                     meta)])  # fmt: skip
+
+
+@case("keras", ValueError, r"variable #1 .* is a lazily negated view .*resolve_neg\(\)")
+def keras_negated_view_variable_in_a_later_pair(w):
+    other = _fresh_keras(w)
+    negated = torch._neg_view(torch.zeros(3))  # its values are its memory negated
+    w.extra["negated"] = negated
+    return lambda: other.apply_gradients([(torch.ones(4, 3), w.a), (torch.ones(3), negated)])
 
 
 @case("keras", ValueError, r"variable #1 .* shares memory with variable #0")

@@ -841,6 +841,8 @@ def _plainly_valid(update: Update, options: Options) -> bool:
         or param.is_meta
         or grad.layout != torch.strided
         or grad.requires_grad
+        or grad.is_neg()
+        or param.is_neg()
         or grad.dtype != dtype
         or grad.shape != shape
         or grad.device != device
@@ -861,6 +863,7 @@ def _plainly_valid(update: Update, options: Options) -> bool:
             or tensor.device != device
             or 0 in tensor.stride()
             or tensor.is_inference()
+            or tensor.is_neg()
         ):
             return False
     return True
@@ -893,6 +896,8 @@ def _uniformly_plain(
         or any(map(_IS_META, params))
         or set(map(_LAYOUT, grads)) != {torch.strided}
         or any(map(_REQUIRES_GRAD, grads))
+        or any(map(_is_neg, grads))
+        or any(map(_is_neg, params))
     ):
         return None
     slot_names = options.slot_names
@@ -908,6 +913,7 @@ def _uniformly_plain(
                 not PLAIN.issuperset(map(type, column))
                 or not all(map(all, map(_stride, column)))  # no expand()ed slot
                 or any(map(_is_inference, column))
+                or any(map(_is_neg, column))
             ):
                 return None
     elif slot_counts != {0}:
@@ -930,6 +936,10 @@ _M, _V, _VHAT = itemgetter("m"), itemgetter("v"), itemgetter("vhat")
 _DTYPE, _DEVICE, _SHAPE = attrgetter("dtype"), attrgetter("device"), attrgetter("shape")
 _IS_LEAF, _IS_CPU, _LAYOUT = attrgetter("is_leaf"), attrgetter("is_cpu"), attrgetter("layout")
 _REQUIRES_GRAD, _IS_META = attrgetter("requires_grad"), attrgetter("is_meta")
-_stride, _is_inference = torch.Tensor.stride, torch.Tensor.is_inference
+_stride, _is_inference, _is_neg = (
+    torch.Tensor.stride,
+    torch.Tensor.is_inference,
+    torch.Tensor.is_neg,
+)
 _is_contiguous, _numel, _dim = torch.Tensor.is_contiguous, torch.Tensor.numel, torch.Tensor.dim
 _data_ptr, _NBYTES = torch.Tensor.data_ptr, attrgetter("nbytes")

@@ -228,6 +228,8 @@ but lacks ['v']: the state was edited. Restore the slot, or drop the variable's 
         )
     if grad.requires_grad:  # (create_graph=True); otherwise detach() is a no-op
         grad = grad.detach()
+    if grad.is_neg():  # (z.conj().imag) its values are its memory negated: the kernels read memory
+        grad = grad.resolve_neg()
     return grad
 
 
@@ -410,6 +412,13 @@ def unwritable(param: torch.Tensor) -> str | None:
         )
     if param.is_meta:
         return "is on the meta device: it has no values to update."
+    if param.is_neg():
+        # The kernels write memory; a negated view's values are that memory negated.
+        return (
+            "is a lazily negated view (its negative bit is set, as for z.conj().imag), whose "
+            "memory holds the negated values, so it cannot be updated in place. Pass a real "
+            "tensor: param.resolve_neg()."
+        )
     return None
 
 
