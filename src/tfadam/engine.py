@@ -326,8 +326,9 @@ class Steady:
 
     Between two steps of a training loop nothing structural changes: the same
     variables, the same slot tensors at the same addresses, the same options;
-    only the gradients are new. :func:`reuse` confirms that much (a few
-    C-level reads per tensor) and checks the new gradients, which is what
+    only the gradients are new. :func:`reuse` confirms that much (layouts
+    and addresses read in one C++ call a list: :class:`tfadam.layouts.Layouts`,
+    :mod:`tfadam.kernels.addresses`) and checks the new gradients, which is what
     :func:`prepare` would find; the disjointness of the written tensors,
     proven once, then still holds. A steady plan's dense step runs on a
     :class:`tfadam.kernels.DenseBatch`, whose pointers are gathered once.
