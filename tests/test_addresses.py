@@ -141,3 +141,79 @@ def test_pointers_are_data_ptr_on_either_path(path: str, monkeypatch: pytest.Mon
     tensors = [make() for make in CASES.values()]
     tensors.append(torch.ones(3).as_subclass(_Sub))  # the C++ reader refuses it: data_ptr()
     assert list(cpu.pointers(tensors)) == [t.data_ptr() for t in tensors]
+
+
+@pytest.fixture
+def fresh_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """The build's state forgotten, a cache directory of its own; restored afterwards."""
+    monkeypatch.setenv("TFADAM_CACHE_DIR", str(tmp_path / "cache"))
+    addresses.reset()
+    yield monkeypatch
+    monkeypatch.undo()
+    addresses.reset()
+
+
+def _no_build_files(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.glob("*")) if cache.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("setting", "said"),
+    [
+        ({"TFADAM_ADDRESSES": "python"}, "python (TFADAM_ADDRESSES=python)"),
+        ({"TFADAM_CXX": "/no/such/compiler"}, "python (no C++ compiler: set TFADAM_CXX or CXX)"),
+    ],
+    ids=["switched off", "no compiler"],
+)
+def test_where_it_is_not_built_pointers_come_from_data_ptr(
+    fresh_build: pytest.MonkeyPatch, tmp_path: Path, setting: dict[str, str], said: str
+) -> None:
+    for name, value in setting.items():
+        fresh_build.setenv(name, value)
+    assert addresses.reader(wait=True) is None
+    assert addresses.status() == said
+    assert _no_build_files(tmp_path / "cache") == []
+    t = torch.ones(3)
+    assert list(cpu.pointers([t, t[1:]])) == [t.data_ptr(), t.data_ptr() + 4]
+
+
+def test_a_failed_build_is_recorded_and_not_retried(
+    fresh_build: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    failing = shutil.which("false")
+    assert failing is not None
+    fresh_build.setenv("TFADAM_CXX", failing)  # a "compiler" that always fails
+    assert addresses.reader(wait=True) is None
+    assert addresses.status().startswith("python (the build failed: exit status 1")
+    (failed,) = (tmp_path / "cache").glob("*.failed")
+    assert _no_build_files(tmp_path / "cache") == [failed.name]  # no marker, no half-built file
+    addresses.reset()  # as a later process: it says why, and builds nothing
+    assert addresses.reader(wait=True) is None
+    assert "delete it to try again" in addresses.status(), addresses.status()
+    assert _no_build_files(tmp_path / "cache") == [failed.name]
+
+
+@pytest.mark.slow
+def test_the_build_outlives_the_process_that_started_it(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    if addresses.compiler() is None:
+        pytest.skip("no C++ compiler here: nothing to build")
+    env = dict(os.environ, TFADAM_CACHE_DIR=str(tmp_path))
+    env.pop("TFADAM_ADDRESSES", None)
+    starts = "from tfadam.kernels import addresses; addresses.reader(); print(addresses.status())"
+    started = subprocess.run(
+        [sys.executable, "-c", starts], env=env, capture_output=True, text=True
+    )
+    assert started.stdout.startswith("building "), started.stdout + started.stderr
+    deadline = time.monotonic() + 300
+    while list(tmp_path.glob("*.building")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    (module,) = tmp_path.glob("tfadam_addresses_*")  # the module alone: no marker, no leftovers
+    assert not module.name.endswith((".building", ".failed", ".tmp")), module.name
+    loads = "from tfadam.kernels import addresses; addresses.reader(); print(addresses.status())"
+    later = subprocess.run([sys.executable, "-c", loads], env=env, capture_output=True, text=True)
+    assert later.stdout.strip() == f"C++ ({module})", later.stdout + later.stderr

@@ -1,4 +1,4 @@
-"""Many tensors' data addresses in one C++ call (``addresses.cpp``), built in the background.
+"""Many tensors' data addresses in one C++ call (``addresses.cpp``), built on first use.
 
 A step that reuses its plan (:func:`tfadam.engine.reuse`) re-reads the
 address of every variable, slot and gradient: 8,000 ``data_ptr()`` calls for
@@ -7,12 +7,13 @@ metadata is cold in cache, as after another optimizer's step). One C++ call
 reads them all, 4-5x faster (benchmarks/RESULTS.md, session 7).
 
 Reading a tensor's address takes torch's C++ headers, so unlike the C
-kernels this is built against the installed torch: on first use, in a
-background thread (about 10 s of one core, once per torch version and
-machine), cached beside the kernels (:func:`tfadam.kernels.native.cache_dir`).
-Until it is loaded, and wherever it cannot be built (no C++ compiler, no
-Python headers), :func:`reader` returns None and the addresses are read one
-Python call per tensor: the same numbers, slower.
+kernels this is built against the installed torch, on first use: by a
+detached process of its own (about 10 s of one core), once per torch version
+and machine, cached beside the kernels (:func:`tfadam.kernels.native.cache_dir`);
+a thread of this process loads it when it is there. Until then, and wherever
+it cannot be built (no C++ compiler, no Python headers), :func:`reader`
+returns None and the addresses are read one Python call per tensor: the same
+numbers, slower. :func:`status` says which, and why.
 
 Environment:
     ``TFADAM_ADDRESSES``: ``auto`` (default) or ``python`` (never build it).
@@ -33,13 +34,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import platform
 import shutil
 import subprocess
+import sys
 import sysconfig
-import tempfile
 import threading
+import time
 from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -94,25 +97,92 @@ def _target(cxx: str) -> Path:
     return native.cache_dir() / f"tfadam_addresses_{digest.hexdigest()[:20]}{suffix}"
 
 
-def _build(cxx: str, target: Path) -> str | None:
-    """Compile into ``target`` atomically; an error text, or None."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    errors = []
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        built = os.path.join(work, target.name)
-        # C++17 is what torch 2.6's headers need; newer torch may want C++20.
-        for standard in ("c++17", "c++20"):
-            try:
-                done = subprocess.run(
-                    _command(cxx, standard, built), capture_output=True, text=True, timeout=600
-                )
-            except (OSError, subprocess.SubprocessError) as error:
-                return f"{cxx}: {error}"
-            if done.returncode == 0:
-                os.replace(built, target)  # concurrent builders write identical files
-                return None
-            errors.append(done.stderr.strip()[-1500:])
-    return "\n".join(errors)
+# The build runs in a process of its own, detached from this one (its own
+# session), so that it finishes even if this process ends first: one build
+# per machine and torch version, not one started and killed by every short
+# script. It leaves the module at the target path, or a `.failed` file that
+# says why (and stops later processes from trying again: delete it to retry).
+_BUILDER = """
+import json, os, subprocess, sys
+job = json.loads(sys.argv[1])
+errors = []
+try:
+    for command in job["commands"]:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        if done.returncode == 0:
+            os.replace(job["built"], job["target"])  # atomic: a reader sees all or nothing
+            break
+        errors.append(done.stderr.strip()[-1500:] or "exit status %d" % done.returncode)
+    else:
+        with open(job["failed"], "w") as out:
+            out.write("\\n\\n".join(errors))
+except Exception as error:
+    try:
+        with open(job["failed"], "w") as out:
+            out.write(repr(error))
+    except OSError:
+        pass
+finally:
+    for leftover in (job["built"], job["marker"]):
+        try:
+            os.unlink(leftover)
+        except OSError:
+            pass
+"""
+STALE_AFTER_S = 900  # a marker this old belongs to a builder that died
+
+
+def _paths(target: Path) -> tuple[Path, Path]:
+    """The build's marker (a build is under way) and its failure record."""
+    return Path(f"{target}.building"), Path(f"{target}.failed")
+
+
+def _claim(marker: Path) -> bool:
+    """Whether this process should start the build (no other one is building)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        try:
+            if time.time() - marker.stat().st_mtime < STALE_AFTER_S:
+                return False
+        except FileNotFoundError:  # that build just ended
+            return False
+        os.utime(marker)  # a builder that died: take over
+        return True
+
+
+def _spawn(cxx: str, target: Path) -> None:
+    """Start the detached builder (see ``_BUILDER``)."""
+    marker, failed = _paths(target)
+    built = f"{target}.{os.getpid()}.tmp"
+    # C++17 is what torch 2.6's headers need; newer torch may want C++20.
+    commands = [_command(cxx, standard, built) for standard in ("c++17", "c++20")]
+    job = dict(commands=commands, built=built, target=str(target), marker=str(marker))
+    job["failed"] = str(failed)
+    subprocess.Popen(
+        [sys.executable, "-c", _BUILDER, json.dumps(job)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _await(target: Path) -> None:
+    """(A thread) Wait for the build to leave the module or its failure, then load or say why."""
+    marker, failed = _paths(target)
+    deadline = time.monotonic() + STALE_AFTER_S
+    while not target.exists() and marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    error = None
+    if not target.exists():
+        try:
+            error = failed.read_text()[-1500:] or "no reason given"
+        except OSError:
+            error = f"no module at {target} after the build"
+    with _lock:
+        _finish(target, error)
 
 
 def _load(target: Path) -> Reader:
@@ -133,7 +203,7 @@ def _load(target: Path) -> Reader:
 
 
 def _start() -> None:
-    """Load the cached build, or start building it in a thread (the caller holds ``_lock``)."""
+    """Load the cached build, or start it and a thread that awaits it (the caller holds _lock)."""
     global _reader, _builder, _status
     if os.environ.get("TFADAM_ADDRESSES", "auto").strip().lower() == "python":
         _status = "python (TFADAM_ADDRESSES=python)"
@@ -149,17 +219,19 @@ def _start() -> None:
     if target.exists():
         _finish(target, None)
         return
-
-    def build() -> None:
-        try:
-            error = _build(cxx, target)
-        except OSError as failed:  # (an unwritable cache directory, say)
-            error = str(failed)
-        with _lock:
-            _finish(target, error)
-
+    marker, failed = _paths(target)
+    if failed.exists():
+        _status = f"python (the build failed: {failed} says why; delete it to try again)"
+        return
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if _claim(marker):
+            _spawn(cxx, target)
+    except OSError as error:  # (an unwritable cache directory, say)
+        _status = f"python (cannot build in {target.parent}: {error})"
+        return
     _status = f"building {target}"
-    _builder = threading.Thread(target=build, name="tfadam addresses build", daemon=True)
+    _builder = threading.Thread(target=_await, args=(target,), name="tfadam addresses", daemon=True)
     _builder.start()
 
 
@@ -203,6 +275,13 @@ def reader(*, wait: bool = False) -> Reader | None:
     if wait and builder is not None:
         builder.join()
     return _reader
+
+
+def reset() -> None:
+    """Forget the reader and the build's state (for tests); a loaded module stays mapped."""
+    global _reader, _builder, _status
+    with _lock:
+        _reader, _builder, _status = None, None, "not asked for yet"
 
 
 def status() -> str:
