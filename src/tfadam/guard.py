@@ -341,6 +341,11 @@ def _checked_slices(g: IndexedSlices, param: torch.Tensor, name: str) -> Indexed
     values, indices = g.values, g.indices
     if not isinstance(values, torch.Tensor) or not isinstance(indices, torch.Tensor):
         raise TypeError(f"sparse gradient of {name}: values and indices must be torch tensors.")
+    # (as checked_gradient: the kernels read memory, a negated view's values are it negated)
+    if values.is_neg():
+        values = values.resolve_neg()
+    if indices.is_neg():
+        indices = indices.resolve_neg()
     _check_same(values, param, name, "sparse gradient values")
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise TypeError(
