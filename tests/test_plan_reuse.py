@@ -285,6 +285,12 @@ ROWS = [
     Row("param_names replaced, NaN gradient", _renamed_then_nan, False, tfadam.NonFiniteGradientError, "('w')", {"nonfinite": "raise"}),
     Row("a variable without gradient for a step, then removed", _without_gradient_then_removed, False, tfadam.NonFiniteGradientError, "['params'][1] has", {"nonfinite": "raise"}),
     Row("slots reordered, one a later group's gradient", _slots_reordered_one_read_later, True, ValueError, "slot 'm' of param_groups[0]['params'][2]"),
+    Row("slot transposed at its address (.data = .t())", _in_slot("b", "v", lambda v: setattr(v, "data", v.data.t())), reused=False),
+    Row("slot narrowed at its address (.data = [:3])", _in_slot("a", "m", lambda m: setattr(m, "data", m.data[:3])), False, ValueError, "shape"),
+    Row("slot reshaped at its address (.data = view)", _in_slot("b", "m", lambda m: setattr(m, "data", m.data.view(2, 8))), False, ValueError, "shape"),
+    Row("slot an int32 view at its address (.data =)", _in_slot("a", "m", lambda m: setattr(m, "data", m.data.view(torch.int32))), False, ValueError, "int32"),
+    Row("slot a negated view at its address (.data =)", _in_slot("a", "v", lambda v: setattr(v, "data", torch._neg_view(v.data))), False, ValueError, "negated"),
+    Row("slot narrowed at its address (set_)", _in_slot("a", "m", lambda m: m.set_(m.untyped_storage(), 0, (3,), (1,))), False, ValueError, "shape"),
     # Checked and found equal.
     Row("NaN and Inf in a variable and slots (in place)", _nonfinite_in_place, reused=True),
     Row("an empty variable inserted, two steps", _then_step(_then_step(_empty_variable_inserted)), reused=True),
@@ -470,4 +476,10 @@ def test_a_kept_slots_memory_cannot_be_reallocated(
     # (torch's resize_ sets the new sizes before it fails: m's shape is then
     # wrong, but its memory is where the batch writes, and as large)
     assert (storage.data_ptr(), storage.nbytes()) == (where, size)
-    _step(opt, monkeypatch, reuse=True)  # (writes that memory, still allocated)
+    if m.shape == p["a"].shape:
+        _step(opt, monkeypatch, reuse=True)  # (writes that memory, still allocated)
+        return
+    before = torch_face_tensors(opt)  # the wrong shape is seen, as prepare sees it
+    with pytest.raises(ValueError, match=r"slot 'm' has shape \(4096,\)"):
+        _step(opt, monkeypatch, reuse=True)
+    assert differences(before, torch_face_tensors(opt)) == []

@@ -340,7 +340,7 @@ class Steady:
     names: tuple[str | Callable[[], str], ...]
     dtype: torch.dtype
     nbytes: np.ndarray  # of each variable (and of its gradient)
-    variables: Layouts  # the variables' layouts (dtype, shape, strides...)
+    variables: Layouts  # the variables' and then the slots' layouts (dtype, shape, strides...)
     gradients: Layouts  # and the gradients' (plain, contiguous, each of its variable's shape)
     options: Options
     powers: tuple[torch.Tensor, ...]  # the accumulators (identity)
@@ -373,7 +373,9 @@ class Steady:
         batch = kernels.dense_batch(
             params, slots[0], slots[1], slots[2] if options.amsgrad else None
         )
-        variables, gradients = Layouts.of(params), Layouts.of(grads)
+        # The slots too: `m.data = m.data.t()` moves no address, yet changes what the kernels do.
+        variables = Layouts.of([*params, *(t for column in slots for t in column)])
+        gradients = Layouts.of(grads)
         if batch is None or variables is None or gradients is None:
             return None
         powers = _powers(accumulators)
@@ -465,7 +467,7 @@ def reuse(
         # `.data = ...` keeps a tensor's identity but may change all of these,
         # the shape even at the same address (`p.data = p.data[:3]`).
         if (
-            not steady.variables.hold(params)
+            not steady.variables.hold([*params, *(t for column in steady.slots for t in column)])
             or not steady.batch.holds(params, *steady.slots)
             or not steady.gradients.hold(grads)
         ):
