@@ -272,6 +272,7 @@ ROWS = [
     Row("gradient requires grad", _grad("a", lambda o, p: p["a"].grad.clone().requires_grad_()), reused=False),
     Row("gradient a negated view (z.conj().imag)", _grad("a", lambda o, p: torch._neg_view(-p["a"].grad)), reused=False),
     Row("gradient sparse", _grad("a", lambda o, p: p["a"].grad.to_sparse()), reused=False),
+    Row("gradient an efficient zero tensor (no memory)", _grad("b", lambda o, p: torch._efficientzerotensor(4, 4)), reused=False),
     Row("accumulator replaced", _set(0, "beta1_power", lambda o, p: o.param_groups[0]["beta1_power"].clone()), reused=False),
     Row("accumulator NaN in place", _nan_power, False, ValueError, "beta1_power"),
     Row("accumulator shared by two groups", _set(1, "beta1_power", lambda o, p: o.param_groups[0]["beta1_power"]), True, ValueError, "shares memory"),

@@ -846,6 +846,8 @@ def _plainly_valid(update: Update, options: Options) -> bool:
         or grad.requires_grad
         or grad.is_neg()
         or param.is_neg()
+        or grad._is_zerotensor()
+        or param._is_zerotensor()
         or grad.dtype != dtype
         or grad.shape != shape
         or grad.device != device
@@ -867,6 +869,7 @@ def _plainly_valid(update: Update, options: Options) -> bool:
             or 0 in tensor.stride()
             or tensor.is_inference()
             or tensor.is_neg()
+            or tensor._is_zerotensor()
         ):
             return False
     return True
@@ -901,6 +904,8 @@ def _uniformly_plain(
         or any(map(_REQUIRES_GRAD, grads))
         or any(map(_is_neg, grads))
         or any(map(_is_neg, params))
+        or any(map(_is_zerotensor, grads))
+        or any(map(_is_zerotensor, params))
     ):
         return None
     slot_names = options.slot_names
@@ -917,6 +922,7 @@ def _uniformly_plain(
                 or not all(map(all, map(_stride, column)))  # no expand()ed slot
                 or any(map(_is_inference, column))
                 or any(map(_is_neg, column))
+                or any(map(_is_zerotensor, column))
             ):
                 return None
     elif slot_counts != {0}:
@@ -939,10 +945,11 @@ _M, _V, _VHAT = itemgetter("m"), itemgetter("v"), itemgetter("vhat")
 _DTYPE, _DEVICE, _SHAPE = attrgetter("dtype"), attrgetter("device"), attrgetter("shape")
 _IS_LEAF, _IS_CPU, _LAYOUT = attrgetter("is_leaf"), attrgetter("is_cpu"), attrgetter("layout")
 _REQUIRES_GRAD, _IS_META = attrgetter("requires_grad"), attrgetter("is_meta")
-_stride, _is_inference, _is_neg = (
+_stride, _is_inference, _is_neg, _is_zerotensor = (
     torch.Tensor.stride,
     torch.Tensor.is_inference,
     torch.Tensor.is_neg,
+    torch.Tensor._is_zerotensor,
 )
 _is_contiguous, _numel, _dim = torch.Tensor.is_contiguous, torch.Tensor.numel, torch.Tensor.dim
 _data_ptr, _NBYTES = torch.Tensor.data_ptr, attrgetter("nbytes")

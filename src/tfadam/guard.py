@@ -230,6 +230,8 @@ but lacks ['v']: the state was edited. Restore the slot, or drop the variable's 
         grad = grad.detach()
     if grad.is_neg():  # (z.conj().imag) its values are its memory negated: the kernels read memory
         grad = grad.resolve_neg()
+    if grad._is_zerotensor():  # (torch's efficient zeros) no memory at all: its values are 0
+        grad = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
     return grad
 
 
@@ -346,6 +348,10 @@ def _checked_slices(g: IndexedSlices, param: torch.Tensor, name: str) -> Indexed
         values = values.resolve_neg()
     if indices.is_neg():
         indices = indices.resolve_neg()
+    if values._is_zerotensor():  # (as checked_gradient)
+        values = torch.zeros(values.shape, dtype=values.dtype, device=values.device)
+    if indices._is_zerotensor():
+        indices = torch.zeros(indices.shape, dtype=indices.dtype, device=indices.device)
     _check_same(values, param, name, "sparse gradient values")
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise TypeError(
@@ -423,6 +429,11 @@ def unwritable(param: torch.Tensor) -> str | None:
             "is a lazily negated view (its negative bit is set, as for z.conj().imag), whose "
             "memory holds the negated values, so it cannot be updated in place. Pass a real "
             "tensor: param.resolve_neg()."
+        )
+    if param._is_zerotensor() and param.numel():
+        return (
+            "is an efficient zero tensor (torch._efficientzerotensor), which has no memory, "
+            "so it cannot be updated in place. Pass a real tensor: torch.zeros_like(param)."
         )
     return None
 
