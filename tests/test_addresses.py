@@ -9,7 +9,10 @@ refuses. ``cpu.pointers`` falls back to ``data_ptr()`` for a subclass.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import sysconfig
 from array import array
 from collections.abc import Callable
@@ -141,3 +144,35 @@ def test_pointers_are_data_ptr_on_either_path(path: str, monkeypatch: pytest.Mon
     tensors = [make() for make in CASES.values()]
     tensors.append(torch.ones(3).as_subclass(_Sub))  # the C++ reader refuses it: data_ptr()
     assert list(cpu.pointers(tensors)) == [t.data_ptr() for t in tensors]
+
+
+_CHILD = """
+import torch, tfadam
+from tfadam.kernels import addresses
+print(addresses.reader() is None and addresses.status())
+p = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+opt = tfadam.Adam([p], lr=0.01)
+for step in range(4):
+    p.grad = torch.full((5,), 0.25 * step)
+    opt.step()
+print(addresses.status())
+"""
+
+
+def _child(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _CHILD],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_a_cache_directory_that_cannot_be_searched_leaves_the_python_path(
+    tmp_path: Path,
+) -> None:
+    # (Path.exists raises for ENAMETOOLONG and EACCES: every step raised OSError)
+    done = _child({"TFADAM_CACHE_DIR": str(tmp_path / ("x" * 300)), "TFADAM_KERNELS": "reference"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1].startswith("python (the cache directory"), done.stdout

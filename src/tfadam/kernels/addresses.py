@@ -145,8 +145,13 @@ def _start() -> None:
     if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
         _status = "python (no Python headers: install python3-dev)"
         return
-    target = _target(cxx)
-    if target.exists():
+    try:
+        target = _target(cxx)
+        cached = target.exists()  # (raises where the cache directory cannot be searched)
+    except OSError as failed:
+        _status = f"python (the cache directory cannot be read: {failed})"
+        return
+    if cached:
         _finish(target, None)
         return
 
