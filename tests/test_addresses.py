@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tfadam.kernels import addresses, cpu
+from tfadam.kernels import addresses, cpu, native
 
 PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -146,6 +146,27 @@ def test_pointers_are_data_ptr_on_either_path(path: str, monkeypatch: pytest.Mon
     assert list(cpu.pointers(tensors)) == [t.data_ptr() for t in tensors]
 
 
+def _built_libraries() -> list[Path]:
+    """The reader's and the C kernels' run-time builds, where this machine made them."""
+    _reader()
+    found = [Path(addresses.status().removeprefix("C++ (").removesuffix(")"))]
+    native.library()
+    if native.selection().source == "compiled":
+        found.append(Path(native.selection().path))
+    return found
+
+
+@pytest.mark.parametrize("cut", [1, 4096, 50_000], ids=lambda n: f"{n} bytes cut")
+def test_a_truncated_cached_library_is_not_whole(cut: int, tmp_path: Path) -> None:
+    # (loading one killed the process with SIGBUS, each run, until the cache was cleared)
+    for built in _built_libraries():
+        data = built.read_bytes()
+        (tmp_path / "whole.so").write_bytes(data)
+        (tmp_path / "cut.so").write_bytes(data[:-cut])
+        assert native.whole(tmp_path / "whole.so"), built
+        assert not native.whole(tmp_path / "cut.so"), built
+
+
 _CHILD = """
 import torch, tfadam
 from tfadam.kernels import addresses
@@ -176,3 +197,15 @@ def test_a_cache_directory_that_cannot_be_searched_leaves_the_python_path(
     done = _child({"TFADAM_CACHE_DIR": str(tmp_path / ("x" * 300)), "TFADAM_KERNELS": "reference"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines()[-1].startswith("python (the cache directory"), done.stdout
+
+
+def test_a_truncated_cached_reader_is_rebuilt_not_loaded(tmp_path: Path) -> None:
+    built = _built_libraries()[0]
+    env = {"TFADAM_CACHE_DIR": str(tmp_path), "TFADAM_CXX": shutil.which("false") or "false"}
+    first = _child(env)  # (its compiler fails: it names the file it would have built)
+    target = Path(first.stdout.splitlines()[0].removeprefix("building "))
+    assert target.parent == tmp_path, first.stdout
+    target.write_bytes(built.read_bytes()[:50_000])
+    done = _child(env)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "python (the build failed" in done.stdout, done.stdout

@@ -147,7 +147,8 @@ def _start() -> None:
         return
     try:
         target = _target(cxx)
-        cached = target.exists()  # (raises where the cache directory cannot be searched)
+        # (exists() raises where the cache directory cannot be searched)
+        cached = target.exists() and native.whole(target)
     except OSError as failed:
         _status = f"python (the cache directory cannot be read: {failed})"
         return
