@@ -340,7 +340,8 @@ class Steady:
     names: tuple[str | Callable[[], str], ...]
     dtype: torch.dtype
     nbytes: np.ndarray  # of each variable (and of its gradient)
-    variables: Layouts  # the variables' and then the slots' layouts (dtype, shape, strides...)
+    laid_out: tuple[torch.Tensor, ...]  # the variables, then the slots
+    variables: Layouts  # their layouts (dtype, shape, strides...)
     gradients: Layouts  # and the gradients' (plain, contiguous, each of its variable's shape)
     options: Options
     powers: tuple[torch.Tensor, ...]  # the accumulators (identity)
@@ -374,7 +375,8 @@ class Steady:
             params, slots[0], slots[1], slots[2] if options.amsgrad else None
         )
         # The slots too: `m.data = m.data.t()` moves no address, yet changes what the kernels do.
-        variables = Layouts.of([*params, *(t for column in slots for t in column)])
+        laid_out = (*params, *(t for column in slots for t in column))
+        variables = Layouts.of(laid_out)
         gradients = Layouts.of(grads)
         if batch is None or variables is None or gradients is None:
             return None
@@ -390,6 +392,7 @@ class Steady:
             tuple(u[3] for u in updates),
             params[0].dtype,
             np.array(list(map(_NBYTES, params)), dtype=np.uint64),
+            laid_out,
             variables,
             gradients,
             options,
@@ -467,7 +470,8 @@ def reuse(
         # `.data = ...` keeps a tensor's identity but may change all of these,
         # the shape even at the same address (`p.data = p.data[:3]`).
         if (
-            not steady.variables.hold([*params, *(t for column in steady.slots for t in column)])
+            # (the very tensors of steady.laid_out: their identities are confirmed above)
+            not steady.variables.hold(steady.laid_out)
             or not steady.batch.holds(params, *steady.slots)
             or not steady.gradients.hold(grads)
         ):
