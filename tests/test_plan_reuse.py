@@ -275,6 +275,7 @@ ROWS = [
     Row("gradient an efficient zero tensor (no memory)", _grad("b", lambda o, p: torch._efficientzerotensor(4, 4)), reused=False),
     Row("accumulator replaced", _set(0, "beta1_power", lambda o, p: o.param_groups[0]["beta1_power"].clone()), reused=False),
     Row("accumulator NaN in place", _nan_power, False, ValueError, "beta1_power"),
+    Row("accumulator an efficient zero tensor", _set(0, "beta1_power", lambda o, p: torch._efficientzerotensor(())), False, ValueError, "efficient zero tensor"),
     Row("accumulator shared by two groups", _set(1, "beta1_power", lambda o, p: o.param_groups[0]["beta1_power"]), True, ValueError, "shares memory"),
     Row("variable appended to a group", _append_param, reused=False),
     Row("state_dict reloaded", _reload, reused=False),

@@ -580,6 +580,8 @@ def accumulator_problem(power: Any) -> str | None:
         return "is on the meta device (it has no value)"
     if power.is_inference() and not torch.is_inference_mode_enabled():
         return "is an inference tensor, which a step cannot update outside inference mode"
+    if power._is_zerotensor():  # (immutable: the step raised after writing the variables)
+        return "is an efficient zero tensor (torch._efficientzerotensor): a step cannot update it"
     value = float32_value(power)
     if not (math.isfinite(value) and 0.0 <= value < 1.0):
         return f"is {value!r}, outside [0, 1) (it is a product of betas in [0, 1))"
