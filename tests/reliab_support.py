@@ -19,6 +19,8 @@ def bits(value: Any) -> Any:
             return ("coo", tuple(t.shape), bits(t._indices()), bits(t._values()))
         if t.is_meta:
             return ("meta", tuple(t.shape), t.dtype)
+        if t._is_zerotensor():  # (torch._efficientzerotensor) no memory to read
+            return ("zero tensor", tuple(t.shape), t.dtype)
         if t.is_neg():  # a negated view's memory: negating it again clears the bit
             return ("negated view", bits(torch._neg_view(t)))
         raw = t.contiguous().reshape(-1).view(torch.uint8)

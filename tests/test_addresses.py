@@ -9,7 +9,10 @@ refuses. ``cpu.pointers`` falls back to ``data_ptr()`` for a subclass.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import sysconfig
 from array import array
 from collections.abc import Callable
@@ -18,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tfadam.kernels import addresses, cpu
+from tfadam.kernels import addresses, cpu, native
 
 PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -195,9 +198,6 @@ def test_a_failed_build_is_recorded_and_not_retried(
 
 @pytest.mark.slow
 def test_the_build_outlives_the_process_that_started_it(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
     import time
 
     if addresses.compiler() is None:
@@ -217,3 +217,68 @@ def test_the_build_outlives_the_process_that_started_it(tmp_path: Path) -> None:
     loads = "from tfadam.kernels import addresses; addresses.reader(); print(addresses.status())"
     later = subprocess.run([sys.executable, "-c", loads], env=env, capture_output=True, text=True)
     assert later.stdout.strip() == f"C++ ({module})", later.stdout + later.stderr
+
+
+def _built_libraries() -> list[Path]:
+    """The reader's and the C kernels' run-time builds, where this machine made them."""
+    _reader()
+    found = [Path(addresses.status().removeprefix("C++ (").removesuffix(")"))]
+    native.library()
+    if native.selection().source == "compiled":
+        found.append(Path(native.selection().path))
+    return found
+
+
+@pytest.mark.parametrize("cut", [1, 4096, 50_000], ids=lambda n: f"{n} bytes cut")
+def test_a_truncated_cached_library_is_not_whole(cut: int, tmp_path: Path) -> None:
+    # (loading one killed the process with SIGBUS, each run, until the cache was cleared)
+    for built in _built_libraries():
+        data = built.read_bytes()
+        (tmp_path / "whole.so").write_bytes(data)
+        (tmp_path / "cut.so").write_bytes(data[:-cut])
+        assert native.whole(tmp_path / "whole.so"), built
+        assert not native.whole(tmp_path / "cut.so"), built
+
+
+_CHILD = """
+import torch, tfadam
+from tfadam.kernels import addresses
+print(addresses.reader() is None and addresses.status())
+p = torch.nn.Parameter(torch.linspace(-1, 1, 5))
+opt = tfadam.Adam([p], lr=0.01)
+for step in range(4):
+    p.grad = torch.full((5,), 0.25 * step)
+    opt.step()
+print(addresses.status())
+"""
+
+
+def _child(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _CHILD],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_a_cache_directory_that_cannot_be_searched_leaves_the_python_path(
+    tmp_path: Path,
+) -> None:
+    # (Path.exists raises for ENAMETOOLONG and EACCES: every step raised OSError)
+    done = _child({"TFADAM_CACHE_DIR": str(tmp_path / ("x" * 300)), "TFADAM_KERNELS": "reference"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1].startswith("python (the cache directory"), done.stdout
+
+
+def test_a_truncated_cached_reader_is_rebuilt_not_loaded(tmp_path: Path) -> None:
+    built = _built_libraries()[0]
+    env = {"TFADAM_CACHE_DIR": str(tmp_path), "TFADAM_CXX": shutil.which("false") or "false"}
+    first = _child(env)  # (its compiler fails: it names the file it would have built)
+    target = Path(first.stdout.splitlines()[0].removeprefix("building "))
+    assert target.parent == tmp_path, first.stdout
+    target.write_bytes(built.read_bytes()[:50_000])
+    done = _child(env)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "python (the build failed" in done.stdout, done.stdout

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from tests.reliab_support import differences, torch_face_tensors
+from tests.reliab_support import bits, differences, torch_face_tensors
 
 import tfadam
 from tfadam import engine
@@ -272,8 +272,10 @@ ROWS = [
     Row("gradient requires grad", _grad("a", lambda o, p: p["a"].grad.clone().requires_grad_()), reused=False),
     Row("gradient a negated view (z.conj().imag)", _grad("a", lambda o, p: torch._neg_view(-p["a"].grad)), reused=False),
     Row("gradient sparse", _grad("a", lambda o, p: p["a"].grad.to_sparse()), reused=False),
+    Row("gradient an efficient zero tensor (no memory)", _grad("b", lambda o, p: torch._efficientzerotensor(4, 4)), reused=False),
     Row("accumulator replaced", _set(0, "beta1_power", lambda o, p: o.param_groups[0]["beta1_power"].clone()), reused=False),
     Row("accumulator NaN in place", _nan_power, False, ValueError, "beta1_power"),
+    Row("accumulator an efficient zero tensor", _set(0, "beta1_power", lambda o, p: torch._efficientzerotensor(())), False, ValueError, "efficient zero tensor"),
     Row("accumulator shared by two groups", _set(1, "beta1_power", lambda o, p: o.param_groups[0]["beta1_power"]), True, ValueError, "shares memory"),
     Row("variable appended to a group", _append_param, reused=False),
     Row("state_dict reloaded", _reload, reused=False),
@@ -285,6 +287,12 @@ ROWS = [
     Row("param_names replaced, NaN gradient", _renamed_then_nan, False, tfadam.NonFiniteGradientError, "('w')", {"nonfinite": "raise"}),
     Row("a variable without gradient for a step, then removed", _without_gradient_then_removed, False, tfadam.NonFiniteGradientError, "['params'][1] has", {"nonfinite": "raise"}),
     Row("slots reordered, one a later group's gradient", _slots_reordered_one_read_later, True, ValueError, "slot 'm' of param_groups[0]['params'][2]"),
+    Row("slot transposed at its address (.data = .t())", _in_slot("b", "v", lambda v: setattr(v, "data", v.data.t())), reused=False),
+    Row("slot narrowed at its address (.data = [:3])", _in_slot("a", "m", lambda m: setattr(m, "data", m.data[:3])), False, ValueError, "shape"),
+    Row("slot reshaped at its address (.data = view)", _in_slot("b", "m", lambda m: setattr(m, "data", m.data.view(2, 8))), False, ValueError, "shape"),
+    Row("slot an int32 view at its address (.data =)", _in_slot("a", "m", lambda m: setattr(m, "data", m.data.view(torch.int32))), False, ValueError, "int32"),
+    Row("slot a negated view at its address (.data =)", _in_slot("a", "v", lambda v: setattr(v, "data", torch._neg_view(v.data))), False, ValueError, "negated"),
+    Row("slot narrowed at its address (set_)", _in_slot("a", "m", lambda m: m.set_(m.untyped_storage(), 0, (3,), (1,))), False, ValueError, "shape"),
     # Checked and found equal.
     Row("NaN and Inf in a variable and slots (in place)", _nonfinite_in_place, reused=True),
     Row("an empty variable inserted, two steps", _then_step(_then_step(_empty_variable_inserted)), reused=True),
@@ -470,4 +478,11 @@ def test_a_kept_slots_memory_cannot_be_reallocated(
     # (torch's resize_ sets the new sizes before it fails: m's shape is then
     # wrong, but its memory is where the batch writes, and as large)
     assert (storage.data_ptr(), storage.nbytes()) == (where, size)
-    _step(opt, monkeypatch, reuse=True)  # (writes that memory, still allocated)
+    if m.shape == p["a"].shape:
+        _step(opt, monkeypatch, reuse=True)  # (writes that memory, still allocated)
+        return
+    # (m's own bytes are its 5 floats: reading 4096 would read past them)
+    before = [storage.tolist(), *(bits(t) for t in p.values())]
+    with pytest.raises(ValueError, match=r"slot 'm' has shape \(4096,\)"):
+        _step(opt, monkeypatch, reuse=True)  # the wrong shape is seen, as prepare sees it
+    assert [storage.tolist(), *(bits(t) for t in p.values())] == before

@@ -463,6 +463,13 @@ def tf1_variable_negated_view(w):
     return lambda: w.apply([(torch.ones(4, 3), var)])
 
 
+@case("tf1", ValueError, r"variable #3 .* is an efficient zero tensor .*zeros_like")
+def tf1_variable_efficient_zero_tensor(w):
+    var = torch._efficientzerotensor(4, 3)  # (its data pointer is null: it was written)
+    w.extra["var"] = var
+    return lambda: w.apply([(torch.ones(4, 3), var)])
+
+
 @case("tf1", ValueError, r"variable #3 .* is on the meta device: it has no values to update")
 def tf1_variable_on_meta_device(w):
     return lambda: w.apply([(torch.ones(4, 3), torch.zeros(4, 3, device="meta"))])
@@ -851,6 +858,12 @@ def torch_slot_negated_view(w):
     return w.opt.step
 
 
+@case("torch", ValueError, rf"{G1W}: its optimizer slot 'm' is an efficient zero tensor")
+def torch_slot_efficient_zero_tensor(w):
+    w.opt.state[w.lin.weight]["m"] = torch._efficientzerotensor(2, 3)
+    return w.opt.step
+
+
 @case(
     "torch", ValueError, rf"{G1W} .*has the slots \['m'\] but lacks \['v'\]: the state was edited"
 )
@@ -1214,6 +1227,14 @@ def keras_meta_variable_in_a_later_pair(w):
     meta = torch.zeros(3, device="meta")
     return lambda: other.apply_gradients([(torch.ones(4, 3), w.a), (torch.ones(3, device="meta"),
                                                                     meta)])  # fmt: skip
+
+
+@case("keras", ValueError, r"variable #1 .* is an efficient zero tensor .*zeros_like")
+def keras_efficient_zero_tensor_variable_in_a_later_pair(w):
+    other = _fresh_keras(w)
+    zero = torch._efficientzerotensor(3)
+    w.extra["zero"] = zero
+    return lambda: other.apply_gradients([(torch.ones(4, 3), w.a), (torch.ones(3), zero)])
 
 
 @case("keras", ValueError, r"variable #1 .* is a lazily negated view .*resolve_neg\(\)")

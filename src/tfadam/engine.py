@@ -340,7 +340,8 @@ class Steady:
     names: tuple[str | Callable[[], str], ...]
     dtype: torch.dtype
     nbytes: np.ndarray  # of each variable (and of its gradient)
-    variables: Layouts  # the variables' layouts (dtype, shape, strides...)
+    laid_out: tuple[torch.Tensor, ...]  # the variables, then the slots
+    variables: Layouts  # their layouts (dtype, shape, strides...)
     gradients: Layouts  # and the gradients' (plain, contiguous, each of its variable's shape)
     options: Options
     powers: tuple[torch.Tensor, ...]  # the accumulators (identity)
@@ -373,7 +374,10 @@ class Steady:
         batch = kernels.dense_batch(
             params, slots[0], slots[1], slots[2] if options.amsgrad else None
         )
-        variables, gradients = Layouts.of(params), Layouts.of(grads)
+        # The slots too: `m.data = m.data.t()` moves no address, yet changes what the kernels do.
+        laid_out = (*params, *(t for column in slots for t in column))
+        variables = Layouts.of(laid_out)
+        gradients = Layouts.of(grads)
         if batch is None or variables is None or gradients is None:
             return None
         powers = _powers(accumulators)
@@ -388,6 +392,7 @@ class Steady:
             tuple(u[3] for u in updates),
             params[0].dtype,
             np.array(list(map(_NBYTES, params)), dtype=np.uint64),
+            laid_out,
             variables,
             gradients,
             options,
@@ -465,7 +470,8 @@ def reuse(
         # `.data = ...` keeps a tensor's identity but may change all of these,
         # the shape even at the same address (`p.data = p.data[:3]`).
         if (
-            not steady.variables.hold(params)
+            # (the very tensors of steady.laid_out: their identities are confirmed above)
+            not steady.variables.hold(steady.laid_out)
             or not steady.batch.holds(params, *steady.slots)
             or not steady.gradients.hold(grads)
         ):
@@ -844,6 +850,8 @@ def _plainly_valid(update: Update, options: Options) -> bool:
         or grad.requires_grad
         or grad.is_neg()
         or param.is_neg()
+        or grad._is_zerotensor()
+        or param._is_zerotensor()
         or grad.dtype != dtype
         or grad.shape != shape
         or grad.device != device
@@ -865,6 +873,7 @@ def _plainly_valid(update: Update, options: Options) -> bool:
             or 0 in tensor.stride()
             or tensor.is_inference()
             or tensor.is_neg()
+            or tensor._is_zerotensor()
         ):
             return False
     return True
@@ -899,6 +908,8 @@ def _uniformly_plain(
         or any(map(_REQUIRES_GRAD, grads))
         or any(map(_is_neg, grads))
         or any(map(_is_neg, params))
+        or any(map(_is_zerotensor, grads))
+        or any(map(_is_zerotensor, params))
     ):
         return None
     slot_names = options.slot_names
@@ -915,6 +926,7 @@ def _uniformly_plain(
                 or not all(map(all, map(_stride, column)))  # no expand()ed slot
                 or any(map(_is_inference, column))
                 or any(map(_is_neg, column))
+                or any(map(_is_zerotensor, column))
             ):
                 return None
     elif slot_counts != {0}:
@@ -937,10 +949,11 @@ _M, _V, _VHAT = itemgetter("m"), itemgetter("v"), itemgetter("vhat")
 _DTYPE, _DEVICE, _SHAPE = attrgetter("dtype"), attrgetter("device"), attrgetter("shape")
 _IS_LEAF, _IS_CPU, _LAYOUT = attrgetter("is_leaf"), attrgetter("is_cpu"), attrgetter("layout")
 _REQUIRES_GRAD, _IS_META = attrgetter("requires_grad"), attrgetter("is_meta")
-_stride, _is_inference, _is_neg = (
+_stride, _is_inference, _is_neg, _is_zerotensor = (
     torch.Tensor.stride,
     torch.Tensor.is_inference,
     torch.Tensor.is_neg,
+    torch.Tensor._is_zerotensor,
 )
 _is_contiguous, _numel, _dim = torch.Tensor.is_contiguous, torch.Tensor.numel, torch.Tensor.dim
 _data_ptr, _NBYTES = torch.Tensor.data_ptr, attrgetter("nbytes")

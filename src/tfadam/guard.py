@@ -230,6 +230,8 @@ but lacks ['v']: the state was edited. Restore the slot, or drop the variable's 
         grad = grad.detach()
     if grad.is_neg():  # (z.conj().imag) its values are its memory negated: the kernels read memory
         grad = grad.resolve_neg()
+    if grad._is_zerotensor():  # (torch's efficient zeros) no memory at all: its values are 0
+        grad = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
     return grad
 
 
@@ -341,6 +343,15 @@ def _checked_slices(g: IndexedSlices, param: torch.Tensor, name: str) -> Indexed
     values, indices = g.values, g.indices
     if not isinstance(values, torch.Tensor) or not isinstance(indices, torch.Tensor):
         raise TypeError(f"sparse gradient of {name}: values and indices must be torch tensors.")
+    # (as checked_gradient: the kernels read memory, a negated view's values are it negated)
+    if values.is_neg():
+        values = values.resolve_neg()
+    if indices.is_neg():
+        indices = indices.resolve_neg()
+    if values._is_zerotensor():  # (as checked_gradient)
+        values = torch.zeros(values.shape, dtype=values.dtype, device=values.device)
+    if indices._is_zerotensor():
+        indices = torch.zeros(indices.shape, dtype=indices.dtype, device=indices.device)
     _check_same(values, param, name, "sparse gradient values")
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise TypeError(
@@ -418,6 +429,11 @@ def unwritable(param: torch.Tensor) -> str | None:
             "is a lazily negated view (its negative bit is set, as for z.conj().imag), whose "
             "memory holds the negated values, so it cannot be updated in place. Pass a real "
             "tensor: param.resolve_neg()."
+        )
+    if param._is_zerotensor() and param.numel():
+        return (
+            "is an efficient zero tensor (torch._efficientzerotensor), which has no memory, "
+            "so it cannot be updated in place. Pass a real tensor: torch.zeros_like(param)."
         )
     return None
 
@@ -564,6 +580,8 @@ def accumulator_problem(power: Any) -> str | None:
         return "is on the meta device (it has no value)"
     if power.is_inference() and not torch.is_inference_mode_enabled():
         return "is an inference tensor, which a step cannot update outside inference mode"
+    if power._is_zerotensor():  # (immutable: the step raised after writing the variables)
+        return "is an efficient zero tensor (torch._efficientzerotensor): a step cannot update it"
     value = float32_value(power)
     if not (math.isfinite(value) and 0.0 <= value < 1.0):
         return f"is {value!r}, outside [0, 1) (it is a product of betas in [0, 1))"

@@ -173,10 +173,10 @@ def _await(target: Path) -> None:
     """(A thread) Wait for the build to leave the module or its failure, then load or say why."""
     marker, failed = _paths(target)
     deadline = time.monotonic() + STALE_AFTER_S
-    while not target.exists() and marker.exists() and time.monotonic() < deadline:
+    while marker.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     error = None
-    if not target.exists():
+    if not (target.exists() and native.whole(target)):  # (a truncated one is being replaced)
         try:
             error = failed.read_text()[-1500:] or "no reason given"
         except OSError:
@@ -215,8 +215,14 @@ def _start() -> None:
     if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
         _status = "python (no Python headers: install python3-dev)"
         return
-    target = _target(cxx)
-    if target.exists():
+    try:
+        target = _target(cxx)
+        # (exists() raises where the cache directory cannot be searched)
+        cached = target.exists() and native.whole(target)
+    except OSError as failed:
+        _status = f"python (the cache directory cannot be read: {failed})"
+        return
+    if cached:
         _finish(target, None)
         return
     marker, failed = _paths(target)

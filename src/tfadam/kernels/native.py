@@ -146,6 +146,46 @@ for _name in ("f32", "f64", "f16", "bf16"):
     )
 
 
+def whole(path: Path) -> bool:
+    """Whether a cached ELF library holds every byte its headers place (else rebuild it).
+
+    A truncated file (a crash before the build's bytes reached the disk, a
+    copied cache cut short) passes ``dlopen``'s checks and then kills the
+    process with SIGBUS where the loader touches the missing pages. Other
+    formats (Mach-O) are not inspected.
+
+    >>> whole(Path(__file__))  # not ELF: not inspected
+    True
+    """
+    try:
+        with open(path, "rb") as file:
+            header = file.read(64)
+            size = os.fstat(file.fileno()).st_size
+            if header[:4] != b"\x7fELF":
+                return True  # (an empty or foreign file: dlopen refuses it, an OSError)
+            wide, order = header[4] == 2, "little" if header[5] == 1 else "big"
+            # ELF64 / ELF32 offsets of e_phoff, e_shoff, e_phentsize, e_phnum, e_shentsize, e_shnum
+            places = ((32, 8), (40, 8), (54, 2), (56, 2), (58, 2), (60, 2))
+            if not wide:
+                places = ((28, 4), (32, 4), (42, 2), (44, 2), (46, 2), (48, 2))
+            phoff, shoff, phsize, phnum, shsize, shnum = (
+                int.from_bytes(header[at : at + width], order) for at, width in places
+            )
+            if len(header) < 52 or max(phoff + phsize * phnum, shoff + shsize * shnum) > size:
+                return False
+            file.seek(phoff)
+            table = file.read(phsize * phnum)
+    except OSError:
+        return False
+    # Each segment's p_offset and p_filesz: its bytes must be in the file.
+    (offset_at, filesz_at), width = ((8, 32), 8) if wide else ((4, 16), 4)
+    for entry in (table[i : i + phsize] for i in range(0, len(table), max(phsize, 1))):
+        offset = int.from_bytes(entry[offset_at : offset_at + width], order)
+        if offset + int.from_bytes(entry[filesz_at : filesz_at + width], order) > size:
+            return False
+    return True
+
+
 def cache_dir() -> Path:
     """Where compiled kernels are kept (``TFADAM_CACHE_DIR`` overrides)."""
     explicit = os.environ.get("TFADAM_CACHE_DIR")
@@ -301,7 +341,7 @@ def _build(directory: Path | None, extra_flags: Sequence[str]) -> tuple[ctypes.C
     for flags, link in attempts:
         flags = flags + list(extra_flags)
         target = directory / f"tfadam_cpu_{_key(cc, flags, link)}.so"
-        if not target.exists():
+        if not (target.exists() and whole(target)):
             error = _compile(cc, flags, target, link)
             if error is not None:
                 errors.append(error)
