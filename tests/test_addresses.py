@@ -165,8 +165,9 @@ def _no_build_files(cache: Path) -> list[str]:
     [
         ({"TFADAM_ADDRESSES": "python"}, "python (TFADAM_ADDRESSES=python)"),
         ({"TFADAM_CXX": "/no/such/compiler"}, "python (no C++ compiler: set TFADAM_CXX or CXX)"),
+        ({"TFADAM_ADDRESSES": "fast"}, "python (TFADAM_ADDRESSES='fast' is none of auto, python)"),
     ],
-    ids=["switched off", "no compiler"],
+    ids=["switched off", "no compiler", "a mode that is none"],
 )
 def test_where_it_is_not_built_pointers_come_from_data_ptr(
     fresh_build: pytest.MonkeyPatch, tmp_path: Path, setting: dict[str, str], said: str

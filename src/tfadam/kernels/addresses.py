@@ -205,8 +205,12 @@ def _load(target: Path) -> Reader:
 def _start() -> None:
     """Load the cached build, or start it and a thread that awaits it (the caller holds _lock)."""
     global _reader, _builder, _status
-    if os.environ.get("TFADAM_ADDRESSES", "auto").strip().lower() == "python":
+    mode = os.environ.get("TFADAM_ADDRESSES", "auto").strip().lower() or "auto"
+    if mode == "python":
         _status = "python (TFADAM_ADDRESSES=python)"
+        return
+    if mode != "auto":
+        _status = f"python (TFADAM_ADDRESSES={mode!r} is none of auto, python)"
         return
     cxx = compiler()
     if cxx is None:
