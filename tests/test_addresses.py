@@ -283,3 +283,29 @@ def test_a_truncated_cached_reader_is_rebuilt_not_loaded(tmp_path: Path) -> None
     done = _child(env)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert "python (the build failed" in done.stdout, done.stdout
+
+
+def test_records_agree_with_data_ptr_and_refuse_what_they_cannot_read() -> None:
+    record = addresses.recorder(wait=True)
+    if record is None:
+        pytest.skip(addresses.status())
+    tensors = [make() for make in CASES.values()]
+    out = array("Q", [0]) * len(tensors)
+    recorded = record(tensors, out, PLAIN)
+    assert isinstance(recorded, bytes)
+    assert list(out) == [t.data_ptr() for t in tensors]
+    assert record([t.clone() for t in tensors[:1]], array("Q", [0]), PLAIN) == record(
+        tensors[:1], array("Q", [0]), PLAIN
+    )  # the same layout elsewhere: the same record
+    unreadable = {
+        "a subclass": torch.ones(2).as_subclass(_Sub),
+        "sparse": torch.ones(2).to_sparse(),
+        "nested": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]),
+        "None": None,
+    }
+    for name, bad in unreadable.items():
+        out = array("Q", [7, 7])
+        assert record([torch.ones(2), bad], out, PLAIN) is None, name
+        assert list(out) == [7, 7], name
+    with pytest.raises(ValueError, match="wrong size"):
+        record([torch.ones(2)], array("Q", [0, 0]), PLAIN)

@@ -30,9 +30,10 @@ from tfadam.kernels import addresses
 
 @pytest.fixture(params=["C++ addresses", "Python addresses"], autouse=True)
 def _address_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test runs on both ways of reading tensors' addresses (kernels.addresses)."""
-    if request.param == "Python addresses":
+    """Every test runs on both ways of reading tensors' addresses and layouts (layouts.py)."""
+    if request.param == "Python addresses":  # (and torch's TensorGuards for the layouts)
         monkeypatch.setattr(addresses, "reader", lambda **kwargs: None)
+        monkeypatch.setattr(addresses, "recorder", lambda **kwargs: None)
     elif addresses.reader(wait=True) is None:  # tests/test_addresses.py fails where it should build
         pytest.skip(addresses.status())
 

@@ -341,8 +341,8 @@ class Steady:
     dtype: torch.dtype
     nbytes: np.ndarray  # of each variable (and of its gradient)
     laid_out: tuple[torch.Tensor, ...]  # the variables, then the slots
-    variables: Layouts  # their layouts (dtype, shape, strides...)
-    gradients: Layouts  # and the gradients' (plain, contiguous, each of its variable's shape)
+    variables: Layouts  # their layouts (dtype, shape, strides...) and addresses
+    gradients: Layouts  # the gradients' layouts (plain, contiguous, each of its variable's shape)
     options: Options
     powers: tuple[torch.Tensor, ...]  # the accumulators (identity)
     power_pointers: tuple[int, ...]  # and their addresses (``.data = x`` keeps the identity)
@@ -376,9 +376,11 @@ class Steady:
         )
         # The slots too: `m.data = m.data.t()` moves no address, yet changes what the kernels do.
         laid_out = (*params, *(t for column in slots for t in column))
-        variables = Layouts.of(laid_out)
-        gradients = Layouts.of(grads)
+        variables = Layouts.of(laid_out, fixed=True)
+        gradients = Layouts.of(grads, fixed=False)
         if batch is None or variables is None or gradients is None:
+            return None
+        if variables.hold(laid_out) != batch.addresses():  # (what it checks is what it writes)
             return None
         powers = _powers(accumulators)
         ranges = [*written, *(t for s in before for t in s.written)]  # type: ignore[union-attr]
@@ -467,18 +469,17 @@ def reuse(
             for name, column in zip(slot_names, steady.slots, strict=True)
         ):
             return None
-        # `.data = ...` keeps a tensor's identity but may change all of these,
-        # the shape even at the same address (`p.data = p.data[:3]`).
-        if (
-            # (the very tensors of steady.laid_out: their identities are confirmed above)
-            not steady.variables.hold(steady.laid_out)
-            or not steady.batch.holds(params, *steady.slots)
-            or not steady.gradients.hold(grads)
-        ):
+        # `.data = ...`, `set_()` and `share_memory_()` keep a tensor's identity
+        # but may move its memory, or change its layout even at the same
+        # address (`p.data = p.data[:3]`): the layouts and addresses say.
+        # (the very tensors of steady.laid_out: their identities are confirmed above)
+        if steady.variables.hold(steady.laid_out) is None:
+            return None
+        grad_pointers = steady.gradients.hold(grads)
+        if grad_pointers is None:
             return None
     except (KeyError, TypeError, RuntimeError):
         return None
-    grad_pointers = kernels.pointers(grads)
     starts = np.frombuffer(grad_pointers, dtype=np.uint64)
     ends = starts + steady.nbytes
     # Written ranges by start, with a running maximum of their ends: a gradient

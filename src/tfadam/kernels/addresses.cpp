@@ -1,4 +1,4 @@
-/* The data addresses of many tensors in one call (see addresses.py).
+/* The data addresses (and layouts) of many tensors in one call (see addresses.py).
  *
  * addresses(tensors, out, types): out[i] = tensors[i].data_ptr(), for a
  * sequence of tensors whose Python types are all in the tuple `types`
@@ -67,8 +67,93 @@ static PyObject *addresses(PyObject *, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* records(tensors, out, types) -> bytes or None: out[i] = tensors[i].data_ptr()
+ * as above, and returns, as bytes, each tensor's layout: the index of its
+ * type in `types`, its dispatch key set (device type, layout, autograd, the
+ * conjugate, negative and zero-tensor bits), dtype, device index,
+ * requires_grad, dimensions, sizes and strides. Two calls return equal bytes
+ * iff every tensor kept all of these. None (and out left alone) where a
+ * tensor's type is not in `types`, or its sizes, strides or address cannot
+ * be read (a nested or sparse tensor, say). One pass over the tensors: where
+ * their metadata is cold in cache, as after another optimizer's step, that
+ * is what costs (2,000 variables, 4,000 slots: ~1 ms, against ~2.4 ms for
+ * torch's TensorGuards and the addresses apart). */
+static PyObject *records(PyObject *, PyObject *args) {
+    PyObject *tensors, *types;
+    Py_buffer out;
+    if (!PyArg_ParseTuple(args, "Ow*O!", &tensors, &out, &PyTuple_Type, &types)) return nullptr;
+    PyObject *seq = PySequence_Fast(tensors, "records: expected a sequence of tensors");
+    if (seq == nullptr) {
+        PyBuffer_Release(&out);
+        return nullptr;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    if (out.len != static_cast<Py_ssize_t>(n * sizeof(uint64_t))) {
+        PyBuffer_Release(&out);
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "records: the output buffer has the wrong size");
+        return nullptr;
+    }
+    bool readable = true;
+    std::vector<uint64_t> found(static_cast<size_t>(n));
+    std::vector<int64_t> layout;
+    layout.reserve(static_cast<size_t>(n) * 8);
+    auto type_index = [&](PyObject *item) -> int64_t {
+        PyObject *type = reinterpret_cast<PyObject *>(Py_TYPE(item));
+        for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(types); k++) {
+            if (PyTuple_GET_ITEM(types, k) == type) return k;
+        }
+        return -1;
+    };
+    for (Py_ssize_t i = 0; readable && i < n; i++) {
+        /* Cold metadata costs dependent cache misses a tensor (its Python
+         * object, TensorImpl, then StorageImpl and AutogradMeta); fetching
+         * them some tensors ahead overlaps them (a prefetch never faults). */
+        if (i + 32 < n) __builtin_prefetch(items[i + 32]);
+        if (i + 16 < n && type_index(items[i + 16]) >= 0) {
+            const char *ahead = reinterpret_cast<const char *>(
+                THPVariable_Unpack(items[i + 16]).unsafeGetTensorImpl());
+            for (int line = 0; line < 256; line += 64) __builtin_prefetch(ahead + line);
+        }
+        if (i + 8 < n && type_index(items[i + 8]) >= 0) {
+            c10::TensorImpl *ahead = THPVariable_Unpack(items[i + 8]).unsafeGetTensorImpl();
+            if (ahead->has_storage()) __builtin_prefetch(ahead->unsafe_storage().unsafeGetStorageImpl());
+            __builtin_prefetch(ahead->autograd_meta());
+        }
+        int64_t index = type_index(items[i]);
+        if (index < 0 || !THPVariable_Check(items[i])) {
+            readable = false;
+            break;
+        }
+        try {
+            const at::Tensor &t = THPVariable_Unpack(items[i]);
+            c10::TensorImpl *impl = t.unsafeGetTensorImpl();
+            c10::IntArrayRef sizes = impl->sizes(), strides = impl->strides();
+            layout.push_back(index);
+            layout.push_back(static_cast<int64_t>(impl->key_set().raw_repr()));
+            layout.push_back(static_cast<int64_t>(impl->dtype().toScalarType()));
+            layout.push_back(impl->device().index());
+            layout.push_back(t.requires_grad());
+            layout.push_back(static_cast<int64_t>(sizes.size()));
+            layout.insert(layout.end(), sizes.begin(), sizes.end());
+            layout.insert(layout.end(), strides.begin(), strides.end());
+            found[i] = reinterpret_cast<uint64_t>(t.data_ptr());
+        } catch (const std::exception &) {
+            readable = false;
+        }
+    }
+    if (readable && n > 0) std::copy(found.begin(), found.end(), static_cast<uint64_t *>(out.buf));
+    PyBuffer_Release(&out);
+    Py_DECREF(seq);
+    if (!readable) Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize(reinterpret_cast<const char *>(layout.data()),
+                                     static_cast<Py_ssize_t>(layout.size() * sizeof(int64_t)));
+}
+
 static PyMethodDef methods[] = {
     {"addresses", addresses, METH_VARARGS, "out[i] = tensors[i].data_ptr() (see addresses.cpp)"},
+    {"records", records, METH_VARARGS, "addresses and layouts of tensors (see addresses.cpp)"},
     {nullptr, nullptr, 0, nullptr},
 };
 

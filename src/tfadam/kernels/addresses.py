@@ -1,4 +1,4 @@
-"""Many tensors' data addresses in one C++ call (``addresses.cpp``), built on first use.
+"""Many tensors' data addresses (and layouts) in one C++ call (``addresses.cpp``), built once.
 
 A step that reuses its plan (:func:`tfadam.engine.reuse`) re-reads the
 address of every variable, slot and gradient: 8,000 ``data_ptr()`` calls for
@@ -53,9 +53,11 @@ from . import native
 
 SOURCE = Path(__file__).with_name("addresses.cpp")
 Reader = Callable[[Sequence[torch.Tensor], array, tuple[type, ...]], None]
+Recorder = Callable[[Sequence[torch.Tensor], array, tuple[type, ...]], "bytes | None"]
 
 _lock = threading.Lock()
 _reader: Reader | None = None
+_recorder: Recorder | None = None
 _builder: threading.Thread | None = None
 _status = "not asked for yet"
 
@@ -185,21 +187,23 @@ def _await(target: Path) -> None:
         _finish(target, error)
 
 
-def _load(target: Path) -> Reader:
+def _load(target: Path) -> tuple[Reader, Recorder]:
     """Import the built module and check it against ``data_ptr()``; ``ImportError`` if it fails."""
     spec = importlib.util.spec_from_file_location("tfadam_addresses", target)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load {target}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    read: Reader = module.addresses
     base = torch.zeros(8)
     probes = [base, base[3:], torch.nn.Parameter(torch.ones(2, 3)), torch.zeros(0)]
-    out = array("Q", [0]) * len(probes)
-    read(probes, out, (torch.Tensor, torch.nn.Parameter))
-    if list(out) != [t.data_ptr() for t in probes]:
-        raise ImportError(f"{target}: its addresses differ from data_ptr()'s")
-    return read
+    expected = [t.data_ptr() for t in probes]
+    plain = (torch.Tensor, torch.nn.Parameter)
+    for function in (module.addresses, module.records):
+        out = array("Q", [0]) * len(probes)
+        function(probes, out, plain)
+        if list(out) != expected:
+            raise ImportError(f"{target}: its addresses differ from data_ptr()'s")
+    return module.addresses, module.records
 
 
 def _start() -> None:
@@ -246,12 +250,12 @@ def _start() -> None:
 
 
 def _finish(target: Path, error: str | None) -> None:
-    global _reader, _status
+    global _reader, _recorder, _status
     if error is not None:
         _status = f"python (the build failed: {error})"
         return
     try:
-        _reader = _load(target)
+        _reader, _recorder = _load(target)
     except (ImportError, OSError, TypeError, RuntimeError) as failed:
         _status = f"python (loading failed: {failed})"
         return
@@ -287,11 +291,25 @@ def reader(*, wait: bool = False) -> Reader | None:
     return _reader
 
 
+def recorder(*, wait: bool = False) -> Recorder | None:
+    """The C++ recorder of addresses and layouts, or None, as :func:`reader`.
+
+    ``record(tensors, out, types)`` writes each tensor's ``data_ptr()`` into
+    ``out`` and returns each tensor's layout as bytes (the index of its type
+    in ``types``, its dispatch keys, dtype, device index, ``requires_grad``,
+    sizes and strides): two records are equal iff the tensors are laid out
+    alike. It returns None, and writes nothing, where a tensor's type is not
+    in ``types`` or its sizes, strides or address cannot be read.
+    """
+    reader(wait=wait)
+    return _recorder
+
+
 def reset() -> None:
     """Forget the reader and the build's state (for tests); a loaded module stays mapped."""
-    global _reader, _builder, _status
+    global _reader, _recorder, _builder, _status
     with _lock:
-        _reader, _builder, _status = None, None, "not asked for yet"
+        _reader, _recorder, _builder, _status = None, None, None, "not asked for yet"
 
 
 def status() -> str:

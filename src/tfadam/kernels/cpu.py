@@ -138,8 +138,9 @@ class DenseBatch:
     pointers than computing; a batch keeps them, and :meth:`step` takes only
     the gradients' (:func:`pointers`). The tensors must be contiguous plain
     CPU tensors of one dtype, and stay where they are while the batch is
-    used: :meth:`holds` says whether they do (``p.data = x``, ``set_()`` and
-    ``share_memory_()`` move a tensor's memory). The batch keeps its own
+    used (``p.data = x``, ``set_()`` and ``share_memory_()`` move a tensor's
+    memory: the caller compares their addresses with :meth:`addresses`
+    before each step, as :func:`tfadam.engine.reuse` does). The batch keeps its own
     aliases of them (``detach()``: the same storage, metadata of their own),
     so that a tensor pointed elsewhere leaves its old memory allocated while
     the batch lives, and makes the slots' storages unresizable, as torch
@@ -181,11 +182,9 @@ class DenseBatch:
         self._pointers = [pointers(group) for group in self._written]
         self._offsets = array("q", accumulate(map(_numel, thetas), initial=0))
 
-    def holds(self, *given: Sequence[torch.Tensor]) -> bool:
-        """Whether these tensors (θs, ms, vs and vhats if any) are still at the batch's pointers."""
-        return len(given) == len(self._pointers) and all(
-            pointers(group) == kept for group, kept in zip(given, self._pointers, strict=True)
-        )
+    def addresses(self) -> array:
+        """Where the batch writes: the θs' pointers, then the ms', vs' (and vhats')."""
+        return array("Q", chain.from_iterable(self._pointers))
 
     def step(
         self,
