@@ -196,6 +196,7 @@ ALLOWED = {
     ("tfadam.hooks", "_optimizer_step_code"): "torch.optim's step protocol (profiler hook)",
     ("tfadam.hooks", "_is_profiler_enabled"): "whether a torch profiler records",
     ("tfadam.hooks", "_profiler_enabled"): "whether a torch profiler records (older torch)",
+    ("tfadam.guard", "_is_zerotensor"): "torch's efficient zero tensors have no memory to read",
 }
 
 
