@@ -37,7 +37,6 @@ import importlib.util
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -64,14 +63,7 @@ _status = "not asked for yet"
 
 def compiler() -> str | None:
     """The C++ compiler: ``TFADAM_CXX``, ``CXX``, then c++ / g++ / clang++ on PATH."""
-    for candidate in (os.environ.get("TFADAM_CXX"), os.environ.get("CXX")):
-        if candidate:
-            return shutil.which(candidate) or (candidate if os.path.exists(candidate) else None)
-    for name in ("c++", "g++", "clang++"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
+    return native.find_tool(("TFADAM_CXX", "CXX"), ("c++", "g++", "clang++"))
 
 
 def _command(cxx: str, standard: str, target: str) -> list[str]:

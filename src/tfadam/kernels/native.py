@@ -195,16 +195,22 @@ def cache_dir() -> Path:
     return Path(base) / "tfadam"
 
 
-def compiler() -> str | None:
-    """The C compiler to use: ``TFADAM_CC``, ``CC``, then cc / gcc / clang on PATH."""
-    for candidate in (os.environ.get("TFADAM_CC"), os.environ.get("CC")):
+def find_tool(variables: Sequence[str], names: Sequence[str]) -> str | None:
+    """The first of these environment variables that is set (a path or a name on PATH),
+    else the first of these names on PATH; None if there is none."""
+    for candidate in map(os.environ.get, variables):
         if candidate:
             return shutil.which(candidate) or (candidate if os.path.exists(candidate) else None)
-    for name in ("cc", "gcc", "clang"):
+    for name in names:
         found = shutil.which(name)
         if found:
             return found
     return None
+
+
+def compiler() -> str | None:
+    """The C compiler to use: ``TFADAM_CC``, ``CC``, then cc / gcc / clang on PATH."""
+    return find_tool(("TFADAM_CC", "CC"), ("cc", "gcc", "clang"))
 
 
 def _cpu_identity() -> str:
