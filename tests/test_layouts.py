@@ -125,3 +125,15 @@ def test_fixed_layouts_refuse_one_tensor_given_twice() -> None:
     layouts = Layouts.of(tensors, fixed=True)
     assert layouts is not None
     assert layouts.hold([tensors[0], tensors[0], tensors[2]]) is None
+
+
+def test_a_tensor_made_a_non_leaf_in_place_does_not_hold() -> None:
+    # (its type, keys, requires_grad, shape and address kept: prepare refuses a
+    # non-leaf variable, as an update in place would not reach the one it came from)
+    tensors = [torch.nn.Parameter(torch.zeros(5)), torch.zeros(3)]
+    layouts = Layouts.of(tensors, fixed=True)
+    assert layouts is not None and layouts.hold(tensors) is not None
+    tensors[0].detach_()
+    tensors[0].mul_(torch.ones(5, requires_grad=True))
+    assert tensors[0].requires_grad and not tensors[0].is_leaf
+    assert layouts.hold(tensors) is None

@@ -122,6 +122,12 @@ def _accumulator_onto_gradient(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> 
     opt.param_groups[0]["beta2_power"].data = power
 
 
+def _made_a_non_leaf(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    """a's values kept, but now computed from another tensor: a non-leaf that still requires grad."""
+    p["a"].detach_()  # (a leaf that does not require grad, at its address)
+    p["a"].mul_(torch.ones(5, requires_grad=True))  # (requires grad again, with a grad_fn)
+
+
 def _then_step(*changes: Callable[..., None]) -> Callable[..., None]:
     """The changes, a step (on the plans they leave), and the next step's gradients."""
 
@@ -294,6 +300,7 @@ ROWS = [
     Row("slot an int32 view at its address (.data =)", _in_slot("a", "m", lambda m: setattr(m, "data", m.data.view(torch.int32))), False, ValueError, "int32"),
     Row("slot a negated view at its address (.data =)", _in_slot("a", "v", lambda v: setattr(v, "data", torch._neg_view(v.data))), False, ValueError, "negated"),
     Row("slot narrowed at its address (set_)", _in_slot("a", "m", lambda m: m.set_(m.untyped_storage(), 0, (3,), (1,))), False, ValueError, "shape"),
+    Row("variable made a non-leaf in place (detach_, mul_)", _made_a_non_leaf, False, ValueError, "not a leaf"),
     # Checked and found equal.
     Row("NaN and Inf in a variable and slots (in place)", _nonfinite_in_place, reused=True),
     Row("an empty variable inserted, two steps", _then_step(_then_step(_empty_variable_inserted)), reused=True),

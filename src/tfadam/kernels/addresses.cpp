@@ -71,8 +71,8 @@ static PyObject *addresses(PyObject *, PyObject *args) {
  * as above, and returns, as bytes, each tensor's layout: the index of its
  * type in `types`, its dispatch key set (device type, layout, autograd, the
  * conjugate, negative and zero-tensor bits), dtype, device index,
- * requires_grad, dimensions, sizes and strides. Two calls return equal bytes
- * iff every tensor kept all of these. None (and out left alone) where a
+ * requires_grad, whether it is a leaf, dimensions, sizes and strides. Two
+ * calls return equal bytes iff every tensor kept all of these. None (and out left alone) where a
  * tensor's type is not in `types`, or its sizes, strides or address cannot
  * be read (a nested or sparse tensor, say). One pass over the tensors: where
  * their metadata is cold in cache, as after another optimizer's step, that
@@ -135,6 +135,9 @@ static PyObject *records(PyObject *, PyObject *args) {
             layout.push_back(static_cast<int64_t>(impl->dtype().toScalarType()));
             layout.push_back(impl->device().index());
             layout.push_back(t.requires_grad());
+            /* (detach_() then an in-place op with a tensor that requires grad:
+             * requires_grad as before, at the same address, but no longer a leaf) */
+            layout.push_back(t.is_leaf());
             layout.push_back(static_cast<int64_t>(sizes.size()));
             layout.insert(layout.end(), sizes.begin(), sizes.end());
             layout.insert(layout.end(), strides.begin(), strides.end());
