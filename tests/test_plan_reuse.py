@@ -494,3 +494,28 @@ def test_a_kept_slots_memory_cannot_be_reallocated(
     with pytest.raises(ValueError, match=r"slot 'm' has shape \(4096,\)"):
         _step(opt, monkeypatch, reuse=True)  # the wrong shape is seen, as prepare sees it
     assert [storage.tolist(), *(bits(t) for t in p.values())] == before
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["shipped", "prepared"])
+def test_a_variable_view_made_a_non_leaf_by_its_base_is_refused(
+    reuse: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A variable that is a leaf view (of a base that does not require grad)
+    stops being a leaf when its base comes to require grad and changes in
+    place: Python's ``is_leaf`` makes its ``grad_fn`` anew. Its type, keys,
+    ``requires_grad``, shape and address are as they were."""
+    g = torch.Generator().manual_seed(13)
+    base = torch.randn(12, generator=g)
+    w = base[:5].requires_grad_()
+    opt = tfadam.Adam([w])
+    for _ in range(3):  # (the third on a reused plan)
+        w.grad = torch.randn(5, generator=g)
+        opt.step()
+    w.grad = torch.randn(5, generator=g)
+    base.requires_grad_()
+    with torch.no_grad():
+        base[6:].add_(1)
+    before = torch_face_tensors(opt)
+    with pytest.raises(ValueError, match="not a leaf"):
+        _step(opt, monkeypatch, reuse=reuse)
+    assert differences(before, torch_face_tensors(opt)) == []

@@ -150,8 +150,11 @@ static PyObject *records(PyObject *, PyObject *args) {
             layout.push_back(impl->device().index());
             layout.push_back(t.requires_grad());
             /* (detach_() then an in-place op with a tensor that requires grad:
-             * requires_grad as before, at the same address, but no longer a leaf) */
-            layout.push_back(t.is_leaf());
+             * requires_grad as before, at the same address, but no longer a leaf.
+             * grad_fn(), as Python's is_leaf reads it: a view's is made anew
+             * once its base that requires grad changed in place; TensorBase's
+             * is_leaf() reads the field, which is then stale) */
+            layout.push_back(t.grad_fn() == nullptr);
             layout.push_back(static_cast<int64_t>(sizes.size()));
             layout.insert(layout.end(), sizes.begin(), sizes.end());
             layout.insert(layout.end(), strides.begin(), strides.end());
