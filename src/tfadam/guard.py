@@ -503,6 +503,16 @@ read them after writing). Pass tensors that do not overlap (e.g. .clone() one of
     order = np.argsort(start, kind="stable")
     start, end, writes = start[order], end[order], writes[order]
     nonempty = end > start
+    absent = nonempty & (start == 0)
+    if absent.any():
+        # (a functional tensor, as torch.func.functionalize makes: its values
+        # live elsewhere; the kernels would read and write address 0)
+        raise ValueError(
+            f"{name(int(order[np.flatnonzero(absent)[0]]))} has no memory of its own (its "
+            "data_ptr() is 0: a functional tensor, as inside torch.func.functionalize?), so "
+            "the step cannot read or update it in place. Step outside functionalize, on "
+            "plain tensors."
+        )
     zero = np.zeros(1, dtype=np.uint64)
     ends_all = np.maximum.accumulate(np.where(nonempty, end, zero))
     ends_written = np.maximum.accumulate(np.where(nonempty & writes, end, zero))
