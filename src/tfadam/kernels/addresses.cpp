@@ -149,12 +149,15 @@ static PyObject *records(PyObject *, PyObject *args) {
             layout.push_back(static_cast<int64_t>(impl->dtype().toScalarType()));
             layout.push_back(impl->device().index());
             layout.push_back(t.requires_grad());
-            /* (detach_() then an in-place op with a tensor that requires grad:
-             * requires_grad as before, at the same address, but no longer a leaf.
-             * grad_fn(), as Python's is_leaf reads it: a view's is made anew
-             * once its base that requires grad changed in place; TensorBase's
-             * is_leaf() reads the field, which is then stale) */
-            layout.push_back(t.grad_fn() == nullptr);
+            /* Whether it is a leaf (detach_() then an in-place op with a tensor
+             * that requires grad: requires_grad as before, at the same address,
+             * but no longer a leaf). As Python's is_leaf, !grad_fn(): a view's
+             * is made anew once its base that requires grad changed in place
+             * (the field alone is then stale). grad_fn() is a call through
+             * autograd's hooks, the field a load: the call only for a view. */
+            auto *meta = static_cast<torch::autograd::AutogradMeta *>(impl->autograd_meta());
+            layout.push_back(meta == nullptr ||
+                             (meta->is_view_ ? t.grad_fn() == nullptr : meta->grad_fn_ == nullptr));
             layout.push_back(static_cast<int64_t>(sizes.size()));
             layout.insert(layout.end(), sizes.begin(), sizes.end());
             layout.insert(layout.end(), strides.begin(), strides.end());
