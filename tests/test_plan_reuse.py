@@ -128,6 +128,11 @@ def _made_a_non_leaf(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
     p["a"].mul_(torch.ones(5, requires_grad=True))  # (requires grad again, with a grad_fn)
 
 
+def _inference_copy(t: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return t.clone()
+
+
 def _then_step(*changes: Callable[..., None]) -> Callable[..., None]:
     """The changes, a step (on the plans they leave), and the next step's gradients."""
 
@@ -301,7 +306,13 @@ ROWS = [
     Row("slot a negated view at its address (.data =)", _in_slot("a", "v", lambda v: setattr(v, "data", torch._neg_view(v.data))), False, ValueError, "negated"),
     Row("slot narrowed at its address (set_)", _in_slot("a", "m", lambda m: m.set_(m.untyped_storage(), 0, (3,), (1,))), False, ValueError, "shape"),
     Row("variable made a non-leaf in place (detach_, mul_)", _made_a_non_leaf, False, ValueError, "not a leaf"),
+    Row("gradient a functional tensor (no memory)", _grad("c", lambda o, p: torch._to_functional_tensor(p["c"].grad)), False, ValueError, "no memory of its own"),
     # Checked and found equal.
+    Row("variable requires grad no more", lambda o, p: p["a"].requires_grad_(False), reused=False),
+    Row("gradient an inference tensor", _grad("b", lambda o, p: _inference_copy(p["b"].grad)), reused=False),
+    Row("gradient a Parameter", _grad("a", lambda o, p: torch.nn.Parameter(p["a"].grad.clone(), requires_grad=False)), reused=False),
+    Row("gradient from NumPy", _grad("c", lambda o, p: torch.from_numpy(p["c"].grad.numpy().copy())), reused=True),
+    Row("gradient moved to shared memory", lambda o, p: p["b"].grad.share_memory_(), reused=True),
     Row("NaN and Inf in a variable and slots (in place)", _nonfinite_in_place, reused=True),
     Row("an empty variable inserted, two steps", _then_step(_then_step(_empty_variable_inserted)), reused=True),
     Row("a gradient None for a step, then back", _then_step(_grad("a", lambda o, p: None)), reused=False),
