@@ -70,3 +70,14 @@ def test_a_step_inside_functionalize_is_refused() -> None:
     with pytest.raises(ValueError, match="no memory of its own"):
         torch.func.functionalize(step)(torch.ones(3))
     assert torch.equal(p.detach(), before)
+
+
+def test_functional_sparse_indices_are_refused() -> None:
+    # (TF1's face takes IndexedSlices as given; the kernel read the indices at address 0)
+    p = torch.linspace(-1, 1, 8).reshape(4, 2)
+    opt = tfadam.AdamOptimizer(0.1)
+    indices = _functional(torch.tensor([0, 2]))
+    before = p.clone()
+    with pytest.raises(ValueError, match="its indices have no memory of their own"):
+        opt.apply_gradients([(tfadam.IndexedSlices(torch.ones(2, 2), indices, (4, 2)), p)])
+    assert torch.equal(p, before)

@@ -386,6 +386,12 @@ def _checked_slices(g: IndexedSlices, param: torch.Tensor, name: str) -> Indexed
     check_indices(indices, param.shape[0], name)
     if indices.dtype != torch.int64:
         indices = indices.long()
+    if indices.numel() and indices.data_ptr() == 0:  # (only read: check_disjoint sees no index)
+        raise ValueError(
+            f"sparse gradient of {name}: its indices have no memory of their own (data_ptr() "
+            "is 0: a functional tensor, as inside torch.func.functionalize?), so the kernel "
+            "cannot read them. Step outside functionalize, on plain tensors."
+        )
     if values.requires_grad:
         values = values.detach()
     return IndexedSlices(values, indices, tuple(param.shape))
