@@ -309,3 +309,31 @@ def test_records_agree_with_data_ptr_and_refuse_what_they_cannot_read() -> None:
         assert list(out) == [7, 7], name
     with pytest.raises(ValueError, match="wrong size"):
         record([torch.ones(2)], array("Q", [0, 0]), PLAIN)
+
+
+def test_records_refuse_types_that_are_not_tensor_types() -> None:
+    # (it prefetches a tensor's metadata some items ahead on its type alone:
+    # an int or object there was unpacked as a tensor, and the process crashed)
+    code = """if True:
+        from array import array
+        import torch
+        from tfadam.kernels import addresses
+        record = addresses.recorder(wait=True)
+        if record is None:
+            print("not built")
+            raise SystemExit
+        for items, types in (([10**30 + i for i in range(40)], (int,)),
+                             ([object() for _ in range(40)], (object,)),
+                             ([torch.ones(1)] * 40, (torch.Tensor, "torch.Tensor"))):
+            try:
+                record(items, array("Q", [7]) * 40, types)
+            except TypeError as error:
+                print(error)
+        print(record([torch.ones(1)] * 40, array("Q", [7]) * 40, (torch.Tensor,)) is not None)
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if done.stdout.strip() == "not built":
+        pytest.skip(addresses.status())
+    assert done.returncode == 0, done.stderr[-2000:]
+    refused = "records: `types` must hold tensor types only"
+    assert done.stdout.splitlines() == [refused] * 3 + ["True"], done.stdout

@@ -125,3 +125,30 @@ def test_fixed_layouts_refuse_one_tensor_given_twice() -> None:
     layouts = Layouts.of(tensors, fixed=True)
     assert layouts is not None
     assert layouts.hold([tensors[0], tensors[0], tensors[2]]) is None
+
+
+def test_a_tensor_made_a_non_leaf_in_place_does_not_hold() -> None:
+    # (its type, keys, requires_grad, shape and address kept: prepare refuses a
+    # non-leaf variable, as an update in place would not reach the one it came from)
+    tensors = [torch.nn.Parameter(torch.zeros(5)), torch.zeros(3)]
+    layouts = Layouts.of(tensors, fixed=True)
+    assert layouts is not None and layouts.hold(tensors) is not None
+    tensors[0].detach_()
+    tensors[0].mul_(torch.ones(5, requires_grad=True))
+    assert tensors[0].requires_grad and not tensors[0].is_leaf
+    assert layouts.hold(tensors) is None
+
+
+def test_a_view_whose_base_changed_in_place_is_a_leaf_no_more() -> None:
+    # (p, a leaf view that requires grad of a base that did not; once the base
+    # requires grad and changes in place, Python's is_leaf makes p's grad_fn
+    # anew and says False: prepare refuses p, so must a reused plan)
+    base = torch.zeros(10)
+    p = base[:5].requires_grad_()
+    layouts = Layouts.of([p], fixed=True)
+    assert layouts is not None and layouts.hold([p]) is not None
+    base.requires_grad_()
+    with torch.no_grad():
+        base.add_(1)
+    assert layouts.hold([p]) is None  # (before anything asks p.is_leaf)
+    assert not p.is_leaf

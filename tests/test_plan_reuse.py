@@ -122,6 +122,17 @@ def _accumulator_onto_gradient(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> 
     opt.param_groups[0]["beta2_power"].data = power
 
 
+def _made_a_non_leaf(opt: tfadam.Adam, p: dict[str, torch.Tensor]) -> None:
+    """a's values kept, but now computed from another tensor: a non-leaf that still requires grad."""
+    p["a"].detach_()  # (a leaf that does not require grad, at its address)
+    p["a"].mul_(torch.ones(5, requires_grad=True))  # (requires grad again, with a grad_fn)
+
+
+def _inference_copy(t: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return t.clone()
+
+
 def _then_step(*changes: Callable[..., None]) -> Callable[..., None]:
     """The changes, a step (on the plans they leave), and the next step's gradients."""
 
@@ -294,7 +305,14 @@ ROWS = [
     Row("slot an int32 view at its address (.data =)", _in_slot("a", "m", lambda m: setattr(m, "data", m.data.view(torch.int32))), False, ValueError, "int32"),
     Row("slot a negated view at its address (.data =)", _in_slot("a", "v", lambda v: setattr(v, "data", torch._neg_view(v.data))), False, ValueError, "negated"),
     Row("slot narrowed at its address (set_)", _in_slot("a", "m", lambda m: m.set_(m.untyped_storage(), 0, (3,), (1,))), False, ValueError, "shape"),
+    Row("variable made a non-leaf in place (detach_, mul_)", _made_a_non_leaf, False, ValueError, "not a leaf"),
+    Row("gradient a functional tensor (no memory)", _grad("c", lambda o, p: torch._to_functional_tensor(p["c"].grad)), False, ValueError, "no memory of its own"),
     # Checked and found equal.
+    Row("variable requires grad no more", lambda o, p: p["a"].requires_grad_(False), reused=False),
+    Row("gradient an inference tensor", _grad("b", lambda o, p: _inference_copy(p["b"].grad)), reused=False),
+    Row("gradient a Parameter", _grad("a", lambda o, p: torch.nn.Parameter(p["a"].grad.clone(), requires_grad=False)), reused=False),
+    Row("gradient from NumPy", _grad("c", lambda o, p: torch.from_numpy(p["c"].grad.numpy().copy())), reused=True),
+    Row("gradient moved to shared memory", lambda o, p: p["b"].grad.share_memory_(), reused=True),
     Row("NaN and Inf in a variable and slots (in place)", _nonfinite_in_place, reused=True),
     Row("an empty variable inserted, two steps", _then_step(_then_step(_empty_variable_inserted)), reused=True),
     Row("a gradient None for a step, then back", _then_step(_grad("a", lambda o, p: None)), reused=False),
@@ -487,3 +505,28 @@ def test_a_kept_slots_memory_cannot_be_reallocated(
     with pytest.raises(ValueError, match=r"slot 'm' has shape \(4096,\)"):
         _step(opt, monkeypatch, reuse=True)  # the wrong shape is seen, as prepare sees it
     assert [storage.tolist(), *(bits(t) for t in p.values())] == before
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["shipped", "prepared"])
+def test_a_variable_view_made_a_non_leaf_by_its_base_is_refused(
+    reuse: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A variable that is a leaf view (of a base that does not require grad)
+    stops being a leaf when its base comes to require grad and changes in
+    place: Python's ``is_leaf`` makes its ``grad_fn`` anew. Its type, keys,
+    ``requires_grad``, shape and address are as they were."""
+    g = torch.Generator().manual_seed(13)
+    base = torch.randn(12, generator=g)
+    w = base[:5].requires_grad_()
+    opt = tfadam.Adam([w])
+    for _ in range(3):  # (the third on a reused plan)
+        w.grad = torch.randn(5, generator=g)
+        opt.step()
+    w.grad = torch.randn(5, generator=g)
+    base.requires_grad_()
+    with torch.no_grad():
+        base[6:].add_(1)
+    before = torch_face_tensors(opt)
+    with pytest.raises(ValueError, match="not a leaf"):
+        _step(opt, monkeypatch, reuse=reuse)
+    assert differences(before, torch_face_tensors(opt)) == []

@@ -386,6 +386,12 @@ def _checked_slices(g: IndexedSlices, param: torch.Tensor, name: str) -> Indexed
     check_indices(indices, param.shape[0], name)
     if indices.dtype != torch.int64:
         indices = indices.long()
+    if indices.numel() and indices.data_ptr() == 0:  # (only read: check_disjoint sees no index)
+        raise ValueError(
+            f"sparse gradient of {name}: its indices have no memory of their own (data_ptr() "
+            "is 0: a functional tensor, as inside torch.func.functionalize?), so the kernel "
+            "cannot read them. Step outside functionalize, on plain tensors."
+        )
     if values.requires_grad:
         values = values.detach()
     return IndexedSlices(values, indices, tuple(param.shape))
@@ -503,6 +509,16 @@ read them after writing). Pass tensors that do not overlap (e.g. .clone() one of
     order = np.argsort(start, kind="stable")
     start, end, writes = start[order], end[order], writes[order]
     nonempty = end > start
+    absent = nonempty & (start == 0)
+    if absent.any():
+        # (a functional tensor, as torch.func.functionalize makes: its values
+        # live elsewhere; the kernels would read and write address 0)
+        raise ValueError(
+            f"{name(int(order[np.flatnonzero(absent)[0]]))} has no memory of its own (its "
+            "data_ptr() is 0: a functional tensor, as inside torch.func.functionalize?), so "
+            "the step cannot read or update it in place. Step outside functionalize, on "
+            "plain tensors."
+        )
     zero = np.zeros(1, dtype=np.uint64)
     ends_all = np.maximum.accumulate(np.where(nonempty, end, zero))
     ends_written = np.maximum.accumulate(np.where(nonempty & writes, end, zero))

@@ -5,8 +5,10 @@ variables and slots (which must also stay at their addresses: the kernel's
 pointers were gathered once), and the new gradients (whose addresses it
 needs). A tensor's layout here is its exact Python type, dispatch keys
 (device type, layout, autograd, the conjugate, negative and zero-tensor
-bits), dtype, device index, ``requires_grad``, sizes and strides: anything
-that changes how the kernels must walk its memory, or whether they may.
+bits), dtype, device index, ``requires_grad``, whether it is a leaf, sizes
+and strides: anything that changes how the kernels must walk its memory, or
+whether they may (an update in place reaches a non-leaf's graph, not the
+variable it came from: ``prepare`` refuses it).
 
 Read from Python, that is a pass over the tensors per attribute; where their
 metadata is cold in cache (after another optimizer's step, say), each pass
@@ -19,7 +21,8 @@ costs 0.2-0.8 ms over 2,000 tensors. So it is read in one C++ call a list:
 - else by ``torch._C._dynamo.guards.TensorGuards``, the check
   ``torch.compile`` makes before it reuses a compiled graph (a private torch
   API, in every release since 2.0; it also requires the tensors distinct),
-  and the addresses one ``data_ptr()`` call per tensor.
+  which does not see leafness (one ``is_leaf`` a tensor), and the addresses
+  one ``data_ptr()`` call per tensor.
 
 Which one is chosen when the layouts are recorded; both refuse every change
 above (``tests/test_layouts.py``). Where neither can record them,
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -56,6 +60,7 @@ except ImportError:  # pragma: no cover - every supported torch has it (see the 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _data_ptr = torch.Tensor.data_ptr
+_is_leaf = attrgetter("is_leaf")
 
 
 class Layouts:
@@ -67,10 +72,11 @@ class Layouts:
         record: addresses.Recorder | None,
         recorded: bytes | None,
         guards: Any,
+        leaves: bytes | None,
         pointers: array | None,
     ) -> None:
         self._count, self._record, self._recorded = count, record, recorded
-        self._guards, self._pointers = guards, pointers
+        self._guards, self._leaves, self._pointers = guards, leaves, pointers
 
     @classmethod
     def of(cls, tensors: Sequence[torch.Tensor], *, fixed: bool) -> Layouts | None:
@@ -81,7 +87,7 @@ class Layouts:
             recorded = record(tensors, out, _PLAIN)
             if recorded is None:
                 return None
-            return cls(len(tensors), record, recorded, None, out if fixed else None)
+            return cls(len(tensors), record, recorded, None, None, out if fixed else None)
         if _TensorGuards is None:
             return None
         try:
@@ -90,7 +96,7 @@ class Layouts:
             pointers = array("Q", map(_data_ptr, tensors)) if fixed else None
         except (TypeError, RuntimeError):
             return None
-        return cls(len(tensors), None, None, guards, pointers)
+        return cls(len(tensors), None, None, guards, bytes(map(_is_leaf, tensors)), pointers)
 
     def hold(self, tensors: Sequence[torch.Tensor]) -> array | None:
         """The tensors' addresses if, position by position, they have the recorded layouts
@@ -101,7 +107,7 @@ class Layouts:
             out = array("Q", (0,)) * len(tensors)
             if self._record(tensors, out, _PLAIN) != self._recorded:
                 return None
-        elif self._guards.check(*tensors):
+        elif self._guards.check(*tensors) and bytes(map(_is_leaf, tensors)) == self._leaves:
             out = array("Q", map(_data_ptr, tensors))
         else:
             return None

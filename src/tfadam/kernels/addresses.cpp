@@ -71,12 +71,13 @@ static PyObject *addresses(PyObject *, PyObject *args) {
  * as above, and returns, as bytes, each tensor's layout: the index of its
  * type in `types`, its dispatch key set (device type, layout, autograd, the
  * conjugate, negative and zero-tensor bits), dtype, device index,
- * requires_grad, dimensions, sizes and strides. Two calls return equal bytes
- * iff every tensor kept all of these. None (and out left alone) where a
- * tensor's type is not in `types`, or its sizes, strides or address cannot
- * be read (a nested or sparse tensor, say). One pass over the tensors: where
- * their metadata is cold in cache, as after another optimizer's step, that
- * is what costs (2,000 variables, 4,000 slots: ~1 ms, against ~2.4 ms for
+ * requires_grad, whether it is a leaf, dimensions, sizes and strides. Two
+ * calls return equal bytes iff every tensor kept all of these. None (and out
+ * left alone) where a tensor's type is not in `types`, or its sizes, strides
+ * or address cannot be read (a nested or sparse tensor, say); TypeError
+ * where `types` holds anything but tensor types. One pass over the tensors:
+ * where their metadata is cold in cache, as after another optimizer's step,
+ * that is what costs (2,000 variables, 4,000 slots: ~1 ms, against ~2.4 ms for
  * torch's TensorGuards and the addresses apart). */
 static PyObject *records(PyObject *, PyObject *args) {
     PyObject *tensors, *types;
@@ -95,10 +96,26 @@ static PyObject *records(PyObject *, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "records: the output buffer has the wrong size");
         return nullptr;
     }
+    /* The prefetches below unpack a tensor ahead on its type alone, before
+     * THPVariable_Check: an object of a type in `types` must be a tensor. */
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(types); k++) {
+        PyObject *type = PyTuple_GET_ITEM(types, k);
+        if (!PyType_Check(type) || THPVariableClass == nullptr ||
+            !PyType_IsSubtype(reinterpret_cast<PyTypeObject *>(type),
+                              reinterpret_cast<PyTypeObject *>(THPVariableClass))) {
+            PyBuffer_Release(&out);
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_TypeError, "records: `types` must hold tensor types only");
+            return nullptr;
+        }
+    }
     bool readable = true;
     std::vector<uint64_t> found(static_cast<size_t>(n));
     std::vector<int64_t> layout;
-    layout.reserve(static_cast<size_t>(n) * 8);
+    /* 7 fields a tensor, then its sizes and strides: room for 4 dimensions.
+     * Growing the vector mid-pass copies it to fresh pages (measured: 8,000
+     * tensors, half of them 2-D, 1.1 ms against 0.3 ms with this room). */
+    layout.reserve(static_cast<size_t>(n) * 16);
     auto type_index = [&](PyObject *item) -> int64_t {
         PyObject *type = reinterpret_cast<PyObject *>(Py_TYPE(item));
         for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(types); k++) {
@@ -135,6 +152,15 @@ static PyObject *records(PyObject *, PyObject *args) {
             layout.push_back(static_cast<int64_t>(impl->dtype().toScalarType()));
             layout.push_back(impl->device().index());
             layout.push_back(t.requires_grad());
+            /* Whether it is a leaf (detach_() then an in-place op with a tensor
+             * that requires grad: requires_grad as before, at the same address,
+             * but no longer a leaf). As Python's is_leaf, !grad_fn(): a view's
+             * is made anew once its base that requires grad changed in place
+             * (the field alone is then stale). grad_fn() is a call through
+             * autograd's hooks, the field a load: the call only for a view. */
+            auto *meta = static_cast<torch::autograd::AutogradMeta *>(impl->autograd_meta());
+            layout.push_back(meta == nullptr ||
+                             (meta->is_view_ ? t.grad_fn() == nullptr : meta->grad_fn_ == nullptr));
             layout.push_back(static_cast<int64_t>(sizes.size()));
             layout.insert(layout.end(), sizes.begin(), sizes.end());
             layout.insert(layout.end(), strides.begin(), strides.end());

@@ -289,7 +289,7 @@ def recorder(*, wait: bool = False) -> Recorder | None:
     ``record(tensors, out, types)`` writes each tensor's ``data_ptr()`` into
     ``out`` and returns each tensor's layout as bytes (the index of its type
     in ``types``, its dispatch keys, dtype, device index, ``requires_grad``,
-    sizes and strides): two records are equal iff the tensors are laid out
+    whether it is a leaf, sizes and strides): two records are equal iff the tensors are laid out
     alike. It returns None, and writes nothing, where a tensor's type is not
     in ``types`` or its sizes, strides or address cannot be read.
     """
