@@ -149,7 +149,7 @@ static PyObject *records(PyObject *, PyObject *args) {
             c10::IntArrayRef sizes = impl->sizes(), strides = impl->strides();
             layout.push_back(index);
             layout.push_back(static_cast<int64_t>(impl->key_set().raw_repr()));
-            layout.push_back(static_cast<int64_t>(impl->dtype().toScalarType()));
+            layout.push_back(static_cast<int64_t>(t.scalar_type()));
             layout.push_back(impl->device().index());
             layout.push_back(t.requires_grad());
             /* Whether it is a leaf (detach_() then an in-place op with a tensor

@@ -150,8 +150,8 @@ def _spawn(cxx: str, target: Path) -> None:
     """Start the detached builder (see ``_BUILDER``)."""
     marker, failed = _paths(target)
     built = f"{target}.{os.getpid()}.tmp"
-    # C++17 is what torch 2.6's headers need; newer torch may want C++20.
-    commands = [_command(cxx, standard, built) for standard in ("c++17", "c++20")]
+    # torch 2.15's headers need C++20 (2.6's build with either); an older compiler, C++17.
+    commands = [_command(cxx, standard, built) for standard in ("c++20", "c++17")]
     job = dict(commands=commands, built=built, target=str(target), marker=str(marker))
     job["failed"] = str(failed)
     subprocess.Popen(
