@@ -956,5 +956,5 @@ _stride, _is_inference, _is_neg, _is_zerotensor = (
     torch.Tensor.is_neg,
     torch.Tensor._is_zerotensor,
 )
-_is_contiguous, _numel, _dim = torch.Tensor.is_contiguous, torch.Tensor.numel, torch.Tensor.dim
+_is_contiguous = torch.Tensor.is_contiguous
 _data_ptr, _NBYTES = torch.Tensor.data_ptr, attrgetter("nbytes")

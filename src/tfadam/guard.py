@@ -228,11 +228,20 @@ but lacks ['v']: the state was edited. Restore the slot, or drop the variable's 
         )
     if grad.requires_grad:  # (create_graph=True); otherwise detach() is a no-op
         grad = grad.detach()
-    if grad.is_neg():  # (z.conj().imag) its values are its memory negated: the kernels read memory
-        grad = grad.resolve_neg()
-    if grad._is_zerotensor():  # (torch's efficient zeros) no memory at all: its values are 0
-        grad = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device)
-    return grad
+    return _in_memory(grad)
+
+
+def _in_memory(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values as memory holds them: the kernels read memory, not torch's lazy views.
+
+    A negated view (``z.conj().imag``) holds its values negated; an efficient
+    zero tensor holds none (its values are 0). Anything else is returned as is.
+    """
+    if t.is_neg():
+        t = t.resolve_neg()
+    if t._is_zerotensor():
+        t = torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+    return t
 
 
 def check_variable(param: Any, state: Mapping[str, Any], name: str, options: Options) -> None:
@@ -343,15 +352,7 @@ def _checked_slices(g: IndexedSlices, param: torch.Tensor, name: str) -> Indexed
     values, indices = g.values, g.indices
     if not isinstance(values, torch.Tensor) or not isinstance(indices, torch.Tensor):
         raise TypeError(f"sparse gradient of {name}: values and indices must be torch tensors.")
-    # (as checked_gradient: the kernels read memory, a negated view's values are it negated)
-    if values.is_neg():
-        values = values.resolve_neg()
-    if indices.is_neg():
-        indices = indices.resolve_neg()
-    if values._is_zerotensor():  # (as checked_gradient)
-        values = torch.zeros(values.shape, dtype=values.dtype, device=values.device)
-    if indices._is_zerotensor():
-        indices = torch.zeros(indices.shape, dtype=indices.dtype, device=indices.device)
+    values, indices = _in_memory(values), _in_memory(indices)
     _check_same(values, param, name, "sparse gradient values")
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise TypeError(

@@ -82,8 +82,8 @@ class Layouts:
     def of(cls, tensors: Sequence[torch.Tensor], *, fixed: bool) -> Layouts | None:
         """The tensors' layouts (and, if ``fixed``, addresses); None where they cannot be read."""
         record = addresses.recorder()
-        out = array("Q", (0,)) * len(tensors)
         if record is not None:
+            out = array("Q", (0,)) * len(tensors)
             recorded = record(tensors, out, _PLAIN)
             if recorded is None:
                 return None
